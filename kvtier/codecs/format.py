@@ -1,0 +1,155 @@
+"""Layer 2: the self-describing chunk format on disk and on the wire.
+
+A stored chunk is a fixed 128-byte header followed by the payload::
+
+    magic "KVTC" | version u16 | codec u8 | dtype u8 | ndim u8 | 3 pad
+    payload_len u64 | payload xxh3-64 u64 | key 16 bytes | shape 8 x u32
+    header xxh32 u32 | zero padding to 128 bytes
+
+The payload starts 128 bytes in, so it stays aligned for any dtype. Every
+read checks magic, version, key, lengths and both checksums; anything off is
+a :class:`CorruptChunk`. Parsing only: nothing read is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import xxhash
+
+from kvtier.errors import CorruptChunk
+from kvtier.keys import KEY_BYTES, ChunkKey
+
+MAGIC = b"KVTC"
+FORMAT_VERSION = 1
+HEADER_SIZE = 128
+MAX_DIMS = 8
+_FIXED = struct.Struct(f"<4sHBBB3xQQ{KEY_BYTES}s{MAX_DIMS}I")
+_HCRC = struct.Struct("<I")
+
+DTYPES: dict[str, tuple[int, int]] = {  # name -> (wire id, item size)
+    "float32": (1, 4), "float16": (2, 2), "bfloat16": (3, 2), "uint8": (4, 1),
+    "int8": (5, 1), "float64": (6, 8), "float8_e4m3fn": (7, 1), "float8_e5m2": (8, 1),
+    "int16": (9, 2), "int32": (10, 4), "int64": (11, 8),
+}
+_DTYPE_BY_ID = {wire: name for name, (wire, _) in DTYPES.items()}
+
+
+class Codec(enum.IntEnum):
+    """How a payload's bytes encode the tensor. All of these are lossless."""
+
+    RAW = 0
+    ZLIB = 1
+
+
+@dataclass(frozen=True)
+class ChunkMeta:
+    """What a payload is: tensor dtype and shape, and the codec of its bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    codec: Codec = Codec.RAW
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Size of the decoded tensor in bytes."""
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass
+class ChunkData:
+    """A chunk's payload and meta, as a tier hands it out.
+
+    ``payload`` is a 1-D uint8 array that may be a view of a tier's pooled
+    buffer; the holder must call :meth:`release` when done so the buffer can
+    be reused (a no-op for tiers that hand out private copies).
+    """
+
+    meta: ChunkMeta
+    payload: np.ndarray
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """Give the payload's buffer back to its tier. Idempotent."""
+        if self._release is not None:
+            fn, self._release = self._release, None
+            fn()
+
+
+def check_meta(meta: ChunkMeta) -> None:
+    """Raise ValueError for a meta that cannot be encoded."""
+    if meta.dtype not in DTYPES:
+        raise ValueError(f"unsupported dtype {meta.dtype!r}")
+    if len(meta.shape) > MAX_DIMS or any(d < 0 or d >= 2**32 for d in meta.shape):
+        raise ValueError(f"unsupported shape {meta.shape}")
+
+
+def encode_header(key: ChunkKey, meta: ChunkMeta, payload: np.ndarray | memoryview) -> bytes:
+    """The 128-byte header for ``payload`` (checksummed here)."""
+    check_meta(meta)
+    view = memoryview(payload).cast("B")
+    shape = list(meta.shape) + [0] * (MAX_DIMS - len(meta.shape))
+    fixed = _FIXED.pack(MAGIC, FORMAT_VERSION, int(meta.codec), DTYPES[meta.dtype][0],
+                        len(meta.shape), view.nbytes, xxhash.xxh3_64_intdigest(view), key, *shape)
+    head = fixed + _HCRC.pack(xxhash.xxh32_intdigest(fixed))
+    return head + bytes(HEADER_SIZE - len(head))
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, verified header."""
+
+    meta: ChunkMeta
+    payload_len: int
+    checksum: int
+
+
+def parse_header(key: ChunkKey, buf: bytes | memoryview | np.ndarray) -> Header:
+    """Parse and check the header at the start of ``buf``; raise CorruptChunk."""
+    view = memoryview(buf).cast("B")
+    if view.nbytes < HEADER_SIZE:
+        raise CorruptChunk(f"chunk {key.hex()}: {view.nbytes} bytes, shorter than a header")
+    fixed = view[:_FIXED.size]
+    (hcrc,) = _HCRC.unpack_from(view, _FIXED.size)
+    if xxhash.xxh32_intdigest(fixed) != hcrc:
+        raise CorruptChunk(f"chunk {key.hex()}: header checksum mismatch")
+    magic, version, codec, dtype_id, ndim, plen, csum, hkey, *shape = _FIXED.unpack(fixed)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise CorruptChunk(f"chunk {key.hex()}: not a kvtier v{FORMAT_VERSION} chunk")
+    if hkey != key:
+        raise CorruptChunk(f"chunk {key.hex()}: header names key {hkey.hex()}")
+    if dtype_id not in _DTYPE_BY_ID or ndim > MAX_DIMS or codec not in Codec._value2member_map_:
+        raise CorruptChunk(f"chunk {key.hex()}: unknown dtype, codec or rank")
+    meta = ChunkMeta(_DTYPE_BY_ID[dtype_id], tuple(shape[:ndim]), Codec(codec))
+    if meta.codec is Codec.RAW and plen != meta.raw_nbytes:
+        raise CorruptChunk(f"chunk {key.hex()}: payload length {plen} != shape size")
+    return Header(meta, plen, csum)
+
+
+def verify_payload(key: ChunkKey, header: Header, payload: np.ndarray | memoryview) -> None:
+    """Raise CorruptChunk unless ``payload`` has the header's length and checksum."""
+    view = memoryview(payload).cast("B")
+    if view.nbytes != header.payload_len:
+        raise CorruptChunk(f"chunk {key.hex()}: {view.nbytes} payload bytes, "
+                           f"header says {header.payload_len}")
+    if xxhash.xxh3_64_intdigest(view) != header.checksum:
+        raise CorruptChunk(f"chunk {key.hex()}: payload checksum mismatch")
+
+
+def decode(key: ChunkKey, buf: bytes | bytearray | memoryview | np.ndarray) -> ChunkData:
+    """Header + payload bytes -> ChunkData whose payload is a view of ``buf`` (no copy)."""
+    header = parse_header(key, buf)
+    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    payload = arr[HEADER_SIZE:]
+    verify_payload(key, header, payload)
+    return ChunkData(header.meta, payload)
+
+
+def encode(key: ChunkKey, chunk: ChunkData) -> list[bytes | memoryview]:
+    """Header and payload as two buffers, for writev / pipelined sends without a join."""
+    return [encode_header(key, chunk.meta, chunk.payload), memoryview(chunk.payload).cast("B")]

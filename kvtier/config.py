@@ -1,0 +1,253 @@
+"""The one place kvtier's configuration is loaded and validated.
+
+Sources, later wins: a YAML file (``path`` or ``$KVTIER_CONFIG``), then
+``KVTIER_*`` environment variables (``KVTIER_CHUNK_SIZE=256``; nested keys
+with a double underscore: ``KVTIER_MEMORY__MAX_BYTES=4GiB``), then a dict the
+engine integration passes (vLLM's ``kv_connector_extra_config``; nested dicts
+or dotted keys such as ``"disk.path"``).
+
+Unknown keys and impossible values raise :class:`ConfigError` naming the key.
+Each component receives only its own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from kvtier.errors import ConfigError
+
+ENV_PREFIX = "KVTIER_"
+ENV_FILE = "KVTIER_CONFIG"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+               "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+               "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
+
+
+class TierName(str, enum.Enum):
+    """The tiers kvtier knows, fastest first."""
+
+    MEMORY = "memory"
+    DISK = "disk"
+    REDIS = "redis"
+
+
+class WritePolicy(str, enum.Enum):
+    """How stores reach the tiers below memory."""
+
+    WRITE_THROUGH = "write_through"
+    """Every chunk stored in memory is also written below, in the background."""
+    WRITE_BACK = "write_back"
+    """Chunks go below only when memory evicts them (demotion)."""
+
+
+@dataclass
+class MemoryConfig:
+    """The in-process memory tier: one pooled buffer, LRU."""
+
+    max_bytes: int = 2 * 1024**3
+
+
+@dataclass
+class DiskConfig:
+    """A folder of chunk files, local or shared between instances."""
+
+    path: str = "~/.cache/kvtier/chunks"
+    max_bytes: int = 20 * 1024**3
+    write_queue: int = 256
+    """Chunks waiting to be written; when full, new writes are dropped and counted."""
+    write_threads: int = 1
+    fsync: bool = False
+    """fsync each chunk file before its rename (durable across power loss, slower)."""
+
+
+@dataclass
+class RedisConfig:
+    """A Redis / Valkey server or cluster shared by many instances."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
+    key_prefix: str = "kvtier:"
+    ttl_s: int = 0
+    """Expiry of stored chunks in seconds; 0 keeps them until Redis evicts them."""
+    timeout_s: float = 1.0
+    max_value_bytes: int = 4 * 1024**2
+    """Chunks above this are split over several Redis values."""
+    write_queue: int = 256
+    reconnect_backoff_s: float = 1.0
+
+
+@dataclass
+class KvtierConfig:
+    """All of kvtier's settings; see README "Configuration"."""
+
+    chunk_size: int = 256
+    store_partial_chunks: bool = False
+    tiers: list[TierName] = field(default_factory=lambda: [TierName.MEMORY])
+    write_policy: WritePolicy = WritePolicy.WRITE_THROUGH
+    model_id: str = ""
+    """Overrides the engine's model name in the key namespace (e.g. a stable id)."""
+    salt: str = ""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+
+    def check_block_size(self, block_size: int) -> None:
+        """Raise unless chunks are whole engine blocks."""
+        if block_size <= 0 or self.chunk_size % block_size:
+            raise ConfigError("chunk_size", f"{self.chunk_size} is not a multiple of the "
+                              f"engine's KV block size {block_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (enums as strings), loadable again by :func:`load_config`."""
+        def conv(v: Any) -> Any:
+            if isinstance(v, enum.Enum):
+                return v.value
+            if isinstance(v, list):
+                return [conv(x) for x in v]
+            return v
+        return {k: ({kk: conv(vv) for kk, vv in v.items()} if isinstance(v, dict) else conv(v))
+                for k, v in dataclasses.asdict(self).items()}
+
+
+def parse_size(key: str, value: Any) -> int:
+    """``4096``, ``"4KiB"``, ``"2 GB"`` -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size in bytes, got {value!r}")
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(key, f"expected a size such as 4096 or '2GiB', got {value!r}")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+
+
+def _coerce(key: str, ftype: Any, value: Any) -> Any:
+    if key.endswith("bytes"):
+        return parse_size(key, value)
+    if ftype in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if ftype in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if ftype in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if ftype in ("str", str):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return str(value)
+    if ftype == "WritePolicy":
+        return _enum(key, WritePolicy, value)
+    if ftype == "list[TierName]":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list of tier names, got {value!r}")
+        tiers = [_enum(f"{key}[{i}]", TierName, v) for i, v in enumerate(value)]
+        if len(set(tiers)) != len(tiers):
+            raise ConfigError(key, f"a tier is listed twice: {value!r}")
+        return tiers
+    raise AssertionError(f"no coercion for {key}: {ftype}")
+
+
+def _enum(key: str, cls: type[enum.Enum], value: Any) -> Any:
+    try:
+        return cls(str(value).strip().lower())
+    except ValueError:
+        names = ", ".join(m.value for m in cls)
+        raise ConfigError(key, f"unknown value {value!r} (known: {names})") from None
+
+
+def _apply(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for raw_key, value in data.items():
+        name = str(raw_key).strip().lower().replace("-", "_")
+        key = f"{prefix}{name}"
+        if "." in name:  # dotted form from an engine dict: "disk.path"
+            head, rest = name.split(".", 1)
+            _apply(obj, {head: {rest: value}}, prefix)
+            continue
+        if name not in fields:
+            raise ConfigError(key, f"unknown key (known: {', '.join(sorted(fields))})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(key, f"expected a mapping, got {value!r}")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, fields[name].type, value))
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_FILE:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        # YAML scalars give "true" -> bool, "256" -> int, "[a, b]" -> list.
+        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def _validate(cfg: KvtierConfig) -> None:
+    if cfg.chunk_size <= 0:
+        raise ConfigError("chunk_size", f"must be positive, got {cfg.chunk_size}")
+    checks = [("memory.max_bytes", cfg.memory.max_bytes, 0),
+              ("disk.max_bytes", cfg.disk.max_bytes, 0),
+              ("disk.write_queue", cfg.disk.write_queue, 1),
+              ("disk.write_threads", cfg.disk.write_threads, 1),
+              ("redis.ttl_s", cfg.redis.ttl_s, 0),
+              ("redis.max_value_bytes", cfg.redis.max_value_bytes, 1024),
+              ("redis.write_queue", cfg.redis.write_queue, 1)]
+    for key, value, low in checks:
+        if value < low:
+            raise ConfigError(key, f"must be >= {low}, got {value}")
+    if cfg.redis.timeout_s <= 0:
+        raise ConfigError("redis.timeout_s", f"must be positive, got {cfg.redis.timeout_s}")
+    if cfg.redis.reconnect_backoff_s < 0:
+        raise ConfigError("redis.reconnect_backoff_s", "must be >= 0")
+    if not cfg.tiers:
+        raise ConfigError("tiers", "at least one tier is needed")
+    if TierName.DISK in cfg.tiers and not cfg.disk.path:
+        raise ConfigError("disk.path", "the disk tier is enabled but has no path")
+    if cfg.write_policy is WritePolicy.WRITE_BACK and cfg.tiers[0] is not TierName.MEMORY:
+        raise ConfigError("write_policy", "write_back needs the memory tier first in 'tiers'")
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                engine: Mapping[str, Any] | None = None) -> KvtierConfig:
+    """Build the validated configuration from file, environment and engine dict."""
+    env = os.environ if env is None else env
+    cfg = KvtierConfig()
+    path = path or env.get(ENV_FILE)
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(ENV_FILE, f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, Mapping):
+            raise ConfigError(ENV_FILE, f"{p} must hold a YAML mapping")
+        _apply(cfg, data)
+    _apply(cfg, _env_overrides(env))
+    if engine:
+        _apply(cfg, engine)
+    _validate(cfg)
+    return cfg

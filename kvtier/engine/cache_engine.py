@@ -1,0 +1,188 @@
+"""Layer 5: the engine-agnostic cache engine: lookup, store, retrieve.
+
+Works on any engine's paged KV through a :class:`PagedLayout`; imports no
+engine. Token ``i`` of a request lives in block ``block_ids[i // block_size]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from kvtier.codecs import ChunkData, ChunkMeta
+from kvtier.engine.layout import PagedLayout
+from kvtier.engine.transfer import PagedTransfer, Run, plan_runs
+from kvtier.keys import ChunkHasher, ChunkKey
+from kvtier.store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    """What a retrieve loaded: tokens ``[start, end)`` are now in paged KV."""
+
+    start: int
+    end: int
+    requested_end: int
+
+    @property
+    def complete(self) -> bool:
+        """True when every requested token was loaded."""
+        return self.end >= self.requested_end
+
+
+class CacheEngine:
+    """Moves whole chunks between one engine's paged KV and a :class:`ChunkStore`."""
+
+    def __init__(self, hasher: ChunkHasher, layout: PagedLayout, store: ChunkStore) -> None:
+        if hasher.chunk_size % layout.block_size:
+            raise ValueError(f"chunk size {hasher.chunk_size} is not a multiple of the "
+                             f"block size {layout.block_size}")
+        self.hasher = hasher
+        self.layout = layout
+        self.store = store
+        self.blocks_per_chunk = hasher.chunk_size // layout.block_size
+        self._transfer: PagedTransfer | None = None
+        self._kv: list[torch.Tensor] | None = None
+
+    def register(self, kv_caches: Sequence[torch.Tensor], use_kernels: bool = True) -> None:
+        """Bind the engine's per-layer KV tensors (checked against the layout).
+
+        ``use_kernels=False`` forces the plain torch copy path (tests compare both).
+        """
+        self._transfer = PagedTransfer(self.layout, kv_caches, use_kernels)
+        self._kv = list(kv_caches)
+
+    # -- lookup ---------------------------------------------------------------
+
+    def lookup(self, token_ids: Sequence[int], keys: Sequence[ChunkKey] | None = None) -> int:
+        """Number of leading tokens whose chunks are stored (whole chunks). No bytes move."""
+        keys = self.hasher.keys(token_ids) if keys is None else keys
+        return self.tokens_of(self.store.lookup(keys), len(token_ids))
+
+    def tokens_of(self, num_chunks: int, num_tokens: int) -> int:
+        """Tokens covered by the first ``num_chunks`` chunks of a ``num_tokens`` prompt."""
+        return min(num_chunks * self.hasher.chunk_size, num_tokens)
+
+    # -- store ----------------------------------------------------------------
+
+    def store_kv(self, token_ids: Sequence[int], block_ids: Sequence[int],
+                 kv_caches: Sequence[torch.Tensor] | None = None, start_chunk: int = 0,
+                 keys: Sequence[ChunkKey] | None = None) -> int:
+        """Gather the prompt's chunks from paged KV into the store; returns chunks stored.
+
+        Chunks already in memory are skipped. One batched copy per layer for
+        all new chunks; lower tiers are written in the background.
+        """
+        transfer = self._bound(kv_caches)
+        keys = list(self.hasher.keys(token_ids) if keys is None else keys)
+        n_tok = len(token_ids)
+        todo = [i for i in range(start_chunk, len(keys))
+                if self._blocks(i, n_tok)[-1] < len(block_ids)]
+        present = self.store.memory.contains_many([keys[i] for i in todo]) \
+            if self.store.memory is not None else [False] * len(todo)
+        todo = [i for i, there in zip(todo, present) if not there]
+        if not todo:
+            return 0
+        slots = self.store.reserve(len(todo))
+        if slots is None:
+            return self._store_without_memory(todo, keys, n_tok, block_ids, transfer)
+        metas, payloads, ids = [], [], []
+        for i, slot in zip(todo, slots):
+            blocks = self._blocks(i, n_tok)
+            meta = ChunkMeta(self.layout.dtype, self.layout.chunk_shape(len(blocks)))
+            metas.append(meta)
+            payloads.append(slot.buffer[:meta.raw_nbytes])
+            ids.append([block_ids[b] for b in blocks])
+        try:
+            transfer.gather(plan_runs(payloads, ids))
+        except BaseException:
+            self.store.memory.abort(slots)
+            raise
+        self.store.commit([keys[i] for i in todo], slots, metas)
+        return len(todo)
+
+    def _store_without_memory(self, todo: list[int], keys: list[ChunkKey], n_tok: int,
+                              block_ids: Sequence[int], transfer: PagedTransfer) -> int:
+        """No memory tier (or no room): gather into private buffers for the lower tiers."""
+        if not self.store.lower:
+            return 0
+        items, runs = [], []
+        for i in todo:
+            blocks = self._blocks(i, n_tok)
+            meta = ChunkMeta(self.layout.dtype, self.layout.chunk_shape(len(blocks)))
+            buf = np.empty(meta.raw_nbytes, dtype=np.uint8)
+            runs.append(Run(buf, [block_ids[b] for b in blocks]))
+            items.append((keys[i], ChunkData(meta, buf)))
+        transfer.gather(runs)
+        self.store.put_many(items)
+        return len(items)
+
+    # -- retrieve -------------------------------------------------------------
+
+    def retrieve_kv(self, token_ids: Sequence[int], block_ids: Sequence[int], end_token: int,
+                    start_token: int = 0, kv_caches: Sequence[torch.Tensor] | None = None,
+                    keys: Sequence[ChunkKey] | None = None) -> RetrieveResult:
+        """Load tokens ``[start_token, end_token)`` from the store into paged KV.
+
+        ``start_token`` must be block aligned (blocks before it are the engine's
+        own and are not touched). Stops at the first chunk that cannot be read;
+        the result says how far it got, so the engine recomputes the rest.
+        """
+        transfer = self._bound(kv_caches)
+        bs, cs = self.layout.block_size, self.hasher.chunk_size
+        if start_token % bs:
+            raise ValueError(f"start_token {start_token} is not a multiple of block size {bs}")
+        keys = list(self.hasher.keys(token_ids) if keys is None else keys)
+        first, last = start_token // cs, -(-end_token // cs)
+        chunks = self.store.get_many(keys[first:last]) if last > first else []
+        try:
+            loaded = []
+            for chunk in chunks:
+                if chunk is None or not self._valid(chunk, first + len(loaded), len(token_ids)):
+                    break
+                loaded.append(chunk)
+            ids, payloads = [], []
+            for j, chunk in enumerate(loaded):
+                blocks = self._blocks(first + j, len(token_ids))
+                skip = max(0, start_token // bs - blocks[0])  # engine already has these
+                payloads.append(chunk.payload[skip * self.layout.num_layers
+                                              * self.layout.page_nbytes:])
+                ids.append([block_ids[b] for b in blocks[skip:]])
+            transfer.scatter(plan_runs(payloads, ids))
+        finally:
+            for chunk in chunks:
+                if chunk is not None:
+                    chunk.release()
+        end = start_token if not loaded else min(end_token, (first + len(loaded)) * cs)
+        return RetrieveResult(start_token, max(start_token, end), end_token)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _blocks(self, chunk: int, num_tokens: int) -> range:
+        """Block indices (within the request) that chunk ``chunk`` covers."""
+        ntok = self.hasher.chunk_tokens(chunk, num_tokens)
+        first = chunk * self.blocks_per_chunk
+        return range(first, first + -(-ntok // self.layout.block_size))
+
+    def _valid(self, chunk: ChunkData, index: int, num_tokens: int) -> bool:
+        want = ChunkMeta(self.layout.dtype,
+                         self.layout.chunk_shape(len(self._blocks(index, num_tokens))))
+        if chunk.meta != want or chunk.payload.nbytes != want.raw_nbytes:
+            log.warning("kvtier: chunk %d has meta %s, expected %s; treated as a miss",
+                        index, chunk.meta, want)
+            return False
+        return True
+
+    def _bound(self, kv_caches: Sequence[torch.Tensor] | None) -> PagedTransfer:
+        if kv_caches is not None and (self._kv is None or any(
+                a is not b for a, b in zip(kv_caches, self._kv))):
+            self.register(kv_caches)
+        if self._transfer is None:
+            raise RuntimeError("no KV tensors registered: call register() first")
+        return self._transfer

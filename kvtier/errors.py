@@ -1,0 +1,34 @@
+"""Exceptions kvtier raises for misuse and bad input.
+
+Expected outcomes (a miss, a tier that is down, a corrupt chunk found on read)
+are return values, not exceptions; see DESIGN.md "Invariants".
+"""
+
+from __future__ import annotations
+
+
+class KvtierError(Exception):
+    """Base class of every kvtier-specific exception."""
+
+
+class ConfigError(KvtierError, ValueError):
+    """A configuration key is unknown or its value is impossible.
+
+    The message always names the offending key, e.g. ``memory.max_bytes``.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"kvtier config: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class CorruptChunk(KvtierError):
+    """Bytes read from a tier do not form the chunk that was asked for.
+
+    Raised by the codecs layer; tiers turn it into a miss plus a counted event.
+    """
+
+
+class LayoutMismatch(KvtierError, ValueError):
+    """Engine KV tensors do not match the layout kvtier was configured for."""

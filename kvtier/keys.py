@@ -1,0 +1,94 @@
+"""Layer 1: token ids -> chunk keys.
+
+A chunk key is a chained hash: ``key[i] = H(key[i-1] || tokens of chunk i)``,
+so a key names a chunk *and* everything before it. The chain is seeded by a
+:class:`Namespace` digest, so any difference in model, KV layout, chunk size,
+hash version, tensor-parallel rank or tenant salt gives disjoint keys.
+
+Keys never depend on Python's ``hash()`` or PYTHONHASHSEED: the same tokens
+give the same keys in every process, on every machine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import NewType, Sequence
+
+import numpy as np
+import xxhash
+
+ChunkKey = NewType("ChunkKey", bytes)
+"""16 bytes of xxh3-128; ``key.hex()`` is its printable form."""
+
+HASH_ALGORITHM = "xxh3_128"
+HASH_VERSION = 1
+KEY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that must match for two chunks with equal tokens to be the same KV."""
+
+    model_id: str
+    layout: str
+    """KV layout signature: layers, KV heads, head dim, dtype, paged layout."""
+    chunk_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    salt: str = ""
+    """Tenant salt (vLLM's per-request ``cache_salt``); tenants never share KV."""
+    hash_algorithm: str = HASH_ALGORITHM
+    hash_version: int = HASH_VERSION
+
+    def with_salt(self, salt: str | None) -> Namespace:
+        """The same namespace for another tenant."""
+        if not salt or salt == self.salt:
+            return self
+        return Namespace(**{**asdict(self), "salt": salt})
+
+    def seed(self) -> ChunkKey:
+        """Digest of every field, canonically encoded (sorted JSON)."""
+        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return ChunkKey(xxhash.xxh3_128_digest(blob.encode("utf-8")))
+
+
+def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
+    """Little-endian uint32 bytes of the token ids: the hashed representation."""
+    arr = np.asarray(token_ids)
+    if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
+        raise ValueError("token ids must be in [0, 2**32)")
+    return arr.astype("<u4", copy=False).tobytes()
+
+
+class ChunkHasher:
+    """Turns a prompt's token ids into the keys of its chunks."""
+
+    def __init__(self, namespace: Namespace, store_partial: bool = False) -> None:
+        if namespace.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {namespace.chunk_size}")
+        self.namespace = namespace
+        self.chunk_size = namespace.chunk_size
+        self.store_partial = store_partial
+        self._seed = namespace.seed()
+
+    def num_chunks(self, num_tokens: int) -> int:
+        """How many keys :meth:`keys` returns for ``num_tokens`` tokens."""
+        full, rest = divmod(num_tokens, self.chunk_size)
+        return full + (1 if rest and self.store_partial else 0)
+
+    def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:
+        """Keys of the prompt's chunks, in order (full chunks; the partial tail if enabled)."""
+        data = token_bytes(token_ids)
+        step = 4 * self.chunk_size
+        n = self.num_chunks(len(data) // 4)
+        keys: list[ChunkKey] = []
+        prev = self._seed
+        for i in range(n):
+            prev = ChunkKey(xxhash.xxh3_128_digest(prev + data[i * step:(i + 1) * step]))
+            keys.append(prev)
+        return keys
+
+    def chunk_tokens(self, index: int, num_tokens: int) -> int:
+        """Number of tokens chunk ``index`` covers in a prompt of ``num_tokens`` tokens."""
+        return min(self.chunk_size, num_tokens - index * self.chunk_size)

@@ -1,0 +1,38 @@
+"""Layer 4: build the tier hierarchy a configuration asks for."""
+
+from __future__ import annotations
+
+from kvtier.config import KvtierConfig, TierName
+from kvtier.store.hierarchy import ChunkStore
+from kvtier.tiers import Tier, tier_class
+from kvtier.tiers.memory import MemoryTier
+
+
+def build_tiers(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = False
+                ) -> list[Tier]:
+    """Tiers in configured order. ``shared_only`` leaves out the in-process memory
+    tier (a scheduler process has no KV bytes of its own)."""
+    tiers: list[Tier] = []
+    for name in cfg.tiers:
+        if name is TierName.MEMORY:
+            if shared_only:
+                continue
+            if chunk_bytes is None:
+                raise ValueError("the memory tier needs the chunk size in bytes")
+            tiers.append(MemoryTier(cfg.memory.max_bytes, chunk_bytes))
+        elif name is TierName.DISK:
+            tiers.append(tier_class("disk")(cfg.disk))
+        elif name is TierName.REDIS:
+            tiers.append(tier_class("redis")(cfg.redis))
+    return tiers
+
+
+def build_store(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = False,
+                track_events: bool = False) -> ChunkStore | None:
+    """The configured :class:`ChunkStore`, or None if no tier applies."""
+    tiers = build_tiers(cfg, chunk_bytes, shared_only)
+    if not tiers:
+        return None
+    sizes = {TierName.DISK: cfg.disk.write_queue, TierName.REDIS: cfg.redis.write_queue}
+    lower = [n for n in cfg.tiers if n is not TierName.MEMORY]
+    return ChunkStore(tiers, cfg.write_policy, [sizes[n] for n in lower], track_events)

@@ -1,0 +1,199 @@
+"""Layer 4: the hierarchy of tiers (memory first, then disk, then Redis).
+
+- lookup: the longest run of keys present from the start, across tiers,
+  asking fastest first and only for what the faster tiers lack.
+- get: memory first; lower hits are promoted into memory so later reads are
+  fast and a request's chunks land in consecutive memory slots.
+- put: into memory at once; to lower tiers by background writers
+  (write-through), or only when memory evicts them (write-back).
+- Each chunk is written to a tier at most once (writers skip present keys).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from kvtier.codecs import ChunkData, ChunkMeta
+from kvtier.config import WritePolicy
+from kvtier.keys import ChunkKey
+from kvtier.store.writer import BackgroundWriter
+from kvtier.tiers.base import Tier
+from kvtier.tiers.memory import MemoryTier, Slot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StoreEvents:
+    """Keys that entered or left this process's memory tier since the last drain."""
+
+    stored: list[ChunkKey] = field(default_factory=list)
+    evicted: list[ChunkKey] = field(default_factory=list)
+
+
+class ChunkStore:
+    """Tiers in order, fastest first; ``tiers[0]`` may be a :class:`MemoryTier`."""
+
+    def __init__(self, tiers: Sequence[Tier], write_policy: WritePolicy = WritePolicy.WRITE_THROUGH,
+                 queue_sizes: Sequence[int] | None = None, track_events: bool = False) -> None:
+        if not tiers:
+            raise ValueError("a ChunkStore needs at least one tier")
+        self.tiers = list(tiers)
+        self.memory = tiers[0] if isinstance(tiers[0], MemoryTier) else None
+        self.lower = self.tiers[1:] if self.memory else self.tiers
+        self.write_policy = write_policy
+        sizes = list(queue_sizes or [256] * len(self.lower))
+        self.writers = [BackgroundWriter(t, q) for t, q in zip(self.lower, sizes)]
+        self._events = StoreEvents() if track_events else None
+        self._events_lock = threading.Lock()
+        if self.memory is not None:
+            self.memory.on_evict = self._on_memory_evict
+
+    # -- lookup ---------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[ChunkKey]) -> int:
+        """Number of leading keys present in some tier. No payload moves."""
+        return lookup_prefix(self.tiers, keys)
+
+    # -- reads ----------------------------------------------------------------
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
+        """Chunks for the keys (None = miss). Release every returned chunk."""
+        found: list[ChunkData | None] = [None] * len(keys)
+        if self.memory is not None:
+            found = self.memory.get_many(keys)
+        for tier in self.lower:
+            missing = [i for i, c in enumerate(found) if c is None]
+            if not missing:
+                break
+            got = tier.get_many([keys[i] for i in missing])
+            hits = [(i, c) for i, c in zip(missing, got) if c is not None]
+            if hits and self.memory is not None:
+                hits = self._promote([keys[i] for i, _ in hits], hits)
+            for i, chunk in hits:
+                found[i] = chunk
+        return found
+
+    def _promote(self, keys: list[ChunkKey], hits: list[tuple[int, ChunkData]]
+                 ) -> list[tuple[int, ChunkData]]:
+        """Copy lower-tier hits into memory; hand out the memory copies where that worked."""
+        assert self.memory is not None
+        self.memory.put_many([(k, c) for k, (_, c) in zip(keys, hits)])
+        promoted = self.memory.get_many(keys)
+        out = []
+        for (i, lower_chunk), mem_chunk in zip(hits, promoted):
+            if mem_chunk is not None:
+                lower_chunk.release()
+                out.append((i, mem_chunk))
+            else:
+                out.append((i, lower_chunk))
+        self._record(stored=[k for k, c in zip(keys, promoted) if c is not None])
+        return out
+
+    # -- writes ---------------------------------------------------------------
+
+    def reserve(self, n: int) -> list[Slot] | None:
+        """Memory slots to gather ``n`` chunks into (None: no memory tier or no room)."""
+        return self.memory.reserve(n) if self.memory is not None else None
+
+    def commit(self, keys: Sequence[ChunkKey], slots: Sequence[Slot],
+               metas: Sequence[ChunkMeta]) -> None:
+        """Publish gathered slots; they then flow to the lower tiers in the background."""
+        assert self.memory is not None, "commit needs a memory tier"
+        self.memory.commit([(k, s, m, m.raw_nbytes) for k, s, m in zip(keys, slots, metas)])
+        self._record(stored=list(keys))
+        if self.write_policy is WritePolicy.WRITE_THROUGH:
+            for writer in self.writers:
+                chunks = self.memory.get_many(keys)  # one reference per writer
+                writer.submit([(k, c) for k, c in zip(keys, chunks) if c is not None])
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> None:
+        """Store chunks the caller owns (copied; the caller keeps its references)."""
+        if self.memory is not None:
+            self.memory.put_many(items)
+            self._record(stored=[k for k, _ in items])
+            if self.write_policy is WritePolicy.WRITE_BACK:
+                return
+        for writer in self.writers:
+            if self.memory is not None:
+                chunks = self.memory.get_many([k for k, _ in items])
+                batch = [(k, c) for (k, _), c in zip(items, chunks) if c is not None]
+            else:  # no pool to reference: the writer gets private copies
+                batch = [(k, ChunkData(c.meta, c.payload.copy())) for k, c in items]
+            writer.submit(batch)
+
+    def _on_memory_evict(self, evicted: list[tuple[ChunkKey, ChunkData]]) -> None:
+        self._record(evicted=[k for k, _ in evicted])
+        if self.write_policy is WritePolicy.WRITE_BACK and self.writers:
+            # The slot is reused right after this hook: demote a private copy.
+            self.writers[0].submit([(k, ChunkData(c.meta, c.payload.copy())) for k, c in evicted])
+
+    # -- management -----------------------------------------------------------
+
+    def tier(self, name: str) -> Tier:
+        """The tier called ``name``; KeyError naming the known ones otherwise."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier {name!r} (have: {', '.join(t.name for t in self.tiers)})")
+
+    def delete(self, keys: Sequence[ChunkKey], tier: str | None = None) -> int:
+        """Remove keys from one tier or all; returns how many copies were removed."""
+        tiers = [self.tier(tier)] if tier else self.tiers
+        n = sum(t.delete_many(keys) for t in tiers)
+        if self.memory is not None and self.memory in tiers:
+            self._record(evicted=list(keys))
+        return n
+
+    def drain_events(self) -> StoreEvents:
+        """Memory-tier keys stored and evicted since the last call (for a remote index)."""
+        with self._events_lock:
+            events = self._events or StoreEvents()
+            if self._events is not None:
+                self._events = StoreEvents()
+        return events
+
+    def _record(self, stored: Sequence[ChunkKey] = (), evicted: Sequence[ChunkKey] = ()) -> None:
+        if self._events is None:
+            return
+        with self._events_lock:
+            self._events.stored.extend(stored)
+            self._events.evicted.extend(evicted)
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait for background writes; False if some did not finish in time."""
+        return all(w.flush(timeout_s) for w in self.writers)
+
+    def close(self) -> None:
+        """Finish pending writes (bounded) and close every tier."""
+        for writer in self.writers:
+            writer.close()
+        for tier in self.tiers:
+            tier.close()
+
+
+class _HasContains(Protocol):
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
+
+
+def lookup_prefix(sources: Sequence[_HasContains], keys: Sequence[ChunkKey]) -> int:
+    """Longest run of keys present in some source, asking each source (in order)
+    only about keys from the first one still missing."""
+    present = [False] * len(keys)
+    for source in sources:
+        start = _first_false(present)
+        if start == len(keys):
+            break
+        for i, there in enumerate(source.contains_many(keys[start:]), start):
+            present[i] = present[i] or there
+    return _first_false(present)
+
+
+def _first_false(flags: Sequence[bool]) -> int:
+    for i, flag in enumerate(flags):
+        if not flag:
+            return i
+    return len(flags)

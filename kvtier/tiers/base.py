@@ -1,0 +1,115 @@
+"""Layer 3: the interface every storage tier implements.
+
+A tier maps chunk keys to chunk bytes. The interface is narrow and batch
+first: five primitives, each taking many keys at once, so a remote tier can
+answer in one round trip. Everything else (prefix lookup, clear) derives from
+them. Failures of the medium (down, slow, full, corrupt) are never raised:
+they come back as misses or ``False`` and are counted in :class:`TierStats`.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Sequence
+
+from kvtier.codecs import ChunkData
+from kvtier.keys import ChunkKey
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    """How full a tier is."""
+
+    used_bytes: int
+    capacity_bytes: int
+    num_chunks: int
+
+
+@dataclass
+class TierStats:
+    """Counters of what happened in a tier; read them, never branch on them."""
+
+    puts: int = 0
+    put_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    get_bytes: int = 0
+    evictions: int = 0
+    corrupt: int = 0
+    """Reads that failed the header or checksum check (served as misses)."""
+    errors: int = 0
+    """Operations that failed in the medium (I/O error, connection lost)."""
+    dropped: int = 0
+    """Writes not done because a queue or the capacity was full."""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        """Add to several counters atomically."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def as_dict(self) -> dict[str, int]:
+        """Plain counters, for metrics and JSON."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+
+
+class Tier(abc.ABC):
+    """One storage medium. Thread-safe: any method may be called from any thread."""
+
+    name: str = "tier"
+
+    def __init__(self) -> None:
+        self.stats = TierStats()
+
+    @abc.abstractmethod
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Which keys are present. Cheap: no payload moves. A down tier says all False."""
+
+    @abc.abstractmethod
+    def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> list[bool]:
+        """Store chunks; blocks until done. True per item if the tier holds it afterwards.
+
+        A key already present is not written again. The tier does not keep a
+        reference to the caller's payload after returning (it copies or writes).
+        """
+
+    @abc.abstractmethod
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
+        """Payloads of the keys, None for a miss (absent, corrupt, or tier down).
+
+        Every returned chunk must be ``release()``d by the caller.
+        """
+
+    @abc.abstractmethod
+    def delete_many(self, keys: Sequence[ChunkKey]) -> int:
+        """Remove keys; returns how many were present. Absent keys are ignored."""
+
+    @abc.abstractmethod
+    def usage(self) -> TierUsage:
+        """Bytes used, capacity, number of chunks."""
+
+    @abc.abstractmethod
+    def iter_keys(self) -> Iterator[ChunkKey]:
+        """Every key held (a snapshot; may miss concurrent changes)."""
+
+    def contains_prefix(self, keys: Sequence[ChunkKey]) -> int:
+        """Length of the longest run of present keys from the start."""
+        n = 0
+        for present in self.contains_many(keys):
+            if not present:
+                break
+            n += 1
+        return n
+
+    def clear(self) -> int:
+        """Delete every chunk; returns how many were deleted."""
+        return self.delete_many(list(self.iter_keys()))
+
+    def close(self) -> None:
+        """Release resources (threads, connections, files). Idempotent."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,77 @@
+"""Configuration: file, then KVTIER_* environment, then engine dict; bad input named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvtier.config import TierName, WritePolicy, load_config, parse_size
+from kvtier.errors import ConfigError
+
+
+def test_defaults() -> None:
+    cfg = load_config(env={})
+    assert cfg.chunk_size == 256 and cfg.tiers == [TierName.MEMORY]
+    assert cfg.memory.max_bytes > 0 and cfg.write_policy is WritePolicy.WRITE_THROUGH
+
+
+def test_precedence_file_env_engine(tmp_path: Path) -> None:
+    f = tmp_path / "kvtier.yaml"
+    f.write_text("chunk_size: 512\nmemory:\n  max_bytes: 1GiB\ntiers: [memory, disk]\n"
+                 "disk:\n  path: /tmp/x\n")
+    cfg = load_config(f, env={"KVTIER_MEMORY__MAX_BYTES": "2GiB"})
+    assert cfg.chunk_size == 512 and cfg.memory.max_bytes == 2 * 1024**3
+    assert cfg.tiers == [TierName.MEMORY, TierName.DISK] and cfg.disk.path == "/tmp/x"
+    cfg = load_config(env={"KVTIER_CONFIG": str(f), "KVTIER_CHUNK_SIZE": "1024"},
+                      engine={"chunk_size": 128, "disk.path": "/tmp/y"})
+    assert cfg.chunk_size == 128 and cfg.disk.path == "/tmp/y"
+
+
+def test_sizes() -> None:
+    assert parse_size("k", "4KiB") == 4096 and parse_size("k", "1.5 GB") == 1_500_000_000
+    assert parse_size("k", 10) == 10
+
+
+@pytest.mark.parametrize("engine,key", [
+    ({"chunk_sise": 256}, "chunk_sise"),
+    ({"memory": {"max_byte": 1}}, "memory.max_byte"),
+    ({"memory.max_bytes": -1}, "memory.max_bytes"),
+    ({"memory.max_bytes": "lots"}, "memory.max_bytes"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"chunk_size": "256"}, "chunk_size"),
+    ({"tiers": ["memory", "ssd"]}, "tiers[1]"),
+    ({"tiers": ["memory", "memory"]}, "tiers"),
+    ({"tiers": []}, "tiers"),
+    ({"write_policy": "sometimes"}, "write_policy"),
+    ({"disk": 3}, "disk"),
+    ({"redis.timeout_s": 0}, "redis.timeout_s"),
+    ({"store_partial_chunks": "yes"}, "store_partial_chunks"),
+])
+def test_bad_values_name_the_key(engine: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, engine=engine)
+    assert err.value.key == key and key in str(err.value)
+
+
+def test_bad_env_and_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="disk.max_bytes"):
+        load_config(env={"KVTIER_DISK__MAX_BYTES": "-5"})
+    with pytest.raises(ConfigError, match="KVTIER_CONFIG"):
+        load_config(tmp_path / "missing.yaml", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad, env={})
+
+
+def test_chunk_size_must_be_whole_blocks() -> None:
+    cfg = load_config(env={}, engine={"chunk_size": 192})
+    cfg.check_block_size(64)
+    with pytest.raises(ConfigError, match="chunk_size.*multiple.*128"):
+        cfg.check_block_size(128)
+
+
+def test_round_trip_to_dict() -> None:
+    cfg = load_config(env={}, engine={"tiers": "memory,disk", "write_policy": "write_back"})
+    assert load_config(env={}, engine=cfg.to_dict()) == cfg

@@ -1,0 +1,132 @@
+"""Cache engine: batched store/retrieve between paged KV and the store, bitwise exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.engine import cpu_kernels
+from kvtier.engine.cache_engine import CacheEngine
+from kvtier.engine.layout import LayoutKind, PagedLayout, detect_layout
+from kvtier.errors import LayoutMismatch
+from kvtier.keys import ChunkHasher, Namespace
+from kvtier.store import ChunkStore
+from kvtier.tiers.memory import MemoryTier
+
+LAYERS, HEADS, HEAD_DIM, BLOCK, CHUNK = 3, 2, 8, 4, 8  # 2 blocks per chunk
+
+
+def make(kind: LayoutKind, dtype: str, kernels: bool = True, slots: int = 16):
+    lay = PagedLayout(kind, LAYERS, HEADS, HEAD_DIM, BLOCK, dtype)
+    hasher = ChunkHasher(Namespace("m", lay.signature(), CHUNK))
+    mem = MemoryTier(slots * lay.chunk_nbytes(2), lay.chunk_nbytes(2))
+    eng = CacheEngine(hasher, lay, ChunkStore([mem]))
+    return eng, lay, mem
+
+
+def kv(lay: PagedLayout, blocks: int, fill: str = "randn") -> list[torch.Tensor]:
+    dt = getattr(torch, lay.dtype)
+    if fill == "zeros":
+        return [torch.zeros(lay.layer_shape(blocks), dtype=dt) for _ in range(LAYERS)]
+    return [torch.randn(lay.layer_shape(blocks)).to(dt) for _ in range(LAYERS)]
+
+
+def block(lay: PagedLayout, t: torch.Tensor, b: int) -> torch.Tensor:
+    return t.select(lay.block_dim, b)
+
+
+PARAMS = [(k, d, kern) for k in LayoutKind for d in ("bfloat16", "float16", "float32")
+          for kern in (True, False)]
+
+
+@pytest.mark.parametrize("kind,dtype,kernels", PARAMS)
+def test_store_then_retrieve_into_other_blocks_is_bitwise_exact(kind, dtype, kernels) -> None:
+    eng, lay, _ = make(kind, dtype)
+    src = kv(lay, 40)
+    tokens = list(range(1000, 1030))  # 3 full chunks + 6 tokens
+    src_ids = [5, 9, 2, 17, 30, 31, 7, 8]
+    eng.register(src, use_kernels=kernels)
+    assert eng.store_kv(tokens, src_ids) == 3
+    assert eng.lookup(tokens) == 24
+    dst = kv(lay, 50, "zeros")
+    dst_ids = [49, 1, 2, 3, 10, 11, 12, 13]
+    eng.register(dst, use_kernels=kernels)
+    res = eng.retrieve_kv(tokens, dst_ids, end_token=24)
+    assert res.complete and res.end == 24
+    for layer in range(LAYERS):
+        for i in range(6):
+            assert torch.equal(block(lay, src[layer], src_ids[i]), block(lay, dst[layer], dst_ids[i]))
+        untouched = block(lay, dst[layer], dst_ids[6])  # past the hit: not written
+        assert not untouched.any()
+
+
+def test_partial_prefix_hit_and_divergence() -> None:
+    eng, lay, _ = make(LayoutKind.VLLM_CPU, "bfloat16")
+    eng.register(kv(lay, 40))
+    a = list(range(32))
+    eng.store_kv(a, list(range(8)))
+    b = a[:20] + [999] * 12  # diverges inside chunk 2
+    assert eng.lookup(b) == 16
+    assert eng.lookup([7] + a[1:]) == 0
+    assert eng.lookup(a[:15]) == 8  # only whole chunks
+
+
+def test_retrieve_skips_blocks_the_engine_already_has() -> None:
+    eng, lay, _ = make(LayoutKind.VLLM_CPU, "float32")
+    src = kv(lay, 20)
+    tokens = list(range(24))
+    eng.register(src)
+    eng.store_kv(tokens, [0, 1, 2, 3, 4, 5])
+    dst = kv(lay, 20, "zeros")
+    res = eng.retrieve_kv(tokens, [10, 11, 12, 13, 14, 15], end_token=24, start_token=4,
+                          kv_caches=dst)
+    assert (res.start, res.end) == (4, 24)
+    assert not dst[0][10].any()  # block 0 of the request: the engine's own, untouched
+    assert torch.equal(dst[0][11], src[0][1]) and torch.equal(dst[2][15], src[2][5])
+
+
+def test_missing_chunk_stops_the_load_there() -> None:
+    eng, lay, mem = make(LayoutKind.VLLM_CPU, "float16")
+    eng.register(kv(lay, 20))
+    tokens = list(range(32))
+    eng.store_kv(tokens, list(range(8)))
+    keys = eng.hasher.keys(tokens)
+    mem.delete_many([keys[2]])  # evicted between lookup and load
+    res = eng.retrieve_kv(tokens, list(range(8, 16)), end_token=32)
+    assert not res.complete and res.end == 16
+
+
+def test_chunks_already_in_memory_are_not_stored_again() -> None:
+    eng, lay, mem = make(LayoutKind.VLLM_CPU, "bfloat16")
+    eng.register(kv(lay, 20))
+    tokens = list(range(24))
+    assert eng.store_kv(tokens, list(range(6))) == 3
+    assert eng.store_kv(tokens, list(range(6))) == 0
+    assert mem.stats.puts == 3
+
+
+def test_store_with_full_memory_is_a_clean_no_op() -> None:
+    eng, lay, mem = make(LayoutKind.VLLM_CPU, "bfloat16", slots=2)
+    eng.register(kv(lay, 20))
+    tokens = list(range(24))
+    mem.put_many([])
+    slots = mem.reserve(2)  # someone holds every slot
+    assert eng.store_kv(tokens, list(range(6))) == 0
+    mem.abort(slots)
+
+
+def test_layout_detection_and_mismatch() -> None:
+    lay = PagedLayout(LayoutKind.FLASH_ATTN, LAYERS, HEADS, HEAD_DIM, BLOCK, "bfloat16")
+    assert detect_layout(kv(lay, 5), HEADS, HEAD_DIM, BLOCK) == lay
+    cpu = PagedLayout(LayoutKind.VLLM_CPU, LAYERS, HEADS, HEAD_DIM, BLOCK, "bfloat16")
+    with pytest.raises(LayoutMismatch, match="layer 0"):
+        cpu.check(kv(lay, 5))
+    with pytest.raises(LayoutMismatch, match="expected 3 layer"):
+        cpu.check(kv(cpu, 5)[:2])
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        CacheEngine(ChunkHasher(Namespace("m", "x", 6)), cpu, ChunkStore([MemoryTier(1 << 20, 64)]))
+
+
+def test_kernels_available_here() -> None:
+    # numba ships with vLLM; the fast path must not silently fall back in CI.
+    assert cpu_kernels.available()

@@ -1,0 +1,65 @@
+"""Chunk keys: deterministic across processes, separated by every namespace field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvtier.keys import ChunkHasher, Namespace
+
+NS = Namespace(model_id="m", layout="vllm_cpu:L4:H2:D64:B128:bfloat16", chunk_size=4)
+
+
+def test_chained_keys_name_the_whole_prefix() -> None:
+    h = ChunkHasher(NS)
+    a = h.keys(list(range(12)))
+    b = h.keys([99] + list(range(1, 12)))
+    assert len(a) == 3 and len(set(a)) == 3
+    assert all(x != y for x, y in zip(a, b))  # changing token 0 changes every later key
+    assert h.keys(list(range(8))) == a[:2]  # a prefix gives a prefix of keys
+
+
+def test_partial_chunk_only_when_enabled() -> None:
+    assert len(ChunkHasher(NS).keys(list(range(10)))) == 2
+    with_tail = ChunkHasher(NS, store_partial=True).keys(list(range(10)))
+    assert len(with_tail) == 3 and with_tail[:2] == ChunkHasher(NS).keys(list(range(10)))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("model_id", "other"), ("layout", "flash_attn:L4:H2:D64:B16:bfloat16"), ("chunk_size", 8),
+    ("tp_rank", 1), ("tp_size", 2), ("salt", "tenant-b"), ("hash_version", 2),
+    ("hash_algorithm", "blake3"),
+])
+def test_every_namespace_field_separates_keys(field: str, value: object) -> None:
+    other = dataclasses.replace(NS, **{field: value})
+    tokens = list(range(16))
+    assert not set(ChunkHasher(NS).keys(tokens)) & set(ChunkHasher(other).keys(tokens))
+
+
+def test_with_salt() -> None:
+    assert NS.with_salt(None) is NS and NS.with_salt("") is NS
+    assert NS.with_salt("t").salt == "t"
+
+
+def test_bad_tokens_rejected() -> None:
+    with pytest.raises(ValueError, match="token ids"):
+        ChunkHasher(NS).keys([-1, 2, 3, 4])
+
+
+def test_same_keys_in_processes_with_different_hash_seeds() -> None:
+    code = ("import json;from kvtier.keys import ChunkHasher, Namespace;"
+            "ns=Namespace('m','layout',4,salt='s');"
+            "print(json.dumps([k.hex() for k in ChunkHasher(ns).keys(list(range(40)))]))")
+    outs = []
+    for seed in ("0", "12345", "random"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        outs.append(json.loads(res.stdout))
+    here = [k.hex() for k in ChunkHasher(Namespace("m", "layout", 4, salt="s")).keys(range(40))]
+    assert outs[0] == outs[1] == outs[2] == here
