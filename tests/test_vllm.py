@@ -170,3 +170,26 @@ def test_openai_server_with_kv_transfer_config_json(model: str, tmp_path: Path) 
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@pytest.mark.redis
+def test_two_instances_share_kv_through_redis(model: str, redis_server: Any) -> None:
+    prompt = doc(model, 12)
+    (cold,), = run(model, [[req(prompt)]], None)
+    cfg = {"tiers": ["memory", "redis"], "redis.url": redis_server.url,
+           "memory.max_bytes": "128MiB"}
+    (first,), = run(model, [[req(prompt)]], cfg)
+    (second,), = run(model, [[req(prompt)]], cfg)
+    assert second["num_cached_tokens"] == 4 * CHUNK
+    assert same_output(first, cold) and same_output(second, cold)
+
+
+@pytest.mark.redis
+def test_redis_down_is_a_miss_not_a_failure(model: str, redis_server: Any) -> None:
+    prompt = doc(model, 13)
+    (cold,), = run(model, [[req(prompt)]], None)
+    cfg = {"tiers": ["redis"], "redis.url": redis_server.url, "redis.timeout_s": 0.5}
+    run(model, [[req(prompt)]], cfg)
+    redis_server.stop()
+    (warm,), = run(model, [[req(prompt)]], cfg)
+    assert warm["num_cached_tokens"] == 0 and same_output(warm, cold)

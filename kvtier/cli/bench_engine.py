@@ -6,7 +6,8 @@ are scattered over an engine KV four times larger, a memory tier holding the
 chunks. Store = gather from paged KV into the memory tier's pooled buffers;
 retrieve = scatter from the memory tier into other, shuffled blocks. The
 baseline is a plain contiguous ``torch`` copy of the same number of bytes,
-measured in the same run. Medians over ``--repeats``.
+measured in the same run. Medians over ``--repeats`` rounds; in each round the copy, the store and
+the retrieve run back to back, so all three see the same machine load.
 """
 
 from __future__ import annotations
@@ -26,15 +27,19 @@ from kvtier.store import ChunkStore
 from kvtier.tiers.memory import MemoryTier
 
 
-def _median_s(fn: Callable[[], Any], repeats: int, before: Callable[[], Any] | None = None) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up and is discarded
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
+def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int,
+                         before: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Median seconds of each function, measured round-robin so that every one of
+    them sees the same machine conditions (other load drifts over a run)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats + 1):  # the first round warms up and is discarded
+        for name, fn in fns.items():
+            if name in before:
+                before[name]()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts[1:]) for name, ts in times.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,18 +62,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     keys = hasher.keys(tokens)
     nbytes = len(keys) * chunk_bytes
 
-    store_s = _median_s(lambda: engine.store_kv(tokens, src_blocks, keys=keys), args.repeats,
-                        before=lambda: mem.delete_many(keys))
-    engine.store_kv(tokens, src_blocks, keys=keys)
-    retrieve_s = _median_s(
-        lambda: engine.retrieve_kv(tokens, dst_blocks, len(keys) * args.chunk_size, keys=keys),
-        args.repeats)
-    ok = all(torch.equal(kv[layer][src_blocks[b]], kv[layer][dst_blocks[b]])
-             for layer in (0, args.layers - 1) for b in range(len(keys) * (args.chunk_size
-                                                                          // args.block_size)))
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
-    copy_s = _median_s(lambda: dst.copy_(src), args.repeats)
+    end_token = len(keys) * args.chunk_size
+    fns = {"copy": lambda: dst.copy_(src),
+           "store": lambda: engine.store_kv(tokens, src_blocks, keys=keys),
+           "retrieve": lambda: engine.retrieve_kv(tokens, dst_blocks, end_token, keys=keys)}
+    # store needs the chunks absent, retrieve needs them present: each resets its state.
+    before = {"store": lambda: mem.delete_many(keys),
+              "retrieve": lambda: engine.store_kv(tokens, src_blocks, keys=keys)}
+    med = _interleaved_medians(fns, args.repeats, before)
+    copy_s, store_s, retrieve_s = med["copy"], med["store"], med["retrieve"]
+    bpb = args.chunk_size // args.block_size
+    ok = all(torch.equal(kv[layer][src_blocks[b]], kv[layer][dst_blocks[b]])
+             for layer in (0, args.layers - 1) for b in range(len(keys) * bpb))
     gbps = lambda s: nbytes / s / 1e9  # noqa: E731
     return {
         "setup": {"layout": lay.signature(), "tokens": args.tokens, "chunks": len(keys),
@@ -93,7 +100,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_main)
 

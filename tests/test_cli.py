@@ -1,0 +1,30 @@
+"""The kvtier command: benchmarks run end to end at toy sizes (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvtier.cli.main import build_parser, main
+
+
+def test_bench_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "engine", "--json", "--layers", "2", "--tokens", "1024",
+                 "--repeats", "2"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for k in ("store_gbps", "retrieve_gbps", "copy_gbps", "store_ratio", "retrieve_ratio"):
+        assert res[k] > 0
+    assert res["bitwise_equal"] is True
+
+
+def test_bench_engine_table(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["bench", "engine", "--layers", "2", "--tokens", "512", "--repeats", "1",
+          "--layout", "flash_attn"])
+    out = capsys.readouterr().out
+    assert "vs copy" in out and "bitwise equal to stored: True" in out
+
+
+def test_unknown_subcommand_is_an_error() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "nothing"])
