@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     med = _interleaved_medians(fns, args.repeats, before)
     copy_s, store_s, retrieve_s = med["copy"], med["store"], med["retrieve"]
     bpb = args.chunk_size // args.block_size
-    ok = all(torch.equal(kv[layer][src_blocks[b]], kv[layer][dst_blocks[b]])
+    bd = lay.block_dim
+    ok = all(torch.equal(kv[layer].select(bd, src_blocks[b]), kv[layer].select(bd, dst_blocks[b]))
              for layer in (0, args.layers - 1) for b in range(len(keys) * bpb))
     gbps = lambda s: nbytes / s / 1e9  # noqa: E731
     return {
