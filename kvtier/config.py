@@ -90,6 +90,15 @@ class RedisConfig:
 
 
 @dataclass
+class ControlConfig:
+    """The management HTTP API (``kvtier.control.http``) inside the engine worker."""
+
+    port: int = 0
+    """TCP port on ``host``; 0 leaves the API off. Worker rank r listens on port + r."""
+    host: str = "127.0.0.1"
+
+
+@dataclass
 class KvtierConfig:
     """All of kvtier's settings; see README "Configuration"."""
 
@@ -103,6 +112,7 @@ class KvtierConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless chunks are whole engine blocks."""
@@ -218,10 +228,13 @@ def _validate(cfg: KvtierConfig) -> None:
               ("disk.write_threads", cfg.disk.write_threads, 1),
               ("redis.ttl_s", cfg.redis.ttl_s, 0),
               ("redis.max_value_bytes", cfg.redis.max_value_bytes, 1024),
-              ("redis.write_queue", cfg.redis.write_queue, 1)]
+              ("redis.write_queue", cfg.redis.write_queue, 1),
+              ("control.port", cfg.control.port, 0)]
     for key, value, low in checks:
         if value < low:
             raise ConfigError(key, f"must be >= {low}, got {value}")
+    if cfg.control.port > 65535:
+        raise ConfigError("control.port", f"must be a TCP port, got {cfg.control.port}")
     if cfg.redis.timeout_s <= 0:
         raise ConfigError("redis.timeout_s", f"must be positive, got {cfg.redis.timeout_s}")
     if cfg.redis.reconnect_backoff_s < 0:

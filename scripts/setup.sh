@@ -36,6 +36,7 @@ if [ "$(cat $STAMP 2>/dev/null)" != "$lock_hash" ]; then
   $VENV/bin/python -m pip install -q --no-deps -r requirements.lock
   $VENV/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   $VENV/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  rm -rf kvtier.egg-info  # build leftover; in the cwd it would shadow the installed metadata
   echo "$lock_hash" > $STAMP
 fi
 

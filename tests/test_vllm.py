@@ -137,9 +137,11 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_openai_server_with_kv_transfer_config_json(model: str, tmp_path: Path) -> None:
-    port = _free_port()
+    """The OpenAI server end to end, plus the management API the plugin starts in the worker."""
+    port, control = _free_port(), _free_port()
     ktc = {"kv_connector": KV_CONNECTOR, "kv_connector_module_path": KV_CONNECTOR_MODULE,
-           "kv_role": "kv_both", "kv_connector_extra_config": kvtier_cfg(tmp_path)}
+           "kv_role": "kv_both",
+           "kv_connector_extra_config": kvtier_cfg(tmp_path, **{"control.port": control})}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "bfloat16",
            "--max-model-len", "4096", "--no-enable-prefix-caching",
@@ -163,6 +165,10 @@ def test_openai_server_with_kv_transfer_config_json(model: str, tmp_path: Path) 
         assert first["choices"][0]["text"] == second["choices"][0]["text"]
         cached = (second["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
         assert cached == 4 * CHUNK
+        api = f"http://127.0.0.1:{control}/v1"
+        assert _post(f"{api}/lookup", {"tokens": prompt})["hit_chunks"] == 4
+        assert _post(f"{api}/clear", {})["removed"] >= 4  # memory and disk copies
+        assert _post(f"{api}/lookup", {"tokens": prompt})["hit_chunks"] == 0
     finally:
         proc.terminate()
         try:

@@ -15,14 +15,14 @@ memory tier stored and evicted back through vLLM's worker-metadata channel.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                KVConnectorRole)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvtier.config import load_config
+from kvtier.config import KvtierConfig, load_config
 from kvtier.connectors.vllm_plan import (KvtierMetadata, KvtierWorkerMeta, SchedulerPlanner,
                                          engine_layout, namespace_for)
 from kvtier.engine.cache_engine import CacheEngine
@@ -42,6 +42,12 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.vllm")
+
+EngineReadyHook = Callable[[KvtierConfig, CacheEngine, int], None]
+ENGINE_READY_HOOKS: list[EngineReadyHook] = []
+"""Called in each worker once its cache engine exists, with (config, engine, rank).
+Higher layers (the management API's vLLM plugin) register here; this layer
+imports none of them."""
 
 
 class KvtierConnector(KVConnectorBase_V1):
@@ -101,6 +107,11 @@ class KvtierConnector(KVConnectorBase_V1):
         hasher = ChunkHasher(self.namespace, self.config.store_partial_chunks)
         self.engine = CacheEngine(hasher, self.layout, store)
         self.engine.register(tensors)
+        for hook in ENGINE_READY_HOOKS:
+            try:
+                hook(self.config, self.engine, _worker_rank())
+            except Exception:  # an add-on must not take the engine down
+                log.exception("kvtier: engine-ready hook %r failed", hook)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         """Load this step's hits into paged KV: all chunks and layers, batched, before
@@ -208,3 +219,11 @@ class KvtierConnector(KVConnectorBase_V1):
         if self.planner is not None:
             self.planner.finish(request.request_id)
         return False, None
+
+
+def _worker_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # not initialised (single process, tests): rank 0
+        return 0

@@ -32,23 +32,9 @@ def available() -> bool:
 def _compile() -> tuple[Callable[..., None], Callable[..., None]]:
     global _kernels
     if _kernels is None:
-        from numba import njit, prange
+        from kvtier.engine import _numba_rows
 
-        @njit(parallel=True, nogil=True, cache=True)
-        def gather(layers, idx, dst):  # pragma: no cover - compiled
-            n, num_layers = idx.shape[0], len(layers)
-            for t in prange(n * num_layers):
-                i, layer = t // num_layers, t % num_layers
-                dst[i, layer, :] = layers[layer][idx[i], :]
-
-        @njit(parallel=True, nogil=True, cache=True)
-        def scatter(layers, idx, src):  # pragma: no cover - compiled
-            n, num_layers = idx.shape[0], len(layers)
-            for t in prange(n * num_layers):
-                i, layer = t // num_layers, t % num_layers
-                layers[layer][idx[i], :] = src[i, layer, :]
-
-        _kernels = (gather, scatter)
+        _kernels = (_numba_rows.gather, _numba_rows.scatter)
     return _kernels
 
 

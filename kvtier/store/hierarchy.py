@@ -18,7 +18,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from kvtier.codecs import ChunkData, ChunkMeta
+from kvtier.codecs import ChunkData, ChunkMeta, Codec, decompress
 from kvtier.config import WritePolicy
 from kvtier.keys import ChunkKey
 from kvtier.store.writer import BackgroundWriter
@@ -76,12 +76,12 @@ class ChunkStore:
             if not missing:
                 break
             got = tier.get_many([keys[i] for i in missing])
-            hits = [(i, c) for i, c in zip(missing, got) if c is not None]
+            hits = [(i, _raw(c)) for i, c in zip(missing, got) if c is not None]
             if hits and self.memory is not None:
                 hits = self._promote([keys[i] for i, _ in hits], hits)
             for i, chunk in hits:
                 found[i] = chunk
-        return found
+        return [None if c is None else _raw(c) for c in found]
 
     def _promote(self, keys: list[ChunkKey], hits: list[tuple[int, ChunkData]]
                  ) -> list[tuple[int, ChunkData]]:
@@ -196,6 +196,16 @@ def lookup_prefix(sources: Sequence[_HasContains], keys: Sequence[ChunkKey]) -> 
         for i, there in enumerate(source.contains_many(keys[start:]), start):
             present[i] = present[i] or there
     return _first_false(present)
+
+
+def _raw(chunk: ChunkData) -> ChunkData:
+    """The chunk with a RAW payload (compressed chunks are decoded into a private copy)."""
+    if chunk.meta.codec is Codec.RAW:
+        return chunk
+    try:
+        return decompress(chunk)
+    finally:
+        chunk.release()
 
 
 def _first_false(flags: Sequence[bool]) -> int:

@@ -1,0 +1,37 @@
+"""Layer 7: starts the management HTTP API inside vLLM's workers.
+
+Registered as a vLLM general plugin (entry point ``vllm.general_plugins`` in
+pyproject.toml), which vLLM loads in every process it starts. It only adds a
+hook to the connector; the server starts in a worker once its cache engine
+exists, and only if ``control.port`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kvtier.config import KvtierConfig
+from kvtier.control.api import CacheAPI
+from kvtier.control.http import ControlServer
+from kvtier.engine.cache_engine import CacheEngine
+
+log = logging.getLogger(__name__)
+_servers: list[ControlServer] = []
+
+
+def start_control_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
+    """Engine-ready hook: serve the management API on ``control.port + rank``."""
+    if not cfg.control.port:
+        return
+    server = ControlServer(CacheAPI(engine.store, engine.hasher), cfg.control.host,
+                           cfg.control.port + rank)
+    _servers.append(server)
+    log.info("kvtier: management API on %s", server.url)
+
+
+def register() -> None:
+    """vLLM plugin entry point."""
+    from kvtier.connectors import vllm as connector
+
+    if start_control_server not in connector.ENGINE_READY_HOOKS:
+        connector.ENGINE_READY_HOOKS.append(start_control_server)
