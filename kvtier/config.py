@@ -71,6 +71,8 @@ class DiskConfig:
     write_threads: int = 1
     fsync: bool = False
     """fsync each chunk file before its rename (durable across power loss, slower)."""
+    read_pool_bytes: int = 256 * 1024**2
+    """Released read buffers kept for reuse, so reads skip page faults; 0 keeps none."""
 
 
 @dataclass

@@ -120,7 +120,9 @@ def test_corrupt_chunk_on_disk_is_detected_and_recomputed(model: str, tmp_path: 
     files[0].write_bytes(bytes(data))
     (warm,), = run(model, [[req(prompt)]], cfg)
     assert same_output(warm, cold)
-    assert warm["num_cached_tokens"] < 4 * CHUNK
+    # The disk tier found the checksum mismatch and dropped the file (vLLM
+    # recomputed those blocks; its num_cached_tokens counts the promise).
+    assert not files[0].exists()
 
 
 def _free_port() -> int:

@@ -1,0 +1,344 @@
+"""``kvtier bench tiers``: put/get throughput of the disk and Redis tiers vs their raw medium.
+
+Setup: ``--chunks`` chunks of ``--chunk-mib`` MiB (default 3 MiB = 24 layers x
+K/V x 256 tokens x 2 KV heads x head dim 64 x bf16), moved as one batch.
+Each tier runs beside its raw medium, in the same run:
+
+- disk: the baseline writes the same bytes to plain files (open, write,
+  close, with the tier's fsync setting) and reads them back into a fresh
+  buffer. Reads are cold by default: before every read pass, of the baseline
+  and of the tier alike, the files are synced and dropped from the page cache
+  with ``posix_fadvise(DONTNEED)`` (``--cache warm`` reads from the page cache).
+- Redis: the baseline is plain redis-py (hiredis) pipelined SET / GET of the
+  same bytes on the same server; the tier adds its header, checksum, an
+  EXISTS round trip before writes and verification on reads.
+
+Medians over ``--repeats`` rounds; in each round every measurement runs once
+(raw put, raw get, tier put, tier get), each after the same untimed reset.
+Ratios (tier throughput / raw throughput) are the median of the per-round
+ratios, which cancels most of the drift of a shared machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kvtier.cli.redis_proc import RedisNotInstalled, RedisProcess
+from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta
+from kvtier.config import DiskConfig, RedisConfig
+from kvtier.keys import ChunkKey
+from kvtier.tiers.disk import DiskTier
+
+Items = list[tuple[ChunkKey, ChunkData]]
+
+
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int,
+                      before: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+    """Seconds of each function in each of ``repeats`` rounds (a warm-up round is dropped).
+
+    Every round runs each function once, in ``fns`` order, after its untimed
+    ``before`` step. The callers order them raw put, raw get, tier put, tier
+    get: each put then follows the other medium's read pass and each get its
+    own medium's write pass, so raw and tier inherit the same after-effects
+    (on this VM a write pass after a cold read pass ran up to 3x slower).
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats + 1):
+        for name in fns:
+            if name in before:
+                before[name]()
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: ts[1:] for name, ts in times.items()}
+
+
+def make_items(chunk_bytes: int, n: int) -> Items:
+    """``n`` chunks of random bytes with distinct keys."""
+    if chunk_bytes == 3 * 2**20:
+        meta = ChunkMeta("bfloat16", (24, 2, 256, 2, 64))
+    else:
+        meta = ChunkMeta("uint8", (chunk_bytes,))
+    rng = np.random.default_rng(0)
+    return [(ChunkKey(rng.bytes(16)), ChunkData(meta, rng.integers(0, 256, chunk_bytes,
+                                                                   dtype=np.uint8)))
+            for _ in range(n)]
+
+
+# -- disk -----------------------------------------------------------------------
+
+
+def _write_file(path: Path, data: memoryview, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        done = 0
+        while done < data.nbytes:
+            done += os.write(fd, data[done:])
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_file(path: Path, buf: np.ndarray) -> None:
+    """Read a whole file into ``buf`` with ``preadv`` (one large sequential request)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view, done = memoryview(buf), 0
+        while done < buf.nbytes:
+            n = os.preadv(fd, [view[done:]], done)
+            if n == 0:
+                raise OSError(f"{path}: shorter than expected")
+            done += n
+    finally:
+        os.close(fd)
+
+
+def filesystem_of(path: str) -> str:
+    """``"<type> on <device>"`` of the mount holding ``path`` (from /proc/mounts)."""
+    real, best = os.path.realpath(path), ("", "unknown", "?")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, fstype = line.split()[:3]
+                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best[0]):
+                    best = (mnt, fstype, dev)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[2]}"
+
+
+def drop_page_cache(paths: list[Path]) -> None:
+    """Sync, then ask the kernel to forget the files' cached pages."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_disk(items: Items, args: argparse.Namespace) -> dict[str, Any]:
+    """Disk tier vs plain files in the same folder tree."""
+    total = sum(c.payload.nbytes for _, c in items)
+    base = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.disk_path))
+    try:
+        tier = DiskTier(DiskConfig(path=str(base / "tier"), max_bytes=2 * total + 2**20,
+                                   fsync=args.fsync))
+        (base / "raw").mkdir()
+        raw_paths = [base / "raw" / f"{i}.bin" for i in range(len(items))]
+        tier_paths = [tier.path_of(k) for k, _ in items]
+        keys = [k for k, _ in items]
+        views = [memoryview(c.payload).cast("B") for _, c in items]
+        # The baseline reads into buffers allocated once (already mapped: no page
+        # faults), as the tier does with its read pool once chunks are released.
+        raw_bufs = [np.ones(v.nbytes, dtype=np.uint8) for v in views]
+        cold = args.cache == "cold"
+
+        def tier_get() -> None:
+            _release_all(tier.get_many(keys), tier)
+
+        def raw_put() -> None:
+            for path, view in zip(raw_paths, views):
+                _write_file(path, view, args.fsync)
+
+        fns = {"raw_put": raw_put,
+               "raw_get": lambda: [_read_file(p, b) for p, b in zip(raw_paths, raw_bufs)],
+               "tier_put": lambda: _check_puts(tier.put_many(items), tier), "tier_get": tier_get}
+        # Every pass starts from the same state: nothing dirty, none of the bench's
+        # files in the page cache (then, for warm reads, the files to read cached).
+        # Measured here: a write pass right after another one's data was flushed
+        # but still cached ran 3-7x slower.
+        def quiesce(warm: list[Path] | None = None) -> None:
+            os.sync()
+            drop_page_cache([p for p in raw_paths + tier_paths if p.exists()])
+            for p in warm or []:
+                _read_file(p, scratch[:p.stat().st_size])
+            time.sleep(args.settle_s)
+        scratch = np.empty(max(v.nbytes for v in views) + HEADER_SIZE, dtype=np.uint8)
+        before = {"raw_put": lambda: ([p.unlink(missing_ok=True) for p in raw_paths], quiesce()),
+                  "tier_put": lambda: (tier.delete_many(keys), quiesce()),
+                  "raw_get": lambda: quiesce(None if cold else raw_paths),
+                  "tier_get": lambda: quiesce(None if cold else tier_paths)}
+        times = interleaved_times(fns, args.repeats, before)
+        ok = all(c is not None and bytes(c.payload) == bytes(want.payload)
+                 for c, (_, want) in zip(tier.get_many(keys), items))
+        tier.close()
+        return {**_rates("disk", times, total), "disk_bitwise_equal": ok,
+                "disk_tier_stats": tier.stats.as_dict()}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- redis ----------------------------------------------------------------------
+
+
+def bench_redis(items: Items, args: argparse.Namespace) -> dict[str, Any]:
+    """Redis tier vs plain redis-py pipelines on the same server."""
+    try:
+        import redis
+    except ImportError:
+        return {"redis_skipped": "redis-py is not installed: pip install 'kvtier[redis]'"}
+    from kvtier.tiers.redis import RedisTier
+
+    server = None
+    url = args.redis_url
+    if url is None:
+        try:
+            server = RedisProcess()
+            server.start()
+        except RedisNotInstalled as exc:
+            return {"redis_skipped": str(exc)}
+        url = server.url
+    try:
+        total = sum(c.payload.nbytes for _, c in items)
+        cfg = RedisConfig(url=url, key_prefix="kvtier-bench:", timeout_s=5.0)
+        tier = RedisTier(cfg)
+        raw = redis.Redis.from_url(url)
+        raw_keys = [b"kvtier-bench-raw:" + k.hex().encode() for k, _ in items]
+        raw_values = [bytes(c.payload) for _, c in items]  # what a plain client would hold
+        keys = [k for k, _ in items]
+
+        def raw_put() -> None:
+            pipe = raw.pipeline(transaction=False)
+            for k, v in zip(raw_keys, raw_values):
+                pipe.set(k, v)
+            pipe.execute()
+
+        def raw_get() -> None:
+            pipe = raw.pipeline(transaction=False)
+            for k in raw_keys:
+                pipe.get(k)
+            if any(v is None for v in pipe.execute()):
+                raise RuntimeError("redis-py baseline: a GET missed")
+
+        def tier_get() -> None:
+            _release_all(tier.get_many(keys), tier)
+
+        fns = {"raw_put": raw_put, "raw_get": raw_get,
+               "tier_put": lambda: _check_puts(tier.put_many(items), tier), "tier_get": tier_get}
+        before = {"raw_put": lambda: raw.unlink(*raw_keys),
+                  "tier_put": lambda: tier.delete_many(keys)}
+        times = interleaved_times(fns, args.repeats, before)
+        ok = all(c is not None and bytes(c.payload) == bytes(want.payload)
+                 for c, (_, want) in zip(tier.get_many(keys), items))
+        info = raw.info("server")
+        raw.unlink(*raw_keys)
+        tier.clear()
+        tier.close()
+        raw.close()
+        return {**_rates("redis", times, total), "redis_bitwise_equal": ok,
+                "redis_tier_stats": tier.stats.as_dict(),
+                "redis_server": f"redis {info.get('redis_version')} at {url}"
+                                f"{' (temporary)' if server else ''}",
+                "redis_client": f"redis-py {redis.__version__}"
+                                f"{' + hiredis' if redis.utils.HIREDIS_AVAILABLE else ''}",
+                "redis_max_value_bytes": cfg.max_value_bytes}
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _check_puts(done: list[bool], tier: Any) -> None:
+    if not all(done):
+        raise RuntimeError(f"{tier.name} tier: a put failed ({tier.stats})")
+
+
+def _release_all(got: list[ChunkData | None], tier: Any) -> None:
+    """Release every chunk of a get pass; a miss means the numbers would be wrong."""
+    if any(c is None for c in got):
+        raise RuntimeError(f"{tier.name} tier: a get missed ({tier.stats})")
+    for c in got:
+        c.release()  # type: ignore[union-attr]
+
+
+def _rates(name: str, times: dict[str, list[float]], total: int) -> dict[str, float]:
+    """GB/s from median times; ratios as the median of per-round raw/tier time ratios
+    (a tier pass and its raw pass run in the same round, close in time)."""
+    out = {f"{name}_{kind}_{op}_gbps": total / statistics.median(times[f"{kind}_{op}"]) / 1e9
+           for kind in ("raw", "tier") for op in ("put", "get")}
+    for op in ("put", "get"):
+        pairs = zip(times[f"raw_{op}"], times[f"tier_{op}"])
+        out[f"{name}_{op}_ratio"] = statistics.median(raw / tier for raw, tier in pairs)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; returns the result dict printed by the CLI."""
+    chunk_bytes = int(args.chunk_mib * 2**20)
+    items = make_items(chunk_bytes, args.chunks)
+    res: dict[str, Any] = {"setup": {
+        "chunk_bytes": chunk_bytes, "chunks": args.chunks, "batch_bytes": chunk_bytes * args.chunks,
+        "chunk_meta": f"{items[0][1].meta.dtype} {items[0][1].meta.shape}",
+        "repeats": args.repeats, "disk_path": args.disk_path or tempfile.gettempdir(),
+        "disk_fs": filesystem_of(args.disk_path or tempfile.gettempdir()),
+        "disk_fsync": args.fsync,
+        "disk_reads": ("cold: before each read pass (raw and tier alike) the files are fsynced "
+                       "and dropped with posix_fadvise(DONTNEED)") if args.cache == "cold"
+                      else "warm: raw and tier read from the page cache (files read once "
+                           "untimed before each pass)",
+        "disk_state": "before every pass: sync, drop all bench files from the page cache, "
+                      f"sleep {args.settle_s} s",
+        "disk_writes": f"buffered writes, fsync={args.fsync} for raw and tier alike",
+        "reads_into": "raw: buffers allocated once; tier: its read pool (released chunks)"}}
+    if not args.no_disk:
+        res.update(bench_disk(items, args))
+    if not args.no_redis:
+        res.update(bench_redis(items, args))
+    return res
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``bench tiers``."""
+    p = subparsers.add_parser("tiers", help="disk and Redis tier throughput vs the raw medium")
+    p.add_argument("--chunk-mib", type=float, default=3.0)
+    p.add_argument("--chunks", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--disk-path", default=None, help="folder to benchmark in (default: $TMPDIR)")
+    p.add_argument("--fsync", action="store_true", help="fsync every file (raw and tier)")
+    p.add_argument("--settle-s", type=float, default=0.2,
+                   help="pause after the flush before each disk pass")
+    p.add_argument("--cache", choices=["cold", "warm"], default="cold",
+                   help="disk reads from the device (cold) or from the page cache (warm)")
+    p.add_argument("--redis-url", default=None,
+                   help="server to use (default: start a temporary redis-server on 127.0.0.1)")
+    p.add_argument("--no-disk", action="store_true")
+    p.add_argument("--no-redis", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    res = run(args)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    s = res["setup"]
+    print(f"kvtier bench tiers: {s['chunks']} chunks of {s['chunk_bytes'] / 2**20:g} MiB "
+          f"({s['chunk_meta']}), one batch, median of {s['repeats']}")
+    print(f"  disk: {s['disk_path']} ({s['disk_fs']}); {s['disk_writes']}")
+    print(f"  disk reads {s['disk_reads']}")
+    print(f"  {'':8} {'raw GB/s':>9} {'tier GB/s':>10} {'tier/raw':>9}")
+    for name in ("disk", "redis"):
+        if f"{name}_put_ratio" not in res:
+            note = res.get(f"{name}_skipped", f"not run (--no-{name})")
+            print(f"  {name:8} skipped: {note}")
+            continue
+        for op in ("put", "get"):
+            print(f"  {name + ' ' + op:8} {res[f'{name}_raw_{op}_gbps']:9.2f} "
+                  f"{res[f'{name}_tier_{op}_gbps']:10.2f} {res[f'{name}_{op}_ratio']:9.2f}")
+    if "redis_server" in res:
+        print(f"  redis: {res['redis_server']}, {res['redis_client']}")
+    return 0

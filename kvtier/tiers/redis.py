@@ -1,0 +1,432 @@
+"""Layer 3: the Redis tier: chunks in a Redis / Valkey server or cluster, shared.
+
+Each chunk is stored as the codecs layer frames it (128-byte header, then the
+payload) under ``<key_prefix><hex key>``. A chunk larger than
+``max_value_bytes`` is split: the head value holds the header and the first
+bytes of the payload, ``<k>:1``, ``<k>:2``... hold the rest. Parts are
+written before their head, so a reader that finds a head finds its parts; it
+computes their number from the payload length in the header (and the writer's
+part size from the head's length, so instances configured differently agree).
+
+Every batch is one pipeline (one round trip; a second one only for the parts
+of split chunks, and on a cluster to order parts before heads across nodes).
+Values go out without being joined into one buffer: a small RESP packer sends
+the header and the caller's payload as separate socket writes.
+
+Failures: a connection error or timeout (``timeout_s`` bounds every socket
+wait) turns the batch into misses / ``False`` and counts ``errors``; then the
+tier does not talk to the server for ``reconnect_backoff_s`` (each skipped
+call also counts ``errors``), and tries again after. A value that fails its
+checks is deleted and counted ``corrupt``. ``OOM`` replies count ``dropped``.
+Nothing is raised to the caller. Payloads of hits may be read-only views of
+the bytes redis-py returned (no copy).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+from urllib.parse import urlparse
+
+import numpy as np
+
+from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, verify_payload
+from kvtier.codecs.format import Header
+from kvtier.config import RedisConfig
+from kvtier.errors import CorruptChunk
+from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.tiers.base import Tier, TierUsage
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+INSTALL_HINT = "pip install 'kvtier[redis]'"
+PART_TTL_MARGIN_S = 60
+"""Parts outlive their head by this much, so a head never expires before its parts."""
+_MIN_VALUE = 1024  # smallest max_value_bytes the config allows: a shorter split head is bad
+_PROBE = 8  # parts unlinked per round trip when deleting (their number is not stored)
+
+
+def _import_redis() -> Any:
+    try:
+        import redis
+        import redis.cluster  # noqa: F401  (RedisCluster, used when cfg.cluster)
+    except ImportError as exc:
+        raise ImportError(f"the redis tier needs redis-py: {INSTALL_HINT} ({exc})") from exc
+    return redis
+
+
+class RedisTier(Tier):
+    """Chunks in Redis under ``cfg.key_prefix``; see the module docstring for the layout."""
+
+    name = "redis"
+
+    def __init__(self, cfg: RedisConfig) -> None:
+        super().__init__()
+        self._redis = _import_redis()
+        self.cfg = cfg
+        self._prefix = cfg.key_prefix.encode()
+        self._first = cfg.max_value_bytes - HEADER_SIZE  # payload bytes in the head value
+        self._ttl = cfg.ttl_s or None
+        self._part_ttl = cfg.ttl_s + PART_TTL_MARGIN_S if cfg.ttl_s else None
+        self._client: Any = None
+        self._zero_copy = False
+        self._client_lock = threading.Lock()
+        self._retry_at = 0.0  # monotonic time before which the server is not asked
+        self._count = 0  # chunks stored minus deleted by this object (see usage)
+        self._count_lock = threading.Lock()
+        r = self._redis
+        self._down_errors = (r.ConnectionError, r.TimeoutError, r.exceptions.ClusterError,
+                             r.exceptions.RedisClusterException, OSError)
+
+    # -- Tier interface -------------------------------------------------------
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """One pipeline of EXISTS on the head keys."""
+        if not keys:
+            return []
+        return self._call(lambda c: [bool(r) for r in self._exists(c, keys)], [False] * len(keys))
+
+    def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> list[bool]:
+        if not items:
+            return []
+        return self._call(lambda c: self._put(c, items), [False] * len(items))
+
+    def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
+        if not keys:
+            return []
+        out = self._call(lambda c: self._get(c, keys), [None] * len(keys))
+        hits = [c for c in out if c is not None]
+        self.stats.add(hits=len(hits), misses=len(out) - len(hits),
+                       get_bytes=sum(c.payload.nbytes for c in hits))
+        return out
+
+    def delete_many(self, keys: Sequence[ChunkKey]) -> int:
+        if not keys:
+            return 0
+        n = self._call(lambda c: self._delete(c, [self._head(k) for k in keys]), 0)
+        with self._count_lock:
+            self._count = max(0, self._count - n)
+        return n
+
+    def usage(self) -> TierUsage:
+        """``used_bytes`` / ``capacity_bytes``: the server's ``used_memory`` / ``maxmemory``
+        from ``INFO memory`` (summed over cluster primaries; all keys, not only ours;
+        capacity 0 = no limit set). ``num_chunks``: chunks this object stored minus
+        those it deleted, a local estimate (other clients and expiry are not seen)."""
+        info = self._call(self._memory_info, None)
+        used, cap = info if info is not None else (0, 0)
+        return TierUsage(used, cap, self._count)
+
+    def iter_keys(self) -> Iterator[ChunkKey]:
+        """SCAN for head keys under the prefix (all primaries on a cluster); a snapshot."""
+        pattern = _glob_escape(self._prefix) + b"?" * (2 * KEY_BYTES)
+        n = len(self._prefix)
+
+        def scan(client: Any) -> list[ChunkKey]:
+            keys = []
+            for name in client.scan_iter(match=pattern, count=1000):
+                try:
+                    keys.append(ChunkKey(bytes.fromhex(name[n:].decode("ascii"))))
+                except ValueError:
+                    continue  # not one of ours: same prefix and length, not hex
+            return keys
+        return iter(self._call(scan, []))
+
+    def close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except self._down_errors:
+                pass  # closing a dead connection: nothing left to release
+
+    # -- batches --------------------------------------------------------------
+
+    def _exists(self, client: Any, keys: Sequence[ChunkKey]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(self._head(key))
+        return pipe.execute()
+
+    def _put(self, client: Any, items: Sequence[tuple[ChunkKey, ChunkData]]) -> list[bool]:
+        present = self._exists(client, [k for k, _ in items])
+        todo = [(i, k, c) for i, ((k, c), p) in enumerate(zip(items, present)) if not p]
+        done = [bool(p) for p in present]
+        writes = [self._values(key, chunk) for _, key, chunk in todo]
+        if self.cfg.cluster:
+            # A cluster spreads a chunk's values over nodes and runs them in
+            # parallel: heads go in a second pipeline to still land after their parts.
+            failed = self._set_all(client, [w[1:] for w in writes])
+            heads = self._set_all(client, [[] if bad else w[:1] for w, bad in zip(writes, failed)])
+            failed = [a or b for a, b in zip(failed, heads)]
+        else:  # one connection, one pipeline: executed in order
+            failed = self._set_all(client, [w[1:] + w[:1] for w in writes])
+        for (i, _, chunk), bad in zip(todo, failed):
+            done[i] = not bad
+            if not bad:
+                self.stats.add(puts=1, put_bytes=chunk.payload.nbytes)
+                with self._count_lock:
+                    self._count += 1
+        return done
+
+    def _set_all(self, client: Any, groups: list[list[tuple[bytes, Any, int | None]]]
+                 ) -> list[bool]:
+        """SET every value in one pipeline; per group, whether any of its SETs failed."""
+        if not any(groups):
+            return [False] * len(groups)
+        pipe = client.pipeline(transaction=False)
+        for group in groups:
+            for name, value, ttl in group:
+                pipe.set(name, value, ex=ttl)
+        results = pipe.execute(raise_on_error=False)
+        out, pos = [], 0
+        for group in groups:
+            errs = [r for r in results[pos:pos + len(group)] if isinstance(r, Exception)]
+            pos += len(group)
+            if errs:
+                oom = any(isinstance(e, self._redis.exceptions.OutOfMemoryError) for e in errs)
+                self.stats.add(**{"dropped" if oom else "errors": 1})
+            out.append(bool(errs))
+        return out
+
+    def _values(self, key: ChunkKey, chunk: ChunkData) -> list[tuple[bytes, Any, int | None]]:
+        """(name, value, ttl) of the head, then of each part; values are not copied."""
+        payload = memoryview(chunk.payload).cast("B")
+        header = encode_header(key, chunk.meta, payload)
+        head = self._head(key)
+        out = [(head, self._concat(header, payload[:self._first]), self._ttl)]
+        m = self.cfg.max_value_bytes
+        for i, start in enumerate(range(self._first, payload.nbytes, m), 1):
+            out.append((head + b":%d" % i, self._concat(payload[start:start + m]), self._part_ttl))
+        return out
+
+    def _get(self, client: Any, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.get(self._head(key))
+        values = pipe.execute(raise_on_error=False)
+        out: list[ChunkData | None] = [None] * len(keys)
+        split: list[tuple[int, Header, bytes]] = []
+        for i, (key, value) in enumerate(zip(keys, values)):
+            if value is None:
+                continue
+            if isinstance(value, Exception):
+                self.stats.add(errors=1)
+                continue
+            try:
+                header = parse_header(key, value)
+                rest = header.payload_len - (len(value) - HEADER_SIZE)
+                if rest < 0 or (rest > 0 and len(value) < _MIN_VALUE):
+                    raise CorruptChunk(f"chunk {key.hex()}: head value of {len(value)} bytes")
+                if len(value) - HEADER_SIZE == header.payload_len:
+                    payload = np.frombuffer(value, dtype=np.uint8, offset=HEADER_SIZE)
+                    verify_payload(key, header, payload)
+                    out[i] = ChunkData(header.meta, payload)
+                else:
+                    split.append((i, header, value))
+            except CorruptChunk as exc:
+                self._drop_corrupt(client, key, exc)
+        if split:
+            self._get_parts(client, keys, split, out)
+        return out
+
+    def _get_parts(self, client: Any, keys: Sequence[ChunkKey],
+                   split: list[tuple[int, Header, bytes]], out: list[ChunkData | None]) -> None:
+        """Second round trip: the parts of split chunks, copied once into one buffer.
+
+        The writer's part size is the length of its head value, so instances with
+        different ``max_value_bytes`` can share a prefix.
+        """
+        pipe = client.pipeline(transaction=False)
+        counts = []
+        for i, header, head in split:
+            n = -(-(header.payload_len - len(head) + HEADER_SIZE) // len(head))
+            counts.append(n)
+            for p in range(1, n + 1):
+                pipe.get(self._head(keys[i]) + b":%d" % p)
+        parts = iter(pipe.execute(raise_on_error=False))
+        for (i, header, head), n in zip(split, counts):
+            key, mine = keys[i], [next(parts) for _ in range(n)]
+            if any(p is None or isinstance(p, Exception) for p in mine):
+                # Evicted or expired under us (or a delete raced): a plain miss. An
+                # orphan head would keep answering EXISTS, so it goes too.
+                self._delete(client, [self._head(key)])
+                continue
+            m, pos = len(head), len(head) - HEADER_SIZE
+            payload = np.empty(header.payload_len, dtype=np.uint8)
+            payload[:pos] = np.frombuffer(head, dtype=np.uint8, offset=HEADER_SIZE)
+            try:
+                for p in mine:
+                    if len(p) != min(m, header.payload_len - pos):
+                        raise CorruptChunk(f"chunk {key.hex()}: part of {len(p)} bytes")
+                    payload[pos:pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
+                    pos += len(p)
+                verify_payload(key, header, payload)
+            except CorruptChunk as exc:
+                self._drop_corrupt(client, key, exc)
+                continue
+            out[i] = ChunkData(header.meta, payload)
+
+    def _drop_corrupt(self, client: Any, key: ChunkKey, exc: CorruptChunk) -> None:
+        log.warning("redis tier: deleting corrupt chunk: %s", exc)
+        self.stats.add(corrupt=1)
+        self._delete(client, [self._head(key)])
+
+    def _delete(self, client: Any, heads: list[bytes]) -> int:
+        """UNLINK heads, then probe-and-unlink their parts ``_PROBE`` at a time."""
+        pipe = client.pipeline(transaction=False)
+        for head in heads:
+            pipe.unlink(head)
+            pipe.unlink(head + b":1")
+        res = pipe.execute()
+        n = sum(int(r) for r in res[0::2])
+        todo = [(h, 2) for h, more in zip(heads, res[1::2]) if more]
+        while todo:  # only split chunks get here
+            pipe = client.pipeline(transaction=False)
+            for head, first in todo:
+                for p in range(first, first + _PROBE):
+                    pipe.unlink(head + b":%d" % p)
+            res = pipe.execute()
+            todo = [(h, f + _PROBE) for j, (h, f) in enumerate(todo)
+                    if res[(j + 1) * _PROBE - 1]]
+        return n
+
+    def _memory_info(self, client: Any) -> tuple[int, int]:
+        if self.cfg.cluster:
+            infos = client.info("memory", target_nodes=self._redis.cluster.RedisCluster.PRIMARIES)
+            infos = list(infos.values()) if "used_memory" not in infos else [infos]
+        else:
+            infos = [client.info("memory")]
+        used = sum(int(i.get("used_memory", 0)) for i in infos)
+        caps = [int(i.get("maxmemory", 0)) for i in infos]
+        return used, (0 if 0 in caps else sum(caps))
+
+    # -- connection -----------------------------------------------------------
+
+    def _call(self, op: Callable[[Any], T], fallback: T) -> T:
+        """Run ``op`` on the client; a failing server gives ``fallback`` and a backoff."""
+        if time.monotonic() < self._retry_at:
+            self.stats.add(errors=1)
+            return fallback
+        try:
+            return op(self._connect())
+        except self._down_errors as exc:
+            log.warning("redis tier: %s unreachable (%s); retrying in %.1f s",
+                        self.cfg.url, exc, self.cfg.reconnect_backoff_s)
+            self._retry_at = time.monotonic() + self.cfg.reconnect_backoff_s
+            self.stats.add(errors=1)
+            if self.cfg.cluster:  # rediscover the nodes from scratch next time
+                self.close()
+        except self._redis.RedisError as exc:
+            log.warning("redis tier: %s", exc)
+            self.stats.add(errors=1)
+        return fallback
+
+    def _connect(self) -> Any:
+        client = self._client
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._client is None:
+                self._client = self._make_client()
+            return self._client
+
+    def _make_client(self) -> Any:
+        r = self._redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        # No retries inside redis-py: a failed call is a miss now, and the backoff
+        # above decides when to try again (redis-py's default retries would wait).
+        common: dict[str, Any] = dict(socket_timeout=self.cfg.timeout_s,
+                                      socket_connect_timeout=self.cfg.timeout_s,
+                                      retry=Retry(NoBackoff(), 0))
+        if not self.cfg.cluster:
+            self._zero_copy = True
+            return r.Redis.from_url(self.cfg.url, command_packer=RespPacker(), **common)
+        # A cluster passes only known kwargs to its nodes; a connection class that
+        # installs the packer gets through for plain TCP (TLS forces its own class).
+        if urlparse(self.cfg.url).scheme == "redis":
+            common["connection_class"] = _packing_connection(r.Connection)
+            self._zero_copy = True
+        return r.cluster.RedisCluster.from_url(self.cfg.url, **common)
+
+    def _concat(self, *buffers: bytes | memoryview) -> Any:
+        """One Redis value made of several buffers; joined only without our packer."""
+        return Concat(buffers) if self._zero_copy else b"".join(buffers)
+
+    def _head(self, key: ChunkKey) -> bytes:
+        return self._prefix + key.hex().encode()
+
+
+class Concat:
+    """Buffers sent back to back as one RESP bulk string (a value) by :class:`RespPacker`."""
+
+    __slots__ = ("buffers", "nbytes")
+
+    def __init__(self, buffers: Sequence[bytes | memoryview]) -> None:
+        self.buffers = [memoryview(b).cast("B") for b in buffers]
+        self.nbytes = sum(b.nbytes for b in self.buffers)
+
+
+class RespPacker:
+    """redis-py command packer that never copies large values.
+
+    redis-py's packers join (hiredis) or convert (memoryviews to bytes) values;
+    for 3 MiB chunks that copy costs as much as the send. Here a
+    :class:`Concat` or memoryview argument becomes its own entries of the output
+    list, which the connection hands to ``sendall`` one by one.
+    """
+
+    _LARGE = 16 * 1024  # smaller values are cheaper to join than to send apart
+
+    def pack(self, *args: Any) -> list[bytes | memoryview]:
+        """RESP array of bulk strings, as a list of buffers to send in order."""
+        if isinstance(args[0], (str, bytes)) and " " in str(args[0]):  # "CLIENT SETINFO"
+            args = (*args[0].split(), *args[1:])
+        out: list[bytes | memoryview] = []
+        pending = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            bufs = arg.buffers if isinstance(arg, Concat) else [_encode(arg)]
+            nbytes = arg.nbytes if isinstance(arg, Concat) else len(bufs[0])
+            if nbytes < self._LARGE:
+                pending.extend((b"$%d\r\n" % nbytes, *(bytes(b) for b in bufs), b"\r\n"))
+                continue
+            pending.append(b"$%d\r\n" % nbytes)
+            out.append(b"".join(pending))
+            out.extend(bufs)
+            pending = [b"\r\n"]
+        out.append(b"".join(pending))
+        return out
+
+
+def _encode(value: Any) -> bytes | memoryview:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return memoryview(value).cast("B")
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value).encode()
+    raise TypeError(f"cannot send a {type(value).__name__} to Redis")
+
+
+def _packing_connection(base: type) -> type:
+    class PackingConnection(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **kwargs: Any) -> None:
+            kwargs["command_packer"] = RespPacker()
+            super().__init__(**kwargs)
+    return PackingConnection
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    """Escape Redis glob characters, so a prefix matches only itself."""
+    out = bytearray()
+    for c in raw:
+        if c in b"*?[]\\":
+            out += b"\\"
+        out.append(c)
+    return bytes(out)
