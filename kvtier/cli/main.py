@@ -8,7 +8,8 @@ import logging
 import sys
 
 # (module, help) of each ``kvtier bench`` subcommand; imported lazily.
-_BENCHES = ["kvtier.cli.bench_engine", "kvtier.cli.bench_tiers"]
+_BENCHES = ["kvtier.cli.bench_engine", "kvtier.cli.bench_tiers", "kvtier.cli.bench_serve",
+            "kvtier.cli.bench_report"]
 _COMMANDS = ["kvtier.cli.model_build", "kvtier.cli.demo"]
 
 

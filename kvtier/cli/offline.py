@@ -11,7 +11,9 @@ plain vLLM), ``rounds`` (list of rounds; each a list of requests
 (one request at a time, so TTFT is per request), ``max_model_len``,
 ``num_gpu_blocks`` (caps vLLM's own KV, so its prefix cache overflows),
 ``prefix_caching`` (vLLM's own, default true), ``multiprocess`` (vLLM's
-default two-process mode; default false: one process, faster start).
+default two-process mode; default false: one process, faster start),
+``dtype`` (default bfloat16), ``kv_transfer`` (optional full ``KVTransferConfig`` dict for a non-kvtier
+connector, e.g. a peer system; used only when ``kvtier`` is null).
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ from typing import Any
 
 KV_CONNECTOR = "KvtierConnector"
 KV_CONNECTOR_MODULE = "kvtier.connectors.vllm"
+
+
+def fast_dtype() -> str:
+    """The model dtype that runs fast on this machine's CPU.
+
+    bfloat16 where the CPU has bf16 matrix units (AVX512-BF16, AMX); float32
+    elsewhere: on an AVX2-only CPU torch runs bf16 matmuls about 80x slower
+    than float32 (0.9 vs 72 GFLOP/s measured on 2 cores), which would make
+    every prefill, not the KV layer, the story of a benchmark.
+    """
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "bfloat16"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def vllm_env(multiprocess: bool = False, kv_space_gib: int = 1) -> dict[str, str]:
@@ -94,7 +111,8 @@ def _main() -> int:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    kwargs: dict[str, Any] = dict(model=spec["model"], dtype="bfloat16", enforce_eager=True,
+    kwargs: dict[str, Any] = dict(model=spec["model"], dtype=spec.get("dtype", "bfloat16"),
+                                  enforce_eager=True,
                                   max_model_len=spec.get("max_model_len", 4096),
                                   enable_prefix_caching=spec.get("prefix_caching", True),
                                   disable_log_stats=False, seed=0)
@@ -106,6 +124,8 @@ def _main() -> int:
         kwargs["kv_transfer_config"] = KVTransferConfig(
             kv_connector=KV_CONNECTOR, kv_connector_module_path=KV_CONNECTOR_MODULE,
             kv_role="kv_both", kv_connector_extra_config=spec["kvtier"])
+    elif spec.get("kv_transfer") is not None:
+        kwargs["kv_transfer_config"] = KVTransferConfig(**spec["kv_transfer"])
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0

@@ -1,0 +1,216 @@
+"""``kvtier bench serve``: serving workloads on real ``vllm serve``, kvtier beside its peers.
+
+Setup (printed with the results): every configuration of
+:mod:`kvtier.cli.serve.servers` is a fresh vLLM OpenAI server on 127.0.0.1 with
+the same engine settings (threads pinned alike, the same engine KV capped so
+its own prefix cache overflows, greedy decoding) and the same CPU memory
+budget for its KV layer; vLLM alone runs first in the same run, as the
+baseline. The async client of :mod:`kvtier.cli.serve.client` drives each one
+through the same requests (:mod:`kvtier.cli.serve.workloads`); every
+configuration's greedy tokens are compared with vLLM alone's.
+
+    kvtier bench serve --workload long-doc-qa --quick
+    kvtier bench serve --workload multi-round-qa --configs vllm,kvtier-memory --json
+
+Writes ``results-<workload>.json`` (every request) and ``<workload>.png``
+(TTFT CDF, QPS, hit rate) into ``--out``; ``--json`` prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from kvtier.cli.model_build import build_model, make_document
+from kvtier.cli.offline import fast_dtype
+from kvtier.cli.serve import report
+from kvtier.cli.serve.client import Result, run_workload, warm_up
+from kvtier.cli.serve.servers import (CONFIG_NAMES, LABELS, EngineSettings, Servers,
+                                      lmcache_available, make_config)
+from kvtier.cli.serve.workloads import LongDocQA, MultiRoundQA, Workload
+from kvtier.config import parse_size
+
+log = logging.getLogger("kvtier.bench.serve")
+BLOCK = 128  # vLLM's CPU KV block size
+
+# --quick: the same shape of workload, small enough for ~15 minutes on 2 cores.
+QUICK = {"long-doc-qa": dict(docs=4, doc_tokens=3000, questions=2),
+         "multi-round-qa": dict(users=4, rounds=3, system_tokens=1000, context_tokens=2000,
+                                turn_tokens=200, answer_tokens=100, think_time_s=0.5)}
+TOY = {"long-doc-qa": dict(docs=3, doc_tokens=600, questions=2, max_tokens=4),
+       "multi-round-qa": dict(users=2, rounds=2, system_tokens=300, context_tokens=300,
+                              turn_tokens=64, answer_tokens=32, max_tokens=4, think_time_s=0.0)}
+
+
+def build_workload(args: argparse.Namespace, model: str) -> Workload:
+    """The workload of the run, from its defaults, ``--quick``/``--toy`` and size options."""
+    cls = LongDocQA if args.workload == "long-doc-qa" else MultiRoundQA
+    sizes = dict(QUICK[args.workload] if args.quick else {})
+    sizes.update(TOY[args.workload] if args.toy else {})
+    for key in vars(cls()):
+        value = getattr(args, key, None)
+        if value is not None:
+            sizes[key] = value
+    return replace(cls(), **sizes).build(model, args.seed)
+
+
+def engine_settings(args: argparse.Namespace, model: str, workload: Workload) -> EngineSettings:
+    """Engine settings shared by every configuration."""
+    longest = workload.max_prompt_tokens + 64
+    max_len = -(-longest // BLOCK) * BLOCK
+    # vLLM keeps one block back (its null block): + 1.
+    blocks = args.num_gpu_blocks or args.engine_kv_requests * (max_len // BLOCK) + 1
+    if (blocks - 1) * BLOCK < max_len:
+        raise ValueError(f"--num-gpu-blocks {blocks} holds {(blocks - 1) * BLOCK} tokens, "
+                         f"fewer than the longest request ({max_len})")
+    dtype = fast_dtype() if args.dtype == "auto" else args.dtype
+    return EngineSettings(model=model, max_model_len=max_len, num_gpu_blocks=blocks,
+                          kv_budget_bytes=parse_size("--kv-budget", args.kv_budget), dtype=dtype)
+
+
+def config_names(spec: str) -> list[str]:
+    """The configurations to run, vLLM alone first (every ratio is against it).
+
+    ``all`` leaves LMCache out, with a note, when its venv is missing; naming
+    it explicitly then fails with the set-up hint instead.
+    """
+    if spec == "all":
+        names = list(CONFIG_NAMES)
+        if not lmcache_available():
+            print("[bench serve] LMCache left out: its venv is missing "
+                  "(scripts/setup_peer_lmcache.sh makes it)", file=sys.stderr)
+            names.remove("lmcache")
+        return names
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for n in names:
+        if n not in CONFIG_NAMES:
+            raise ValueError(f"unknown configuration {n!r} in --configs; "
+                             f"choose from {', '.join(CONFIG_NAMES)}")
+    return sorted(set(names) | {"vllm"}, key=CONFIG_NAMES.index)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every configuration; return the summary (and write results and the plot)."""
+    model = str(Path(args.model)) if args.model else str(build_model(args.shape))
+    workload = build_workload(args, model)
+    eng = engine_settings(args, model, workload)
+    names = config_names(args.configs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="kvtier-bench-serve-"))
+    setup = {"workload": workload.name, "settings": workload.settings,
+             "requests": workload.num_requests, "model": model,
+             "max_model_len": eng.max_model_len, "engine_kv_blocks": eng.num_gpu_blocks,
+             "engine_kv_tokens": eng.num_gpu_blocks * BLOCK,
+             "kv_budget_bytes": eng.kv_budget_bytes, "dtype": eng.dtype, "threads_bind": eng.threads_bind,
+             "concurrency": args.concurrency, "request_rate": args.request_rate,
+             "configs": {n: LABELS[n] for n in names}}
+    _say(args, f"{workload.name}: {workload.num_requests} requests, longest prompt "
+               f"{workload.max_prompt_tokens} tokens; engine KV {eng.num_gpu_blocks * BLOCK} "
+               f"tokens; KV layer budget {eng.kv_budget_bytes / 2**30:.1f} GiB; "
+               f"configs: {', '.join(names)}")
+    results: dict[str, list[Result]] = {}
+    summary: dict[str, dict[str, Any]] = {}
+    try:
+        for name in names:
+            cfg = make_config(name, eng, scratch)
+            results[name], summary[name] = _run_config(args, cfg, eng, workload, out)
+            if name != "vllm":
+                summary[name].update(report.compare_outputs(results[name], results["vllm"]))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report.add_ratios(summary)
+    (out / f"results-{workload.name}.json").write_text(json.dumps(
+        {"setup": setup, "summary": summary,
+         "requests": {n: [r.to_json() for r in rs] for n, rs in results.items()}}))
+    report.plot(workload.name, results, summary, LABELS, out / f"{workload.name}.png")
+    return {"setup": setup, "summary": summary}
+
+
+def _run_config(args: argparse.Namespace, cfg: Any, eng: EngineSettings, workload: Workload,
+                out: Path) -> tuple[list[Result], dict[str, Any]]:
+    _say(args, f"[{cfg.name}] starting {cfg.label} ...")
+    with Servers(cfg, eng, out / f"server-{workload.name}-{cfg.name}.log") as srv:
+        _say(args, f"[{cfg.name}] ready in {srv.startup_s:.0f} s; sending requests")
+        warm_up(srv.base_url, eng.model, make_document(eng.model, 200, seed=7_777_777))
+        bar = _progress(args, workload.num_requests, cfg.name)
+        t0 = time.perf_counter()
+        results, wall = asyncio.run(run_workload(
+            srv.base_url, eng.model, workload, args.concurrency, args.request_rate, args.seed,
+            on_done=lambda r: bar.update(1) if bar is not None else None))
+        if bar is not None:
+            bar.close()
+    summary = report.summarize(workload.name, results)
+    summary.update(wall_s=wall, startup_s=srv.startup_s, run_s=time.perf_counter() - t0)
+    _say(args, f"[{cfg.name}] TTFT p50 {summary['ttft_p50_s'] * 1e3:.0f} ms, "
+               f"QPS {summary['qps']:.3f}, hit rate {summary['hit_rate']:.1%}, "
+               f"errors {summary['errors']}")
+    return results, summary
+
+
+def _progress(args: argparse.Namespace, total: int, name: str) -> Any:
+    if args.json:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=name, unit="req", file=sys.stderr, leave=False)
+
+
+def _say(args: argparse.Namespace, msg: str) -> None:
+    print(f"[bench serve] {msg}", file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kvtier bench serve``."""
+    p = subparsers.add_parser("serve", help="serving workloads vs vLLM alone and the peers",
+                              description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["long-doc-qa", "multi-round-qa"], required=True)
+    p.add_argument("--configs", default="all",
+                   help=f"comma list of {', '.join(CONFIG_NAMES)} (default all; vllm always)")
+    p.add_argument("--quick", action="store_true", help="reduced sizes (~15 min on 2 cores)")
+    p.add_argument("--toy", action="store_true", help="toy sizes (CI: keeps it working)")
+    p.add_argument("--model", help="a local model directory (default: the built --shape)")
+    p.add_argument("--shape", default="small", help="local model shape to build")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight (default: one per sender: 1 document at a time "
+                        "for long-doc-qa is --concurrency 1)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="open loop: Poisson arrivals per second instead of a closed loop")
+    p.add_argument("--engine-kv-requests", type=int, default=2,
+                   help="engine KV holds this many of the longest requests (default 2)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="engine KV blocks, exactly")
+    p.add_argument("--kv-budget", default="2GiB", help="CPU memory of every KV layer")
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype (auto: bfloat16 where the CPU has bf16 units, else float32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-out/serve", help="results folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    for key, value in {**vars(LongDocQA()), **vars(MultiRoundQA())}.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
+                       help=f"workload size (default {value}, or --quick's)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.concurrency is None and args.workload == "long-doc-qa" and not args.request_rate:
+        args.concurrency = 1
+    res = run(args)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print()
+        print(report.table(res["summary"], LABELS))
+        peers = report.peer_table(res["summary"], LABELS)
+        if peers:
+            print("\nkvtier against the peers:\n" + peers)
+        print(f"\nresults and plot in {args.out}")
+    return 0 if all(s["errors"] == 0 for s in res["summary"].values()) else 1

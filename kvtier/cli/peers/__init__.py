@@ -1,0 +1,1 @@
+"""Shims that let peer systems run here, for side-by-side benchmarks."""

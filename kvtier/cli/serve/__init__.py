@@ -1,0 +1,1 @@
+"""``kvtier bench serve``: serving workloads against real ``vllm serve`` processes."""

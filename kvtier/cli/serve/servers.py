@@ -1,0 +1,229 @@
+"""The configurations ``kvtier bench serve`` compares, and their server processes.
+
+Each configuration is one real ``python -m vllm.entrypoints.openai.api_server``
+on 127.0.0.1 (the ``vllm`` console command does not work in this install),
+started fresh for the configuration, with the same engine settings for all:
+threads pinned the same way (``VLLM_CPU_OMP_THREADS_BIND``: with vLLM's
+default, a run with a KV connector gets a core more than one without, which
+fakes a speed-up), the same engine KV size (capped with
+``--num-gpu-blocks-override`` so vLLM's own prefix cache overflows on
+purpose), greedy decoding. What differs is only the KV layer behind vLLM:
+
+- ``vllm``: vLLM alone, its own prefix cache on (the baseline);
+- ``kvtier-memory``, ``kvtier-disk``: kvtier's connector, memory tier alone,
+  or memory plus a disk tier in a scratch folder;
+- ``native``: vLLM's own ``OffloadingConnector``; stock, it does not run on
+  the CPU platform, so it runs with :mod:`kvtier.cli.peers.vllm_native_cpu`
+  (a CPU copy spec) and is labelled so;
+- ``lmcache``: LMCache 0.5.6 in its multiprocess mode (``lmcache server``
+  plus vLLM's ``LMCacheMPConnector``), from its own venv (``.venv-lmcache``,
+  made by ``scripts/setup_peer_lmcache.sh``).
+
+All KV layers get the same CPU memory budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvtier.cli.redis_proc import free_port
+
+REPO = Path(__file__).resolve().parents[3]
+LMCACHE_VENV = REPO / ".venv-lmcache"
+NATIVE_SPEC = ("CPUCopyOffloadingSpec", "kvtier.cli.peers.vllm_native_cpu")
+CONFIG_NAMES = ("vllm", "kvtier-memory", "kvtier-disk", "native", "lmcache")
+LABELS = {"vllm": "vLLM alone (prefix cache on)",
+          "kvtier-memory": "vLLM + kvtier (memory)",
+          "kvtier-disk": "vLLM + kvtier (memory + disk)",
+          "native": "vLLM native offloading + CPU copy shim",
+          "lmcache": "vLLM + LMCache 0.5.6 (multiprocess server)"}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every configuration's vLLM gets, identically."""
+
+    model: str
+    max_model_len: int
+    num_gpu_blocks: int
+    kv_budget_bytes: int
+    dtype: str = "bfloat16"
+    threads_bind: str = field(default_factory=lambda: f"0-{(os.cpu_count() or 1) - 1}")
+    max_num_batched_tokens: int | None = None
+
+
+@dataclass
+class Sidecar:
+    """A process a configuration needs beside vLLM (LMCache's server)."""
+
+    cmd: list[str]
+    env: dict[str, str]
+    ready_url: str
+
+
+@dataclass
+class ServeConfig:
+    """One configuration: which Python runs vLLM, its KV transfer config, any sidecar."""
+
+    name: str
+    python: str
+    kv_transfer: dict[str, Any] | None = None
+    sidecar: Sidecar | None = None
+
+    @property
+    def label(self) -> str:
+        """The human name used in tables and plots."""
+        return LABELS[self.name]
+
+
+def lmcache_available() -> bool:
+    """True when LMCache's own venv exists (``scripts/setup_peer_lmcache.sh``)."""
+    return (LMCACHE_VENV / "bin" / "lmcache").exists()
+
+
+def make_config(name: str, eng: EngineSettings, scratch: Path) -> ServeConfig:
+    """The configuration called ``name`` (one of :data:`CONFIG_NAMES`)."""
+    py = sys.executable
+    budget = eng.kv_budget_bytes
+    if name == "vllm":
+        return ServeConfig(name, py)
+    if name in ("kvtier-memory", "kvtier-disk"):
+        extra: dict[str, Any] = {"tiers": ["memory"], "memory.max_bytes": budget}
+        if name == "kvtier-disk":
+            extra.update({"tiers": ["memory", "disk"], "disk.path": str(scratch / "kvtier-disk")})
+        return ServeConfig(name, py, {"kv_connector": "KvtierConnector",
+                                      "kv_connector_module_path": "kvtier.connectors.vllm",
+                                      "kv_role": "kv_both", "kv_connector_extra_config": extra})
+    if name == "native":
+        spec_name, spec_module = NATIVE_SPEC
+        return ServeConfig(name, py, {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                                      "kv_connector_extra_config": {
+                                          "spec_name": spec_name, "spec_module_path": spec_module,
+                                          "cpu_bytes_to_use": budget}})
+    if name == "lmcache":
+        return _lmcache_config(eng)
+    raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIG_NAMES)}")
+
+
+def _lmcache_config(eng: EngineSettings) -> ServeConfig:
+    if not lmcache_available():
+        raise FileNotFoundError(f"LMCache's venv {LMCACHE_VENV} is missing: run "
+                                f"scripts/setup_peer_lmcache.sh (or leave out 'lmcache')")
+    port, http_port = free_port(), free_port()
+    gib = max(1, round(eng.kv_budget_bytes / 2**30))
+    cmd = [str(LMCACHE_VENV / "bin" / "lmcache"), "server", "--host", "127.0.0.1",
+           "--port", str(port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
+           "--disable-metrics", "--l1-size-gb", str(gib), "--no-l1-use-lazy",
+           "--chunk-size", "256", "--eviction-policy", "LRU",
+           "--supported-transfer-mode", "auto", "--shm-name", f"kvtier-bench-{port}"]
+    env = {"LMCACHE_TRACK_USAGE": "false", "LMCACHE_DISABLE_BANNER": "1",
+           "VLLM_CPU_OMP_THREADS_BIND": eng.threads_bind}
+    sidecar = Sidecar(cmd, env, f"http://127.0.0.1:{http_port}/healthcheck")
+    return ServeConfig("lmcache", str(LMCACHE_VENV / "bin" / "python"),
+                       {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+                        "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1",
+                                                      "lmcache.mp.port": port,
+                                                      "lmcache.mp.mq_timeout": 60}},
+                       sidecar)
+
+
+class Servers:
+    """The running processes of one configuration (a context manager)."""
+
+    def __init__(self, cfg: ServeConfig, eng: EngineSettings, log_path: Path,
+                 start_timeout_s: float = 600.0) -> None:
+        self.cfg, self.eng, self.log_path = cfg, eng, log_path
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.start_timeout_s = start_timeout_s
+        self.procs: list[subprocess.Popen] = []
+        self.startup_s = 0.0
+
+    def __enter__(self) -> Servers:
+        t0 = time.monotonic()
+        self._log = open(self.log_path, "ab")
+        try:
+            if self.cfg.sidecar is not None:
+                side = self.cfg.sidecar
+                self._spawn(side.cmd, {**os.environ, **side.env})
+                self._wait(side.ready_url, t0)
+            self._spawn(self._vllm_cmd(), self._vllm_env())
+            self._wait(f"{self.base_url}/health", t0)
+        except BaseException:
+            self.__exit__()
+            raise
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        # vLLM first, then its sidecar: vLLM's connector still talks to it while
+        # stopping. Each runs in its own session; the whole group gets the signal,
+        # so vLLM's engine-core and worker processes go too.
+        for proc in reversed(self.procs):
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait(10)
+            _signal_group(proc, signal.SIGKILL)  # stragglers of a leader that exited
+        self.procs.clear()
+        self._log.close()
+
+    def _vllm_cmd(self) -> list[str]:
+        e = self.eng
+        cmd = [self.cfg.python, "-m", "vllm.entrypoints.openai.api_server", "--model", e.model,
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", e.dtype,
+               "--enforce-eager", "--seed", "0", "--max-model-len", str(e.max_model_len),
+               "--num-gpu-blocks-override", str(e.num_gpu_blocks),
+               "--enable-prompt-tokens-details"]
+        if e.max_num_batched_tokens:
+            cmd += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+        if self.cfg.kv_transfer is not None:
+            cmd += ["--kv-transfer-config", json.dumps(self.cfg.kv_transfer)]
+        return cmd
+
+    def _vllm_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({"VLLM_CPU_OMP_THREADS_BIND": self.eng.threads_bind,
+                    "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
+                    "LMCACHE_TRACK_USAGE": "false"})
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: two processes
+        return env
+
+    def _spawn(self, cmd: list[str], env: dict[str, str]) -> None:
+        self._log.write(f"\n==== {' '.join(cmd)}\n".encode())
+        self._log.flush()
+        self.procs.append(subprocess.Popen(cmd, env=env, stdout=self._log, stderr=self._log,
+                                           stdin=subprocess.DEVNULL, start_new_session=True))
+
+    def _wait(self, url: str, t0: float) -> None:
+        while True:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{self.cfg.name}: a server exited with {proc.returncode}"
+                                       f" while starting (log: {self.log_path})")
+            if time.monotonic() - t0 > self.start_timeout_s:
+                raise TimeoutError(f"{self.cfg.name}: {url} not ready in "
+                                   f"{self.start_timeout_s:.0f} s (log: {self.log_path})")
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                return
+            except OSError:
+                time.sleep(1)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
