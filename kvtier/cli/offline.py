@@ -38,7 +38,8 @@ def fast_dtype() -> str:
     every prefill, not the KV layer, the story of a benchmark.
     """
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return "bfloat16"
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
