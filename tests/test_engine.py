@@ -130,3 +130,18 @@ def test_layout_detection_and_mismatch() -> None:
 def test_kernels_available_here() -> None:
     # numba ships with vLLM; the fast path must not silently fall back in CI.
     assert cpu_kernels.available()
+
+
+def test_row_kernels_refuse_out_of_range_blocks_and_bad_rows() -> None:
+    """The compiled kernels do not bounds-check, so their wrapper must."""
+    import numpy as np
+
+    layers = [np.zeros((4, 16), dtype=np.int64) for _ in range(2)]
+    k = cpu_kernels.RowKernels(layers)
+    rows = np.ones((2, 2, 16), dtype=np.int64)
+    with pytest.raises(IndexError, match="block id out of range"):
+        k.scatter(np.array([0, 4], dtype=np.int64), rows)
+    with pytest.raises(ValueError, match="do not match"):
+        k.gather(np.array([0, 1], dtype=np.int64), np.ones((2, 2, 8), dtype=np.int64))
+    k.scatter(np.array([3, 1], dtype=np.int64), rows)
+    assert layers[0][3].sum() == 16 and layers[1][1].sum() == 16 and layers[0][0].sum() == 0

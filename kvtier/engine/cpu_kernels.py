@@ -53,13 +53,29 @@ class RowKernels:
 
         self._gather, self._scatter = _compile()
         self._layers: Any = TypedList(layers)
+        self._num_blocks, self._width = layers[0].shape[0], layers[0].shape[1]
+        import numba
+
+        self._parts = numba.get_num_threads()
+
+    def _check(self, idx: np.ndarray, rows: np.ndarray) -> None:
+        # The kernels do not bounds-check: a bad block id or row width would
+        # write outside the buffers, so refuse it here.
+        if rows.shape != (idx.shape[0], len(self._layers), self._width):
+            raise ValueError(f"run rows {rows.shape} do not match {idx.shape[0]} blocks x "
+                             f"{len(self._layers)} layers x {self._width} words")
+        if idx.size and (idx.min() < 0 or idx.max() >= self._num_blocks):
+            raise IndexError(f"block id out of range [0, {self._num_blocks}): "
+                             f"{idx.min()}..{idx.max()}")
 
     def gather(self, idx: np.ndarray, dst: np.ndarray) -> None:
         """``dst[i, l] = layers[l][idx[i]]`` for every i and l, in parallel."""
+        self._check(idx, dst)
         with _lock:
-            self._gather(self._layers, idx, dst)
+            self._gather(self._layers, idx, dst, self._parts)
 
     def scatter(self, idx: np.ndarray, src: np.ndarray) -> None:
         """``layers[l][idx[i]] = src[i, l]`` for every i and l, in parallel."""
+        self._check(idx, src)
         with _lock:
-            self._scatter(self._layers, idx, src)
+            self._scatter(self._layers, idx, src, self._parts)
