@@ -15,8 +15,8 @@ engine`` and standalone loops on this 2-core EPYC, 100 MB in 64 KiB rows):
   per byte instead of 2.
 - The same loop with non-temporal (streaming) stores, which write around the
   cache: 1.0x, like the large ``memcpy`` behind a plain copy. They are used
-  on x86-64; each parallel task ends with ``sfence`` so its streaming stores
-  are globally visible before the kernel returns. Elsewhere the kernels fall
+  on x86-64; each thread's span of rows ends with ``sfence`` so its streaming
+  stores are globally visible before the kernel returns. Elsewhere the kernels fall
   back to ordinary stores.
 """
 
@@ -33,7 +33,13 @@ STREAMING = platform.machine().lower() in ("x86_64", "amd64")
 
 @intrinsic
 def _store(typingctx, arr, i, val):  # pragma: no cover - compiled
-    """``arr[i] = val``, as a non-temporal store on x86-64 (no bounds check)."""
+    """``arr[i] = val``, as a non-temporal store on x86-64 (no bounds check).
+
+    It addresses ``arr``'s data pointer directly, ignoring strides, so it
+    accepts only C-contiguous 1-d arrays (anything else fails to compile).
+    """
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and arr.layout == "C"):
+        return None
     sig = types.void(arr, i, val)
 
     def codegen(context, builder, signature, args):
