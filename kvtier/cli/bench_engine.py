@@ -42,6 +42,15 @@ def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int,
     return {name: statistics.median(ts[1:]) for name, ts in times.items()}
 
 
+def _path(engine: CacheEngine) -> str:
+    """Which copy path the engine took (and, for the kernels, on which thread pool)."""
+    if not engine._transfer._kernels:
+        return "torch index ops"
+    import numba
+
+    return f"numba kernels ({numba.threading_layer()} threads)"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the result dict printed by the CLI."""
     torch.manual_seed(0)
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "setup": {"layout": lay.signature(), "tokens": args.tokens, "chunks": len(keys),
                   "bytes": nbytes, "chunk_size": args.chunk_size, "repeats": args.repeats,
                   "torch_threads": torch.get_num_threads(), "engine_blocks": engine_blocks,
-                  "path": "numba kernels" if engine._transfer._kernels else "torch index ops"},
+                  "path": _path(engine)},
         "store_gbps": gbps(store_s), "retrieve_gbps": gbps(retrieve_s), "copy_gbps": gbps(copy_s),
         "store_ratio": copy_s / store_s, "retrieve_ratio": copy_s / retrieve_s,
         "store_ms": store_s * 1e3, "retrieve_ms": retrieve_s * 1e3, "copy_ms": copy_s * 1e3,

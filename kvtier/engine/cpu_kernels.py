@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-_lock = threading.Lock()  # numba's thread pool takes one caller at a time
+_lock = threading.Lock()  # one kernel at a time on the thread pool
 _kernels: tuple[Callable[..., None], Callable[..., None]] | None = None
 
 
@@ -32,17 +32,43 @@ def available() -> bool:
 def _compile() -> tuple[Callable[..., None], Callable[..., None]]:
     global _kernels
     if _kernels is None:
+        import torch  # noqa: F401  (first: its libgomp must be the one numba binds to)
         import numba
 
-        # numba's own thread pool, not OpenMP: an OpenMP parallel region run
-        # between vLLM-CPU's attention-metadata build and its attention kernel
-        # changes the thread count that kernel checks ("Check failed:
-        # thread_num == thread_num (2 vs. 1)", vllm-cpu 0.32.0).
-        numba.config.THREADING_LAYER = "workqueue"
+        # OpenMP, on torch's own thread pool. torch loads its libgomp with
+        # RTLD_GLOBAL, so numba's OpenMP layer (imported after torch) binds to
+        # the same runtime and the same worker threads. numba's separate
+        # "workqueue" pool instead competed for the cores with torch's OpenMP
+        # workers, which spin-wait for a while after every parallel torch op:
+        # a store right after a torch op (the engine's forward, the bench's
+        # copy) ran at 0.55-0.75x of a plain copy, against 1.0-1.1x on one
+        # pool. Falls back to workqueue where numba finds no OpenMP runtime.
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+        numba.config.THREADING_LAYER = "default"
         from kvtier.engine import _numba_rows
 
         _kernels = (_numba_rows.gather, _numba_rows.scatter)
     return _kernels
+
+
+def _run(fn: Callable[..., None], *args: Any) -> None:
+    """Run a kernel on as many threads as torch uses, one span of rows per thread.
+
+    Afterwards the calling thread's OpenMP thread count is put back if it
+    changed: vLLM-CPU's attention checks that the count it saw when building
+    its metadata is still the one in force ("Check failed: thread_num ==
+    thread_num", vllm-cpu 0.32.0), and a load runs between the two.
+    """
+    import numba
+    import torch
+
+    n = torch.get_num_threads()
+    threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    with _lock:
+        numba.set_num_threads(threads)
+        fn(*args, threads)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 class RowKernels:
@@ -54,9 +80,6 @@ class RowKernels:
         self._gather, self._scatter = _compile()
         self._layers: Any = TypedList(layers)
         self._num_blocks, self._width = layers[0].shape[0], layers[0].shape[1]
-        import numba
-
-        self._parts = numba.get_num_threads()
 
     def _check(self, idx: np.ndarray, rows: np.ndarray) -> None:
         # The kernels do not bounds-check: a bad block id or row width would
@@ -71,11 +94,9 @@ class RowKernels:
     def gather(self, idx: np.ndarray, dst: np.ndarray) -> None:
         """``dst[i, l] = layers[l][idx[i]]`` for every i and l, in parallel."""
         self._check(idx, dst)
-        with _lock:
-            self._gather(self._layers, idx, dst, self._parts)
+        _run(self._gather, self._layers, idx, dst)
 
     def scatter(self, idx: np.ndarray, src: np.ndarray) -> None:
         """``layers[l][idx[i]] = src[i, l]`` for every i and l, in parallel."""
         self._check(idx, src)
-        with _lock:
-            self._scatter(self._layers, idx, src, self._parts)
+        _run(self._scatter, self._layers, idx, src)
