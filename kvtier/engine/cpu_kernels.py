@@ -15,6 +15,8 @@ only when the KV tensors are registered, after that start-up.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 import threading
 from typing import Any, Callable, Sequence
 
@@ -32,7 +34,12 @@ def available() -> bool:
 def _compile() -> tuple[Callable[..., None], Callable[..., None]]:
     global _kernels
     if _kernels is None:
-        import torch  # noqa: F401  (first: its libgomp must be the one numba binds to)
+        import torch  # first: its libgomp must be the one numba binds to
+
+        if "numba" not in sys.modules:
+            # numba sizes its pool by the calling thread's CPU affinity, and
+            # vLLM-CPU pins its main thread to one core: ask for torch's count.
+            os.environ.setdefault("NUMBA_NUM_THREADS", str(torch.get_num_threads()))
         import numba
 
         # OpenMP, on torch's own thread pool. torch loads its libgomp with
@@ -45,39 +52,65 @@ def _compile() -> tuple[Callable[..., None], Callable[..., None]]:
         # pool. Falls back to workqueue where numba finds no OpenMP runtime.
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
         numba.config.THREADING_LAYER = "default"
+        _launch_numba_threads()
         from kvtier.engine import _numba_rows
 
         _kernels = (_numba_rows.gather, _numba_rows.scatter)
     return _kernels
 
 
-def _run(fn: Callable[..., None], *args: Any) -> None:
-    """Run a kernel on as many threads as torch uses, one span of rows per thread.
+def _omp() -> Any:
+    """The process's OpenMP runtime (torch's, loaded globally), or None."""
+    import ctypes
 
-    Afterwards the calling thread's OpenMP thread count is put back if it
-    changed: vLLM-CPU's attention checks that the count it saw when building
-    its metadata is still the one in force ("Check failed: thread_num ==
-    thread_num", vllm-cpu 0.32.0), and a load runs between the two.
+    try:
+        omp: Any = ctypes.CDLL(None)
+        omp.omp_get_max_threads()
+        return omp
+    except (AttributeError, OSError):
+        return None
+
+
+def _launch_numba_threads() -> None:
+    """Start numba's threading layer now, keeping the OpenMP settings torch runs with.
+
+    numba's OpenMP layer starts with ``omp_set_num_threads(NUMBA_NUM_THREADS)``
+    and ``omp_set_nested(1)`` on the shared runtime. vLLM-CPU's attention
+    checks that the thread count it recorded when building its metadata is
+    still the one in force ("Check failed: input->metadata->thread_num ==
+    thread_num (2 vs. 1)", vllm-cpu 0.32.0), and vLLM replaces
+    ``torch.set_num_threads`` with a no-op, so the settings are put back
+    through the runtime itself.
     """
+    from numba.np.ufunc import parallel
+
+    omp = _omp()
+    if omp is not None:
+        levels, threads = omp.omp_get_max_active_levels(), omp.omp_get_max_threads()
+    parallel._launch_threads()
+    if omp is not None:
+        omp.omp_set_max_active_levels(levels)
+        omp.omp_set_num_threads(threads)
+
+
+def _run(fn: Callable[..., None], *args: Any) -> None:
+    """Run a kernel on as many threads as torch uses, one span of rows per thread."""
     import numba
     import torch
 
-    n = torch.get_num_threads()
-    threads = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _lock:
-        numba.set_num_threads(threads)
+        numba.set_num_threads(threads)  # numba's own per-thread mask; no OpenMP call
         fn(*args, threads)
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
 
 
 class RowKernels:
     """Parallel row copies between per-layer ``[num_blocks, row]`` int64 arrays and runs."""
 
     def __init__(self, layers: Sequence[np.ndarray]) -> None:
+        self._gather, self._scatter = _compile()  # first: it sets numba up before import
         from numba.typed import List as TypedList
 
-        self._gather, self._scatter = _compile()
         self._layers: Any = TypedList(layers)
         self._num_blocks, self._width = layers[0].shape[0], layers[0].shape[1]
 
