@@ -106,6 +106,8 @@ class KvtierConfig:
 
     chunk_size: int = 256
     store_partial_chunks: bool = False
+    """Also store a prompt's last, partial chunk, in whole engine blocks (lookups then
+    find the first blocks of a chunk where two prompts part)."""
     tiers: list[TierName] = field(default_factory=lambda: [TierName.MEMORY])
     write_policy: WritePolicy = WritePolicy.WRITE_THROUGH
     model_id: str = ""

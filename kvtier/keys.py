@@ -62,33 +62,67 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
 
 
 class ChunkHasher:
-    """Turns a prompt's token ids into the keys of its chunks."""
+    """Turns a prompt's token ids into the keys of its chunks.
 
-    def __init__(self, namespace: Namespace, store_partial: bool = False) -> None:
+    With ``store_partial`` the prompt's last, partial chunk gets a key too,
+    over its whole ``granule``-token pieces (the engine's block size: an
+    engine can only take KV back in whole blocks). Keys of the first ``n``
+    tokens of a chunk (:meth:`sub_key`) are the same hash over fewer tokens,
+    so a prompt that shares only the first blocks of another's last chunk
+    finds them.
+    """
+
+    def __init__(self, namespace: Namespace, store_partial: bool = False,
+                 granule: int = 1) -> None:
         if namespace.chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {namespace.chunk_size}")
+        if granule <= 0 or namespace.chunk_size % granule:
+            raise ValueError(f"granule {granule} must divide chunk_size {namespace.chunk_size}")
         self.namespace = namespace
         self.chunk_size = namespace.chunk_size
         self.store_partial = store_partial
+        self.granule = granule
         self._seed = namespace.seed()
+
+    def with_salt(self, salt: str | None) -> ChunkHasher:
+        """The same hasher for another tenant."""
+        ns = self.namespace.with_salt(salt)
+        return self if ns is self.namespace else ChunkHasher(ns, self.store_partial, self.granule)
+
+    def covered(self, num_tokens: int) -> int:
+        """Tokens of a ``num_tokens`` prompt that its keys cover."""
+        full, rest = divmod(num_tokens, self.chunk_size)
+        tail = rest - rest % self.granule if self.store_partial else 0
+        return full * self.chunk_size + tail
 
     def num_chunks(self, num_tokens: int) -> int:
         """How many keys :meth:`keys` returns for ``num_tokens`` tokens."""
-        full, rest = divmod(num_tokens, self.chunk_size)
-        return full + (1 if rest and self.store_partial else 0)
+        return -(-self.covered(num_tokens) // self.chunk_size)
 
     def keys(self, token_ids: Sequence[int] | np.ndarray) -> list[ChunkKey]:
         """Keys of the prompt's chunks, in order (full chunks; the partial tail if enabled)."""
         data = token_bytes(token_ids)
+        end = 4 * self.covered(len(data) // 4)
         step = 4 * self.chunk_size
-        n = self.num_chunks(len(data) // 4)
         keys: list[ChunkKey] = []
         prev = self._seed
-        for i in range(n):
-            prev = ChunkKey(xxhash.xxh3_128_digest(prev + data[i * step:(i + 1) * step]))
+        for start in range(0, end, step):
+            prev = ChunkKey(xxhash.xxh3_128_digest(prev + data[start:min(start + step, end)]))
             keys.append(prev)
         return keys
 
+    def sub_key(self, keys: Sequence[ChunkKey], token_ids: Sequence[int], index: int,
+                num_tokens: int) -> ChunkKey:
+        """Key of the first ``num_tokens`` tokens of chunk ``index``, given the keys before it."""
+        if not 0 < num_tokens <= self.chunk_size:
+            raise ValueError(f"num_tokens {num_tokens} not in (0, {self.chunk_size}]")
+        start = index * self.chunk_size
+        if start + num_tokens > len(token_ids):
+            raise ValueError(f"chunk {index} has fewer than {num_tokens} tokens")
+        prev = keys[index - 1] if index else self._seed
+        return ChunkKey(xxhash.xxh3_128_digest(
+            prev + token_bytes(token_ids[start:start + num_tokens])))
+
     def chunk_tokens(self, index: int, num_tokens: int) -> int:
         """Number of tokens chunk ``index`` covers in a prompt of ``num_tokens`` tokens."""
-        return min(self.chunk_size, num_tokens - index * self.chunk_size)
+        return min(self.chunk_size, self.covered(num_tokens) - index * self.chunk_size)

@@ -20,9 +20,10 @@ from kvtier.tiers.memory import MemoryTier
 LAYERS, HEADS, HEAD_DIM, BLOCK, CHUNK = 3, 2, 8, 4, 8  # 2 blocks per chunk
 
 
-def make(kind: LayoutKind, dtype: str, kernels: bool = True, slots: int = 16):
+def make(kind: LayoutKind, dtype: str, kernels: bool = True, slots: int = 16,
+         partial: bool = False):
     lay = PagedLayout(kind, LAYERS, HEADS, HEAD_DIM, BLOCK, dtype)
-    hasher = ChunkHasher(Namespace("m", lay.signature(), CHUNK))
+    hasher = ChunkHasher(Namespace("m", lay.signature(), CHUNK), partial, BLOCK)
     mem = MemoryTier(slots * lay.chunk_nbytes(2), lay.chunk_nbytes(2))
     eng = CacheEngine(hasher, lay, ChunkStore([mem]))
     return eng, lay, mem
@@ -73,6 +74,40 @@ def test_partial_prefix_hit_and_divergence() -> None:
     assert eng.lookup(b) == 16
     assert eng.lookup([7] + a[1:]) == 0
     assert eng.lookup(a[:15]) == 8  # only whole chunks
+
+
+def test_partial_last_chunk_in_whole_blocks_serves_other_questions() -> None:
+    """A document asked two questions: the second finds the document's whole blocks
+    of the chunk where the prompts part (the first prompt's partial last chunk)."""
+    eng, lay, _ = make(LayoutKind.VLLM_CPU, "bfloat16", partial=True)
+    src = kv(lay, 40)
+    eng.register(src)
+    document = list(range(100, 121))  # 2 chunks + 5 tokens: 1 whole block of chunk 2
+    a, b = document + [1, 2], document + [3, 4]
+    assert eng.store_kv(a, [5, 9, 2, 17, 30, 31]) == 3  # the tail's whole block too
+    assert eng.lookup(b) == 20  # 2 chunks + the block both prompts share
+    longer = document + list(range(7, 20))  # its chunk 2 is full and differs...
+    hit = eng.lookup_hit(longer)
+    assert hit.tokens == 20 and len(hit.keys) == 3  # ...but its first block is stored
+    dst = kv(lay, 40, "zeros")
+    res = eng.retrieve_kv(longer[:hit.tokens], [1, 3, 6, 8, 10, 12], end_token=20,
+                          kv_caches=dst, keys=hit.keys)
+    assert res.complete and res.end == 20
+    for layer in range(LAYERS):
+        for s_id, d_id in zip([5, 9, 2, 17, 30], [1, 3, 6, 8, 10]):
+            assert torch.equal(block(lay, src[layer], s_id), block(lay, dst[layer], d_id))
+        assert not block(lay, dst[layer], 12).any()  # past the hit: not written
+    eng.register(src)
+    assert eng.store_kv(longer, [5, 9, 2, 17, 30, 31, 32, 33]) == 2  # its own chunk 2 and 3
+    assert eng.lookup(longer) == 32
+    assert eng.lookup(b) == 20  # the shorter head is still there for the next question
+
+
+def test_partial_chunks_stay_off_by_default() -> None:
+    eng, lay, _ = make(LayoutKind.VLLM_CPU, "float32")
+    eng.register(kv(lay, 20))
+    assert eng.store_kv(list(range(21)), list(range(6))) == 2
+    assert eng.lookup(list(range(21))) == 16
 
 
 def test_retrieve_skips_blocks_the_engine_already_has() -> None:

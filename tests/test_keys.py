@@ -30,6 +30,25 @@ def test_partial_chunk_only_when_enabled() -> None:
     assert len(with_tail) == 3 and with_tail[:2] == ChunkHasher(NS).keys(list(range(10)))
 
 
+def test_partial_chunk_covers_whole_granules_and_equals_the_sub_key() -> None:
+    h = ChunkHasher(NS, store_partial=True, granule=2)  # chunk 4: granules of 2 tokens
+    tokens = list(range(11))  # 2 full chunks + 3 tokens: the tail keeps 2 of them
+    keys = h.keys(tokens)
+    assert len(keys) == 3 and h.covered(11) == 10 and h.chunk_tokens(2, 11) == 2
+    assert keys[2] == h.sub_key(keys, tokens, 2, 2)
+    assert keys[2] == h.keys(tokens[:10])[2] == h.keys(tokens[:10] + [77])[2]
+    assert len(h.keys(tokens[:9])) == 2  # a 1-token tail is less than a granule
+    longer = tokens[:10] + [5, 6, 7]  # a longer prompt: its chunk 2 is full...
+    assert h.keys(longer)[2] != keys[2]
+    assert h.sub_key(h.keys(longer), longer, 2, 2) == keys[2]  # ...and its head is the tail
+
+
+@pytest.mark.parametrize("granule", [0, 3, -2])
+def test_granule_must_divide_the_chunk_size(granule: int) -> None:
+    with pytest.raises(ValueError, match="granule"):
+        ChunkHasher(NS, store_partial=True, granule=granule)
+
+
 @pytest.mark.parametrize("field,value", [
     ("model_id", "other"), ("layout", "flash_attn:L4:H2:D64:B16:bfloat16"), ("chunk_size", 8),
     ("tp_rank", 1), ("tp_size", 2), ("salt", "tenant-b"), ("hash_version", 2),

@@ -98,6 +98,19 @@ def test_shared_prefix_then_divergence_hits_exactly_the_shared_chunks(model: str
     assert same_output(warm[1][0], own_hit(model, b, 2 * CHUNK, first=a))
 
 
+def test_partial_last_chunk_serves_the_next_question_in_whole_blocks(model: str,
+                                                                     tmp_path: Path) -> None:
+    """With partial chunks on, a document asked a second, longer question gets the
+    document's whole blocks of the chunk where the two prompts part."""
+    document = doc(model, 12, 1200)  # 4 whole chunks + 176 tokens
+    a = document + doc(model, 13, 40)  # a's last chunk: 216 tokens, 1 whole block stored
+    b = document + doc(model, 14, 300)  # b's chunk 4 is full and differs; its head does not
+    cfg = kvtier_cfg(tmp_path, ["memory"], store_partial_chunks=True)
+    warm = run(model, [[req(a)], [req(b)]], cfg, prefix_caching=False)
+    assert warm[1][0]["num_cached_tokens"] == 4 * CHUNK + 128
+    assert same_output(warm[1][0], own_hit(model, b, 4 * CHUNK + 128, first=a))
+
+
 def test_kvtier_serves_what_vllms_own_prefix_cache_evicted(model: str, tmp_path: Path) -> None:
     docs = [doc(model, s) for s in (4, 5, 6, 11)]
     rounds = [[req(d)] for d in docs] + [[req(docs[0])]]

@@ -104,7 +104,8 @@ class KvtierConnector(KVConnectorBase_V1):
         chunk_bytes = self.layout.chunk_nbytes(self.config.chunk_size // self.layout.block_size)
         store = build_store(self.config, chunk_bytes, track_events=True)
         assert store is not None
-        hasher = ChunkHasher(self.namespace, self.config.store_partial_chunks)
+        hasher = ChunkHasher(self.namespace, self.config.store_partial_chunks,
+                             self.layout.block_size)
         self.engine = CacheEngine(hasher, self.layout, store)
         self.engine.register(tensors)
         for hook in ENGINE_READY_HOOKS:

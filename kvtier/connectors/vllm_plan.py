@@ -17,7 +17,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorMetada
 from kvtier.config import KvtierConfig
 from kvtier.engine.layout import LayoutKind, PagedLayout, dtype_name
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
-from kvtier.store import ChunkStore, KeyIndex, lookup_prefix
+from kvtier.store import ChunkStore, KeyIndex, PrefixHit, lookup_hit
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -105,9 +105,11 @@ def namespace_for(vllm_config: VllmConfig, cfg: KvtierConfig, layout: PagedLayou
 class _Request:
     prompt: list[int]
     keys: list[ChunkKey]
+    hasher: ChunkHasher
     block_ids: list[int] = field(default_factory=list)
     saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or need no store
     local_computed: int = 0  # vLLM's own prefix-cache hit at the last lookup
+    hit: PrefixHit | None = None  # kvtier's stored prefix at the last lookup
     pending_load: tuple[int, int] | None = None
 
 
@@ -132,7 +134,8 @@ class SchedulerPlanner:
         if hasher is None:
             if len(self._hashers) >= _MAX_HASHERS:
                 self._hashers.clear()
-            hasher = ChunkHasher(self.namespace.with_salt(salt), self.cfg.store_partial_chunks)
+            hasher = ChunkHasher(self.namespace.with_salt(salt), self.cfg.store_partial_chunks,
+                                 self.layout.block_size)
             self._hashers[salt] = hasher
         return hasher
 
@@ -140,20 +143,20 @@ class SchedulerPlanner:
         st = self._reqs.get(request.request_id)
         if st is None and request.prompt_token_ids is not None:
             prompt = list(request.prompt_token_ids)
-            keys = self._hasher(getattr(request, "cache_salt", None)).keys(prompt)
-            st = self._reqs[request.request_id] = _Request(prompt, keys)
+            hasher = self._hasher(getattr(request, "cache_salt", None))
+            st = self._reqs[request.request_id] = _Request(prompt, hasher.keys(prompt), hasher)
         return st
 
     def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
-        """kvtier's hit beyond vLLM's own, in whole chunks, leaving >= 1 token to compute."""
+        """kvtier's hit beyond vLLM's own (whole chunks, or whole blocks of a partial
+        chunk when those are stored), leaving >= 1 token to compute."""
         st = self._state(request)
         if st is None or not st.keys:
             return 0
         st.local_computed = num_computed_tokens
         sources = [self.index] + (self.shared.tiers if self.shared is not None else [])
-        hit_chunks = lookup_prefix(sources, st.keys)
-        hit = min(hit_chunks * self.cfg.chunk_size, len(st.prompt))
-        hit = min(hit, len(st.prompt) - 1)  # vLLM must compute at least the last token
+        st.hit = lookup_hit(sources, st.hasher, st.prompt, st.keys)
+        hit = min(st.hit.tokens, len(st.prompt) - 1)  # vLLM must compute the last token
         self.num_lookups += 1
         if hit <= num_computed_tokens:
             return 0
@@ -193,13 +196,17 @@ class SchedulerPlanner:
 
     def _plan(self, req_id: str, st: _Request, computed_after: int, meta: KvtierMetadata) -> None:
         cs = self.cfg.chunk_size
-        if st.pending_load is not None:
+        if st.pending_load is not None and st.hit is not None:
             start, end = st.pending_load
             st.pending_load = None
             n = -(-end // cs)
-            meta.loads.append(LoadSpec(req_id, st.prompt[:n * cs], st.keys[:n],
+            keys = st.hit.keys[:n]
+            meta.loads.append(LoadSpec(req_id, st.prompt[:st.hit.tokens], keys,
                                        list(st.block_ids), start, end))
-            st.saved_chunks = max(st.saved_chunks, n)
+            # A head of a chunk (another prompt's partial chunk) is not this
+            # prompt's chunk: that one is still to be saved.
+            same = n if keys == st.keys[:n] else n - 1
+            st.saved_chunks = max(st.saved_chunks, same)
         if computed_after >= len(st.prompt):
             n_save = len(st.keys)  # includes the partial tail if that is enabled
         else:

@@ -48,7 +48,7 @@ class CacheAPI:
             raise ValueError("tokens: expected a list of token ids (or give 'keys')")
         hasher = self.hasher
         if req.get("salt"):
-            hasher = ChunkHasher(hasher.namespace.with_salt(str(req["salt"])), hasher.store_partial)
+            hasher = hasher.with_salt(str(req["salt"]))
         return hasher.keys(tokens)
 
     def _tier(self, req: dict[str, Any], field: str, required: bool = True) -> str | None:

@@ -17,7 +17,7 @@ from kvtier.codecs import ChunkData, ChunkMeta
 from kvtier.engine.layout import PagedLayout
 from kvtier.engine.transfer import PagedTransfer, Run, plan_runs
 from kvtier.keys import ChunkHasher, ChunkKey
-from kvtier.store import ChunkStore
+from kvtier.store import ChunkStore, PrefixHit, lookup_hit
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,15 @@ class CacheEngine:
     # -- lookup ---------------------------------------------------------------
 
     def lookup(self, token_ids: Sequence[int], keys: Sequence[ChunkKey] | None = None) -> int:
-        """Number of leading tokens whose chunks are stored (whole chunks). No bytes move."""
-        keys = self.hasher.keys(token_ids) if keys is None else keys
-        return self.tokens_of(self.store.lookup(keys), len(token_ids))
+        """Number of leading tokens whose KV is stored (whole chunks; with partial
+        chunks on, then whole blocks of the next). No bytes move."""
+        return self.lookup_hit(token_ids, keys).tokens
 
-    def tokens_of(self, num_chunks: int, num_tokens: int) -> int:
-        """Tokens covered by the first ``num_chunks`` chunks of a ``num_tokens`` prompt."""
-        return min(num_chunks * self.hasher.chunk_size, num_tokens)
+    def lookup_hit(self, token_ids: Sequence[int], keys: Sequence[ChunkKey] | None = None
+                   ) -> PrefixHit:
+        """The stored prefix: its keys and tokens (retrieve ``token_ids[:tokens]`` with
+        those keys)."""
+        return lookup_hit(self.store.tiers, self.hasher, token_ids, keys)
 
     # -- store ----------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Protocol, Sequence
 
 from kvtier.codecs import ChunkData, ChunkMeta, Codec, decompress
 from kvtier.config import WritePolicy
-from kvtier.keys import ChunkKey
+from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.writer import BackgroundWriter
 from kvtier.tiers.base import Tier
 from kvtier.tiers.memory import MemoryTier, Slot
@@ -196,6 +196,38 @@ def lookup_prefix(sources: Sequence[_HasContains], keys: Sequence[ChunkKey]) -> 
         for i, there in enumerate(source.contains_many(keys[start:]), start):
             present[i] = present[i] or there
     return _first_false(present)
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """The stored prefix of a prompt: the keys to read and the tokens they cover."""
+
+    keys: list[ChunkKey]
+    tokens: int
+
+
+def lookup_hit(sources: Sequence[_HasContains], hasher: ChunkHasher, token_ids: Sequence[int],
+               keys: Sequence[ChunkKey] | None = None) -> PrefixHit:
+    """Longest stored prefix of ``token_ids``: whole chunks, then (with partial chunks
+    on) the longest stored head of the first chunk that missed, in whole granules.
+
+    A head is found when another prompt stored it as its partial last chunk: a
+    document asked a different question shares the document's blocks of the
+    chunk where the two prompts part.
+    """
+    keys = hasher.keys(token_ids) if keys is None else keys
+    cs, g, n = hasher.chunk_size, hasher.granule, len(token_ids)
+    h = lookup_prefix(sources, keys)
+    hit = PrefixHit(list(keys[:h]), min(h * cs, hasher.covered(n)))
+    if not hasher.store_partial or h == len(keys):
+        return hit
+    # keys[h] (all of chunk h that the prompt has, in whole granules) missed: try
+    # its shorter heads, longest first.
+    for t in range(hasher.chunk_tokens(h, n) - g, 0, -g):
+        key = hasher.sub_key(keys, token_ids, h, t)
+        if lookup_prefix(sources, [key]):
+            return PrefixHit(hit.keys + [key], h * cs + t)
+    return hit
 
 
 def _raw(chunk: ChunkData) -> ChunkData:
