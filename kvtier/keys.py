@@ -61,6 +61,11 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
     return arr.astype("<u4", copy=False).tobytes()
 
 
+def _link(prev: ChunkKey, data: bytes) -> ChunkKey:
+    """One step of the chain: the key of ``data`` (token bytes) after key ``prev``."""
+    return ChunkKey(xxhash.xxh3_128_digest(prev + data))
+
+
 class ChunkHasher:
     """Turns a prompt's token ids into the keys of its chunks.
 
@@ -107,7 +112,7 @@ class ChunkHasher:
         keys: list[ChunkKey] = []
         prev = self._seed
         for start in range(0, end, step):
-            prev = ChunkKey(xxhash.xxh3_128_digest(prev + data[start:min(start + step, end)]))
+            prev = _link(prev, data[start:min(start + step, end)])
             keys.append(prev)
         return keys
 
@@ -120,8 +125,7 @@ class ChunkHasher:
         if start + num_tokens > len(token_ids):
             raise ValueError(f"chunk {index} has fewer than {num_tokens} tokens")
         prev = keys[index - 1] if index else self._seed
-        return ChunkKey(xxhash.xxh3_128_digest(
-            prev + token_bytes(token_ids[start:start + num_tokens])))
+        return _link(prev, token_bytes(token_ids[start:start + num_tokens]))
 
     def chunk_tokens(self, index: int, num_tokens: int) -> int:
         """Number of tokens chunk ``index`` covers in a prompt of ``num_tokens`` tokens."""

@@ -123,6 +123,7 @@ class SchedulerPlanner:
         self.layout = layout
         self.shared = shared
         self.index = KeyIndex()
+        self._base_hasher = ChunkHasher(namespace, cfg.store_partial_chunks, layout.block_size)
         self._hashers: dict[str, ChunkHasher] = {}
         self._reqs: dict[str, _Request] = {}
         self.num_lookups = 0
@@ -134,8 +135,7 @@ class SchedulerPlanner:
         if hasher is None:
             if len(self._hashers) >= _MAX_HASHERS:
                 self._hashers.clear()
-            hasher = ChunkHasher(self.namespace.with_salt(salt), self.cfg.store_partial_chunks,
-                                 self.layout.block_size)
+            hasher = self._base_hasher.with_salt(salt)
             self._hashers[salt] = hasher
         return hasher
 
