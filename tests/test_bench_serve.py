@@ -80,6 +80,25 @@ def test_summary_counts_only_the_measured_rounds_and_computes_ratios() -> None:
     assert math.isnan(report.quantile([], 0.5)) and report.quantile([1, 2, 3], 0.9) == 2.8
 
 
+def test_outputs_note_says_whether_the_kv_layers_agree_where_they_part_from_vllm() -> None:
+    base = [_result(0, 0, 1.0), _result(0, 1, 1.0), _result(1, 1, 1.0)]
+    a = [_result(0, 0, 1.0), _result(0, 1, 1.0, tokens=[1, 3]), _result(1, 1, 1.0)]
+    b = [_result(0, 0, 1.0), _result(0, 1, 1.0, tokens=[1, 3]), _result(1, 1, 1.0)]
+    assert report.compare_outputs(a, base)["outputs_differ"] == [[0, 1]]
+    agree = report.layers_agree({"vllm": base, "kvtier-memory": a, "native": b})
+    assert agree["requests_differing_from_vllm"] == [[0, 1]]
+    assert agree["layers_identical_on_them"] == 1
+    assert "user 0 turn 1" in report.outputs_note(agree)
+    assert "comes from the engine" in report.outputs_note(agree)
+    c = [_result(0, 0, 1.0), _result(0, 1, 1.0, tokens=[1, 4]), _result(1, 1, 1.0, tokens=[9])]
+    split = report.layers_agree({"vllm": base, "kvtier-memory": a, "native": c})
+    assert split["requests_differing_from_vllm"] == [[0, 1], [1, 1]]
+    assert split["layers_identical_on_them"] == 0
+    assert "agree with one another on 0 of these 2" in report.outputs_note(split)
+    same = report.layers_agree({"vllm": base, "kvtier-memory": base})
+    assert report.outputs_note(same).startswith("Every configuration's greedy outputs equal")
+
+
 def test_config_names_always_include_the_baseline_and_reject_unknown_ones() -> None:
     assert config_names("kvtier-memory") == ["vllm", "kvtier-memory"]
     assert config_names("native,vllm,kvtier-disk") == ["vllm", "kvtier-disk", "native"]

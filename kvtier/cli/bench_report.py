@@ -127,6 +127,9 @@ def _serve_section(w: str, res: dict[str, Any], cmd: str) -> list[str]:
         report.table(summ, LABELS),
         "",
     ]
+    note = report.outputs_note(res.get("outputs"))
+    if note:
+        lines += [note, ""]
     peers = report.peer_table(summ, LABELS)
     if peers:
         lines += ["kvtier against the peers (ratio > 1: kvtier faster):", "", peers, ""]

@@ -44,8 +44,9 @@ BLOCK = 128  # vLLM's CPU KV block size
 
 # --quick: the same shape of workload, small enough for ~15 minutes on 2 cores.
 QUICK = {"long-doc-qa": dict(docs=4, doc_tokens=3000, questions=2),
-         "multi-round-qa": dict(users=4, rounds=3, system_tokens=1000, context_tokens=2000,
-                                turn_tokens=200, answer_tokens=100, think_time_s=0.5)}
+         "multi-round-qa": dict(users=4, rounds=5, system_tokens=600, context_tokens=1000,
+                                turn_tokens=128, answer_tokens=64, max_tokens=16,
+                                think_time_s=0.5)}
 TOY = {"long-doc-qa": dict(docs=3, doc_tokens=600, questions=2, max_tokens=4),
        "multi-round-qa": dict(users=2, rounds=2, system_tokens=300, context_tokens=300,
                               turn_tokens=64, answer_tokens=32, max_tokens=4, think_time_s=0.0)}
@@ -129,11 +130,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report.add_ratios(summary)
+    outputs = report.layers_agree(results)
     (out / f"results-{workload.name}.json").write_text(json.dumps(
-        {"setup": setup, "summary": summary,
+        {"setup": setup, "summary": summary, "outputs": outputs,
          "requests": {n: [r.to_json() for r in rs] for n, rs in results.items()}}))
     report.plot(workload.name, results, summary, LABELS, out / f"{workload.name}.png")
-    return {"setup": setup, "summary": summary}
+    return {"setup": setup, "summary": summary, "outputs": outputs}
 
 
 def _run_config(args: argparse.Namespace, cfg: Any, eng: EngineSettings, workload: Workload,
@@ -209,6 +211,7 @@ def _main(args: argparse.Namespace) -> int:
     else:
         print()
         print(report.table(res["summary"], LABELS))
+        print("\n" + report.outputs_note(res["outputs"]))
         peers = report.peer_table(res["summary"], LABELS)
         if peers:
             print("\nkvtier against the peers:\n" + peers)
