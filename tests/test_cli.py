@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from kvtier.cli import last_json_line
 from kvtier.cli.main import build_parser, main
 
 
@@ -28,3 +29,9 @@ def test_bench_engine_table(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unknown_subcommand_is_an_error() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "nothing"])
+
+
+def test_a_childs_result_is_its_last_json_line() -> None:
+    out = 'INFO 12-03 vLLM says hello\n{"first": 1}\n{"result": 2}\nWARNING late log line\n'
+    assert last_json_line(out) == {"result": 2}
+    assert last_json_line("INFO only logs\n") is None

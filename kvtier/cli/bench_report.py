@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -20,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvtier.cli import last_json_line
 from kvtier.cli.serve import report
 from kvtier.cli.serve.servers import LABELS
 
@@ -30,10 +30,10 @@ def _bench(args: list[str]) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "kvtier.cli.main", "bench", *args, "--json"]
     print(f"[bench report] {' '.join(cmd[2:])}", flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
+    result = last_json_line(proc.stdout)
+    if result is None:
         raise RuntimeError(f"{' '.join(args)} printed no result (exit {proc.returncode})")
-    return json.loads(lines[-1])
+    return result
 
 
 def run(args: argparse.Namespace) -> Path:

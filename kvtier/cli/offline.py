@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from kvtier.cli import last_json_line
+
 KV_CONNECTOR = "KvtierConnector"
 KV_CONNECTOR_MODULE = "kvtier.connectors.vllm"
 
@@ -68,11 +70,11 @@ def run_instance(spec: dict[str, Any], timeout_s: float = 600, log_path: str | N
     finally:
         if log_path:
             stderr.close()
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    result = last_json_line(proc.stdout)
+    if proc.returncode != 0 or result is None:
         tail = (proc.stderr or "")[-4000:] if not log_path else f"(see {log_path})"
         raise RuntimeError(f"vLLM instance failed (exit {proc.returncode}): {tail}")
-    return json.loads(lines[-1])
+    return result
 
 
 def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool) -> list[dict[str, Any]]:

@@ -129,8 +129,7 @@ def _lmcache_config(eng: EngineSettings) -> ServeConfig:
            "--disable-metrics", "--l1-size-gb", str(gib), "--no-l1-use-lazy",
            "--chunk-size", "256", "--eviction-policy", "LRU",
            "--supported-transfer-mode", "auto", "--shm-name", f"kvtier-bench-{port}"]
-    env = {"LMCACHE_TRACK_USAGE": "false", "LMCACHE_DISABLE_BANNER": "1",
-           "VLLM_CPU_OMP_THREADS_BIND": eng.threads_bind}
+    env = {"LMCACHE_TRACK_USAGE": "false", "LMCACHE_DISABLE_BANNER": "1"}
     sidecar = Sidecar(cmd, env, f"http://127.0.0.1:{http_port}/healthcheck")
     return ServeConfig("lmcache", str(LMCACHE_VENV / "bin" / "python"),
                        {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
