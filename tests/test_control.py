@@ -68,6 +68,30 @@ def test_lookup_by_tokens_and_keys(setup) -> None:
     assert call(server, "lookup", {"tokens": tokens, "salt": "other"})[1]["hit_chunks"] == 0
 
 
+def test_lookup_by_tokens_counts_a_stored_head_of_the_next_chunk() -> None:
+    """With partial chunks on, a prompt that parts from a stored one inside a chunk
+    still has that chunk's stored blocks: lookup reports them as a load would."""
+    store = ChunkStore([MemoryTier(32 * CHUNK_BYTES, CHUNK_BYTES)])
+    hasher = ChunkHasher(Namespace("m", LAY.signature(), 8), store_partial=True,
+                         granule=LAY.block_size)
+    engine = CacheEngine(hasher, LAY, store)
+    engine.register([torch.randn(LAY.layer_shape(20)) for _ in range(2)])
+    tokens = list(range(100, 128))  # 3 chunks of 8 + one block of 4 (the partial chunk)
+    assert engine.store_kv(tokens, list(range(7))) == 4
+    store.flush(10)
+    server = ControlServer(CacheAPI(store, hasher))
+    try:
+        other = tokens + [7, 7, 7, 7]  # the same first 28 tokens, then another block
+        code, res = call(server, "lookup", {"tokens": other})
+        assert code == 200 and res["hit_chunks"] == 3 and res["hit_tokens"] == 28
+        assert res["hit_keys"][:3] == res["keys"][:3] and len(res["hit_keys"]) == 4
+        assert res["hit_keys"][3] != res["keys"][3]  # the head's own key
+        assert engine.lookup_hit(other).tokens == 28  # what the engine would load
+    finally:
+        server.close()
+        store.close()
+
+
 def test_evict_pin_move_clear(setup) -> None:
     server, store, tokens, _ = setup
     keys = call(server, "lookup", {"tokens": tokens})[1]["keys"]

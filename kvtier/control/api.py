@@ -13,7 +13,7 @@ from typing import Any, Callable
 from kvtier.codecs import Codec, decode
 from kvtier.errors import CorruptChunk
 from kvtier.keys import KEY_BYTES, ChunkHasher, ChunkKey
-from kvtier.store import ChunkStore, manage
+from kvtier.store import ChunkStore, lookup_hit, manage
 
 
 class CacheAPI:
@@ -43,13 +43,16 @@ class CacheAPI:
             if any(len(k) != KEY_BYTES for k in keys):
                 raise ValueError(f"keys: every key must be {KEY_BYTES} bytes ({2 * KEY_BYTES} hex)")
             return keys
+        return self._hasher(req).keys(self._tokens(req))
+
+    def _tokens(self, req: dict[str, Any]) -> list[int]:
         tokens = req.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ValueError("tokens: expected a list of token ids (or give 'keys')")
-        hasher = self.hasher
-        if req.get("salt"):
-            hasher = hasher.with_salt(str(req["salt"]))
-        return hasher.keys(tokens)
+        return tokens
+
+    def _hasher(self, req: dict[str, Any]) -> ChunkHasher:
+        return self.hasher.with_salt(str(req["salt"])) if req.get("salt") else self.hasher
 
     def _tier(self, req: dict[str, Any], field: str, required: bool = True) -> str | None:
         name = req.get(field)
@@ -63,14 +66,21 @@ class CacheAPI:
     # -- operations ---------------------------------------------------------------
 
     def lookup(self, req: dict[str, Any]) -> dict[str, Any]:
-        """How much of a prompt is cached, and where each chunk lives."""
+        """How much of a prompt is cached, and where each chunk lives.
+
+        By ``tokens``, ``hit_tokens`` is what a load would give the engine: the
+        whole stored chunks, then (with ``store_partial_chunks``) the longest
+        stored head of the next chunk, whose key is the last of ``hit_keys``.
+        """
         keys = self.keys(req)
         hit = self.store.lookup(keys)
-        where = manage.locate(self.store, keys)
-        return {"chunks": len(keys), "hit_chunks": hit,
-                "hit_tokens": min(hit * self.hasher.chunk_size, len(req.get("tokens", [])))
-                if "tokens" in req else None,
-                "keys": [k.hex() for k in keys], "tiers": where}
+        out: dict[str, Any] = {"chunks": len(keys), "hit_chunks": hit, "hit_tokens": None,
+                               "keys": [k.hex() for k in keys],
+                               "tiers": manage.locate(self.store, keys)}
+        if "keys" not in req:
+            found = lookup_hit(self.store.tiers, self._hasher(req), self._tokens(req), keys)
+            out.update(hit_tokens=found.tokens, hit_keys=[k.hex() for k in found.keys])
+        return out
 
     def evict(self, req: dict[str, Any]) -> dict[str, Any]:
         """Remove chunks from one tier (``tier``) or all; pinned chunks stay."""
