@@ -94,7 +94,13 @@ def test_outputs_note_says_whether_the_kv_layers_agree_where_they_part_from_vllm
     split = report.layers_agree({"vllm": base, "kvtier-memory": a, "native": c})
     assert split["requests_differing_from_vllm"] == [[0, 1], [1, 1]]
     assert split["layers_identical_on_them"] == 0
-    assert "agree with one another on 0 of these 2" in report.outputs_note(split)
+    assert [sp["request"] for sp in split["splits"]] == [[0, 1], [1, 1]]
+    assert split["splits"][0]["groups"] == [["vllm"], ["kvtier-memory"], ["native"]]
+    assert split["splits"][1]["groups"] == [["vllm", "kvtier-memory"], ["native"]]
+    assert all(sp["same_cached_tokens"] for sp in split["splits"])
+    note = report.outputs_note(split)
+    assert "On user 1 turn 1 the runs split (vllm, kvtier-memory | native) although" in note
+    assert "comes from the engine" not in note
     same = report.layers_agree({"vllm": base, "kvtier-memory": base})
     assert report.outputs_note(same).startswith("Every configuration's greedy outputs equal")
 

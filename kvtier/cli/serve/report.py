@@ -76,18 +76,30 @@ def layers_agree(results: dict[str, Sequence[Result]]) -> dict[str, Any]:
 
     Every KV layer agreeing token for token where they all part from vLLM alone
     points at the engine (the same prompt's KV computed in another prefill
-    split rounds differently in bfloat16), not at one layer's data path.
+    split rounds differently in bfloat16), not at one layer's data path. Where
+    they split, ``splits`` gives the groups of configurations with equal tokens
+    and whether every KV layer had the same number of cached tokens.
     """
-    base = {(r.user, r.round): r.token_ids for r in results.get(BASELINE, ())
-            if r.error is None}
-    layers = {n: {(r.user, r.round): r.token_ids for r in rs if r.error is None}
-              for n, rs in results.items() if n != BASELINE}
-    differ = sorted({k for got in layers.values() for k, ids in got.items()
-                     if k in base and ids != base[k]})
-    agree = [k for k in differ
-             if len({tuple(got[k]) if k in got else None for got in layers.values()}) == 1]
+    ok = {n: {(r.user, r.round): r for r in rs if r.error is None} for n, rs in results.items()}
+    base = ok.get(BASELINE, {})
+    layers = {n: got for n, got in ok.items() if n != BASELINE}
+    differ = sorted({k for got in layers.values() for k, r in got.items()
+                     if k in base and r.token_ids != base[k].token_ids})
+    splits = []
+    for k in differ:
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for n, got in ok.items():
+            if k in got:
+                groups.setdefault(tuple(got[k].token_ids), []).append(n)
+        if len([n for g in groups.values() for n in g if n != BASELINE]) == len(layers) and \
+                len({t for t, g in groups.items() if set(g) - {BASELINE}}) == 1:
+            continue  # every KV layer has the same tokens
+        cached = {got[k].cached_tokens for got in layers.values() if k in got}
+        splits.append({"request": list(k), "groups": list(groups.values()),
+                       "same_cached_tokens": len(cached) == 1})
     return {"requests_differing_from_vllm": [list(k) for k in differ],
-            "layers_identical_on_them": len(agree), "layers": list(layers)}
+            "layers_identical_on_them": len(differ) - len(splits), "splits": splits,
+            "layers": list(layers)}
 
 
 def add_ratios(summary: dict[str, dict[str, Any]]) -> None:
@@ -141,24 +153,35 @@ def peer_table(summary: dict[str, dict[str, Any]], labels: dict[str, str]) -> st
 
 
 def outputs_note(outputs: dict[str, Any] | None) -> str:
-    """One sentence on the requests whose greedy output differs from vLLM alone's."""
+    """Sentences on the requests whose greedy output differs from vLLM alone's."""
     if not outputs:
         return ""
     differ = outputs["requests_differing_from_vllm"]
     if not differ:
         return "Every configuration's greedy outputs equal vLLM alone's, token for token."
     which = ", ".join(f"user {u} turn {r}" for u, r in differ)
-    n, same = len(differ), outputs["layers_identical_on_them"]
+    note = f"Greedy outputs that differ from vLLM alone's: {which}."
     if len(outputs["layers"]) < 2:
-        return f"Greedy outputs that differ from vLLM alone's: {which}."
-    if same == n:
-        return (f"Greedy outputs that differ from vLLM alone's: {which}. On each of them every "
-                f"KV layer ({', '.join(outputs['layers'])}) gives the same tokens as the others, "
-                "so the difference comes from the engine, not from one layer: the same prompt's "
-                "KV computed in another prefill split (a longer cached prefix) rounds "
-                "differently in bfloat16, and a near-tie in greedy decoding flips.")
-    return (f"Greedy outputs that differ from vLLM alone's: {which}; the KV layers agree with "
-            f"one another on {same} of these {n}.")
+        return note
+    n, same = len(differ), outputs["layers_identical_on_them"]
+    if same:
+        note += (f" On {'each' if same == n else f'{same} of these {n}'}, every KV layer "
+                 f"({', '.join(outputs['layers'])}) gives the same tokens as the others: the "
+                 "difference comes from the engine, not from one layer (the same prompt's KV "
+                 "computed in another prefill split, a longer cached prefix, rounds "
+                 "differently in bfloat16, and a near-tie in greedy decoding flips).")
+    for sp in outputs.get("splits", []):
+        u, r = sp["request"]
+        groups = " | ".join(", ".join(g) for g in sp["groups"])
+        note += f" On user {u} turn {r} the runs split ({groups})"
+        if sp["same_cached_tokens"]:
+            note += (" although every KV layer served the same number of cached tokens: the "
+                     "split follows the run, not the KV (with several requests in flight, a "
+                     "request's decode steps share batches with different requests from run "
+                     "to run, and bfloat16 rounding can depend on the batch).")
+        else:
+            note += ", with different numbers of cached tokens."
+    return note
 
 
 def _ms(s: float | None) -> str:
