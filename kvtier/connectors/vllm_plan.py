@@ -205,8 +205,7 @@ class SchedulerPlanner:
                                        list(st.block_ids), start, end))
             # A head of a chunk (another prompt's partial chunk) is not this
             # prompt's chunk: that one is still to be saved.
-            same = n if keys == st.keys[:n] else n - 1
-            st.saved_chunks = max(st.saved_chunks, same)
+            st.saved_chunks = max(st.saved_chunks, min(n, st.hit.chunks))
         if computed_after >= len(st.prompt):
             n_save = len(st.keys)  # includes the partial tail if that is enabled
         else:

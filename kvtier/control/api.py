@@ -73,13 +73,14 @@ class CacheAPI:
         stored head of the next chunk, whose key is the last of ``hit_keys``.
         """
         keys = self.keys(req)
-        hit = self.store.lookup(keys)
-        out: dict[str, Any] = {"chunks": len(keys), "hit_chunks": hit, "hit_tokens": None,
-                               "keys": [k.hex() for k in keys],
+        out: dict[str, Any] = {"chunks": len(keys), "keys": [k.hex() for k in keys],
                                "tiers": manage.locate(self.store, keys)}
-        if "keys" not in req:
+        if "keys" in req:
+            out.update(hit_chunks=self.store.lookup(keys), hit_tokens=None)
+        else:
             found = lookup_hit(self.store.tiers, self._hasher(req), self._tokens(req), keys)
-            out.update(hit_tokens=found.tokens, hit_keys=[k.hex() for k in found.keys])
+            out.update(hit_chunks=found.chunks, hit_tokens=found.tokens,
+                       hit_keys=[k.hex() for k in found.keys])
         return out
 
     def evict(self, req: dict[str, Any]) -> dict[str, Any]:

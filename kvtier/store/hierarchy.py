@@ -200,10 +200,15 @@ def lookup_prefix(sources: Sequence[_HasContains], keys: Sequence[ChunkKey]) -> 
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """The stored prefix of a prompt: the keys to read and the tokens they cover."""
+    """The stored prefix of a prompt: the keys to read and the tokens they cover.
+
+    ``keys[:chunks]`` are the prompt's own whole chunks; a key after them is
+    the stored head of the next chunk (another prompt's partial last chunk).
+    """
 
     keys: list[ChunkKey]
     tokens: int
+    chunks: int
 
 
 def lookup_hit(sources: Sequence[_HasContains], hasher: ChunkHasher, token_ids: Sequence[int],
@@ -218,7 +223,7 @@ def lookup_hit(sources: Sequence[_HasContains], hasher: ChunkHasher, token_ids: 
     keys = hasher.keys(token_ids) if keys is None else keys
     cs, g, n = hasher.chunk_size, hasher.granule, len(token_ids)
     h = lookup_prefix(sources, keys)
-    hit = PrefixHit(list(keys[:h]), min(h * cs, hasher.covered(n)))
+    hit = PrefixHit(list(keys[:h]), min(h * cs, hasher.covered(n)), h)
     if not hasher.store_partial or h == len(keys):
         return hit
     # keys[h] (all of chunk h that the prompt has, in whole granules) missed: try
@@ -226,7 +231,7 @@ def lookup_hit(sources: Sequence[_HasContains], hasher: ChunkHasher, token_ids: 
     for t in range(hasher.chunk_tokens(h, n) - g, 0, -g):
         key = hasher.sub_key(keys, token_ids, h, t)
         if lookup_prefix(sources, [key]):
-            return PrefixHit(hit.keys + [key], h * cs + t)
+            return PrefixHit(hit.keys + [key], h * cs + t, h)
     return hit
 
 
