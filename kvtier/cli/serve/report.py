@@ -87,13 +87,12 @@ def layers_agree(results: dict[str, Sequence[Result]]) -> dict[str, Any]:
                      if k in base and r.token_ids != base[k].token_ids})
     splits = []
     for k in differ:
+        if len({tuple(got[k].token_ids) if k in got else None for got in layers.values()}) == 1:
+            continue  # every KV layer has the same tokens
         groups: dict[tuple[int, ...], list[str]] = {}
         for n, got in ok.items():
             if k in got:
                 groups.setdefault(tuple(got[k].token_ids), []).append(n)
-        if len([n for g in groups.values() for n in g if n != BASELINE]) == len(layers) and \
-                len({t for t, g in groups.items() if set(g) - {BASELINE}}) == 1:
-            continue  # every KV layer has the same tokens
         cached = {got[k].cached_tokens for got in layers.values() if k in got}
         splits.append({"request": list(k), "groups": list(groups.values()),
                        "same_cached_tokens": len(cached) == 1})
