@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from kvtier.cli.redis_proc import (RedisClusterProcess, RedisNotInstalled, RedisProcess,
+from kvtier.testing.redis_proc import (RedisClusterProcess, RedisNotInstalled, RedisProcess,
                                    redis_binary)
 
 

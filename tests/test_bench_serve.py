@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from kvtier.cli.bench_serve import config_names
+from kvtier.bench.serve import analysis
+from kvtier.bench.serve.client import Result, run_workload
+from kvtier.bench.serve.run import config_names
+from kvtier.bench.serve.workloads import LongDocQA, MultiRoundQA, Turn, Workload
 from kvtier.cli.main import main
-from kvtier.cli.model_build import build_model
-from kvtier.cli.serve import report
-from kvtier.cli.serve.client import Result, run_workload
-from kvtier.cli.serve.workloads import LongDocQA, MultiRoundQA, Turn, Workload
+from kvtier.testing.models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -65,44 +65,44 @@ def _result(user: int, rnd: int, ttft: float, cached: int = 0, tokens: list[int]
 def test_summary_counts_only_the_measured_rounds_and_computes_ratios() -> None:
     base = [_result(0, 0, 1.0), _result(0, 1, 1.0), _result(1, 1, 3.0)]
     fast = [_result(0, 0, 1.0), _result(0, 1, 0.1, 100), _result(1, 1, 0.3, 50, [1, 3])]
-    summary = {"vllm": report.summarize("long-doc-qa", base),
-               "kvtier-memory": report.summarize("long-doc-qa", fast)}
-    summary["kvtier-memory"].update(report.compare_outputs(fast, base))
-    report.add_ratios(summary)
+    summary = {"vllm": analysis.summarize("long-doc-qa", base),
+               "kvtier-memory": analysis.summarize("long-doc-qa", fast)}
+    summary["kvtier-memory"].update(analysis.compare_outputs(fast, base))
+    analysis.add_ratios(summary)
     k = summary["kvtier-memory"]
     assert k["ttft_p50_s"] == pytest.approx(0.2) and k["cold_ttft_p50_s"] == 1.0
     assert k["hit_rate"] == pytest.approx(0.75)
     assert k["ttft_p50_speedup_vs_vllm"] == pytest.approx(10.0)
     assert k["outputs_compared"] == 3 and k["outputs_identical"] == 2
     assert k["within_latency_bound"] and summary["vllm"]["qps_ratio_vs_vllm"] == 1.0
-    assert "| vLLM + kvtier (memory) |" in report.table(summary, {"kvtier-memory":
+    assert "| vLLM + kvtier (memory) |" in analysis.table(summary, {"kvtier-memory":
                                                                   "vLLM + kvtier (memory)"})
-    assert math.isnan(report.quantile([], 0.5)) and report.quantile([1, 2, 3], 0.9) == 2.8
+    assert math.isnan(analysis.quantile([], 0.5)) and analysis.quantile([1, 2, 3], 0.9) == 2.8
 
 
 def test_outputs_note_says_whether_the_kv_layers_agree_where_they_part_from_vllm() -> None:
     base = [_result(0, 0, 1.0), _result(0, 1, 1.0), _result(1, 1, 1.0)]
     a = [_result(0, 0, 1.0), _result(0, 1, 1.0, tokens=[1, 3]), _result(1, 1, 1.0)]
     b = [_result(0, 0, 1.0), _result(0, 1, 1.0, tokens=[1, 3]), _result(1, 1, 1.0)]
-    assert report.compare_outputs(a, base)["outputs_differ"] == [[0, 1]]
-    agree = report.layers_agree({"vllm": base, "kvtier-memory": a, "native": b})
+    assert analysis.compare_outputs(a, base)["outputs_differ"] == [[0, 1]]
+    agree = analysis.layers_agree({"vllm": base, "kvtier-memory": a, "native": b})
     assert agree["requests_differing_from_vllm"] == [[0, 1]]
     assert agree["layers_identical_on_them"] == 1
-    assert "user 0 turn 1" in report.outputs_note(agree)
-    assert "comes from the engine" in report.outputs_note(agree)
+    assert "user 0 turn 1" in analysis.outputs_note(agree)
+    assert "comes from the engine" in analysis.outputs_note(agree)
     c = [_result(0, 0, 1.0), _result(0, 1, 1.0, tokens=[1, 4]), _result(1, 1, 1.0, tokens=[9])]
-    split = report.layers_agree({"vllm": base, "kvtier-memory": a, "native": c})
+    split = analysis.layers_agree({"vllm": base, "kvtier-memory": a, "native": c})
     assert split["requests_differing_from_vllm"] == [[0, 1], [1, 1]]
     assert split["layers_identical_on_them"] == 0
     assert [sp["request"] for sp in split["splits"]] == [[0, 1], [1, 1]]
     assert split["splits"][0]["groups"] == [["vllm"], ["kvtier-memory"], ["native"]]
     assert split["splits"][1]["groups"] == [["vllm", "kvtier-memory"], ["native"]]
     assert all(sp["same_cached_tokens"] for sp in split["splits"])
-    note = report.outputs_note(split)
+    note = analysis.outputs_note(split)
     assert "On user 1 turn 1 the runs split (vllm, kvtier-memory | native) although" in note
     assert "comes from the engine" not in note
-    same = report.layers_agree({"vllm": base, "kvtier-memory": base})
-    assert report.outputs_note(same).startswith("Every configuration's greedy outputs equal")
+    same = analysis.layers_agree({"vllm": base, "kvtier-memory": base})
+    assert analysis.outputs_note(same).startswith("Every configuration's greedy outputs equal")
 
 
 def test_config_names_always_include_the_baseline_and_reject_unknown_ones() -> None:

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from kvtier.cli import last_json_line
 from kvtier.cli.main import build_parser, main
+from kvtier.engine.layout import LayoutKind
+from kvtier.testing.procs import last_json_line
 
 
 def test_bench_engine_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -24,6 +25,14 @@ def test_bench_engine_table(capsys: pytest.CaptureFixture[str]) -> None:
           "--layout", "flash_attn"])
     out = capsys.readouterr().out
     assert "vs copy" in out and "bitwise equal to stored: True" in out
+
+
+def test_bench_engine_layouts_are_the_engines() -> None:
+    # cli lists them without importing the engine layer (it needs torch): keep them in step.
+    engine = build_parser()._subparsers._group_actions[0].choices["bench"]
+    layout = next(a for a in engine._subparsers._group_actions[0].choices["engine"]._actions
+                  if a.dest == "layout")
+    assert set(layout.choices) == {k.value for k in LayoutKind}
 
 
 def test_unknown_subcommand_is_an_error() -> None:

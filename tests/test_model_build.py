@@ -15,7 +15,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from kvtier.cli.model_build import BUILD_VERSION, MARKER, build_model, make_document  # noqa: E402
+from kvtier.testing.models import BUILD_VERSION, MARKER, build_model, make_document  # noqa: E402
 
 _FILES = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"]
 
@@ -53,7 +53,7 @@ def test_deterministic_across_processes(tiny: Path, tmp_path: Path) -> None:
     # A second build in a fresh process (other hash seed) via the CLI must give the same bytes.
     out = tmp_path / "again"
     env = {**os.environ, "PYTHONHASHSEED": "123"}
-    res = subprocess.run([sys.executable, "-m", "kvtier.cli.model_build", "model", "build",
+    res = subprocess.run([sys.executable, "-m", "kvtier.cli.main", "model", "build",
                           "--shape", "tiny", "--out", str(out)],
                          env=env, capture_output=True, text=True, check=True)
     assert res.stdout.strip() == str(out)

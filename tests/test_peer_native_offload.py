@@ -1,7 +1,7 @@
 """vLLM's native ``OffloadingConnector`` runs here through the CPU copy shim.
 
 One vLLM instance (one process, tiny model) with the connector and
-:mod:`kvtier.cli.peers.vllm_native_cpu`'s spec; vLLM's own KV is capped at 24
+:mod:`kvtier.bench.peers.vllm_native_cpu`'s spec; vLLM's own KV is capped at 24
 blocks, so four ~1100-token prompts evict the first one from vLLM's prefix
 cache and its repeat can only hit the offloaded copy. The repeat's greedy
 output and logprobs must be bitwise equal to its cold first pass.
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from kvtier.cli.model_build import build_model, make_document
-from kvtier.cli.offline import run_instance
+from kvtier.testing.models import build_model, make_document
+from kvtier.testing.offline import run_instance
 
 pytestmark = pytest.mark.vllm
 
@@ -24,7 +24,7 @@ NATIVE_OFFLOAD = {
     "kv_role": "kv_both",
     "kv_connector_extra_config": {
         "spec_name": "CPUCopyOffloadingSpec",
-        "spec_module_path": "kvtier.cli.peers.vllm_native_cpu",
+        "spec_module_path": "kvtier.bench.peers.vllm_native_cpu",
         "cpu_bytes_to_use": 64 << 20,
     },
 }

@@ -15,7 +15,7 @@ import pytest
 from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta
 from kvtier.config import DiskConfig
 from kvtier.keys import ChunkKey
-from kvtier.tiers import disk as disk_mod
+from kvtier.tiers import files as files_mod
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
 from tests.tier_conformance import TierConformance, make_chunk, new_keys, same
@@ -90,7 +90,7 @@ def test_start_over_capacity_evicts_and_removes_stray_temp_files(tmp_path: Path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     shard = a.path_of(keys[0]).parent
-    tag = disk_mod._HOST_TAG
+    tag = files_mod.HOST_TAG
     stale_dead = shard / f".{keys[0].hex()}.{tag}.{dead}.0.tmp"
     stale_old = shard / f".{keys[0].hex()}.otherhost.1.0.tmp"
     live = shard / f".{keys[0].hex()}.{tag}.{os.getpid()}.7.tmp"
@@ -108,7 +108,7 @@ def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def half_then_fail(fd: int, buffers: list) -> None:
         os.write(fd, buffers[0])
         raise OSError(errno.EIO, "injected")
-    monkeypatch.setattr(disk_mod, "_writev_all", half_then_fail)
+    monkeypatch.setattr(files_mod, "writev_all", half_then_fail)
     assert tier.put_many([(key, chunk())]) == [False]
     assert tier.stats.errors == 1 and tier.usage().used_bytes == 0
     assert list(tmp_path.rglob("*")) == [tier.path_of(key).parent]  # no chunk, no temp file
@@ -121,14 +121,14 @@ def test_write_in_progress_is_never_visible(tmp_path: Path,
     tier, other = disk(tmp_path), disk(tmp_path)
     key = new_keys(1)[0]
     halfway, resume = threading.Event(), threading.Event()
-    real = disk_mod._writev_all
+    real = files_mod.writev_all
 
     def slow(fd: int, buffers: list) -> None:
         os.write(fd, buffers[0])
         halfway.set()
         resume.wait(10)
         real(fd, buffers[1:])
-    monkeypatch.setattr(disk_mod, "_writev_all", slow)
+    monkeypatch.setattr(files_mod, "writev_all", slow)
     writer = threading.Thread(target=tier.put_many, args=([(key, chunk())],))
     writer.start()
     assert halfway.wait(10)

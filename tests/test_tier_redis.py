@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import redis
 
-from kvtier.cli.redis_proc import RedisClusterProcess, RedisProcess
+from kvtier.testing.redis_proc import RedisClusterProcess, RedisProcess
 from kvtier.codecs import HEADER_SIZE, ChunkMeta
 from kvtier.config import RedisConfig
 from kvtier.keys import ChunkKey
@@ -200,7 +200,7 @@ def test_resp_packer_matches_redis_py_and_sends_payloads_unjoined() -> None:
     from redis.connection import PythonRespSerializer
     from redis._parsers.encoders import Encoder
 
-    from kvtier.tiers.redis import Concat, RespPacker
+    from kvtier.tiers.resp import Concat, RespPacker
     payload = np.arange(50_000, dtype=np.uint8)
     args = ("SET", b"kvtier:ab", Concat([b"h" * 128, memoryview(payload)]), "EX", 60)
     ours = RespPacker().pack(*args)

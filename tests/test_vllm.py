@@ -27,8 +27,9 @@ from typing import Any
 
 import pytest
 
-from kvtier.cli.model_build import build_model, make_document
-from kvtier.cli.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE, run_instance, vllm_env
+from kvtier.testing.models import build_model, make_document
+from kvtier.testing.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE, run_instance
+from kvtier.testing.vllm_cpu import vllm_env
 from kvtier.keys import ChunkHasher, Namespace
 
 pytestmark = pytest.mark.vllm

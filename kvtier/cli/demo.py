@@ -1,61 +1,50 @@
-"""``kvtier demo``: what kvtier does, in one table.
-
-Embedded defaults: vLLM (CPU) with the kvtier connector, a memory tier and a
-local disk tier, nothing else to start. It asks long-document questions on a
-first vLLM instance (cold: the KV is computed and stored), shuts it down,
-starts a **new** instance on the same disk folder and asks again (warm: the
-prompt's KV comes back from kvtier), then prints TTFT cold vs warm per
-document, the tokens served from kvtier, and whether the outputs are
-identical (greedy token ids; the largest logprob difference is printed).
-"""
+"""``kvtier demo``: cold vs warm TTFT across two vLLM instances (see :mod:`kvtier.bench.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
-import tempfile
-from pathlib import Path
+import sys
+import threading
+import time
 from typing import Any
 
-from kvtier.cli.model_build import build_model, make_document
-from kvtier.cli.offline import fast_dtype, run_instance
+from kvtier.bench import demo
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run both instances; return per-document rows and the setup."""
-    model = str(Path(args.model)) if args.model else str(build_model(args.shape))
-    folder = Path(args.disk_path or tempfile.mkdtemp(prefix="kvtier-demo-"))
-    shutil.rmtree(folder, ignore_errors=True)  # cold must be cold
-    docs = [make_document(model, args.tokens, seed=100 + i) for i in range(args.docs)]
-    question = make_document(model, 24, seed=999)
-    requests = [{"prompt": d + question, "max_tokens": args.max_tokens} for d in docs]
-    kvtier = {"tiers": ["memory", "disk"], "disk.path": str(folder),
-              "memory.max_bytes": args.memory}
-    dtype = fast_dtype() if args.dtype == "auto" else args.dtype
-    spec = {"model": model, "kvtier": kvtier, "rounds": [requests], "sequential": True,
-            "max_model_len": args.tokens + 1024, "multiprocess": True, "dtype": dtype}
-    print(f"[demo] model {model} ({dtype})\n[demo] {args.docs} documents x {args.tokens} tokens; "
-          f"kvtier tiers: memory {args.memory} + disk {folder}")
-    print("[demo] instance 1 (cold): computing and storing KV ...", flush=True)
-    cold = run_instance(spec, log_path=args.log)
-    print("[demo] instance 1 shut down; instance 2 (new process, same disk folder) ...",
-          flush=True)
-    warm = run_instance(spec, log_path=args.log)
-    rows = []
-    for i, (c, w) in enumerate(zip(cold["rounds"][0], warm["rounds"][0])):
-        rows.append({"doc": i, "prompt_tokens": len(requests[i]["prompt"]),
-                     "ttft_cold_s": c["ttft_s"], "ttft_warm_s": w["ttft_s"],
-                     "speedup": c["ttft_s"] / max(w["ttft_s"], 1e-9),
-                     "tokens_from_kvtier": w["num_cached_tokens"],
-                     "identical": c["token_ids"] == w["token_ids"],
-                     "logprob_max_abs_diff": max((abs(x - y) for x, y in
-                                                  zip(c["logprobs"], w["logprobs"])), default=0.0)})
-    if not args.keep:
-        shutil.rmtree(folder, ignore_errors=True)
-    return {"model": model, "dtype": dtype, "docs": args.docs, "tokens": args.tokens, "rows": rows,
-            "startup_s": [cold["startup_s"], warm["startup_s"]]}
+class _Progress:
+    """One line per document as it starts and ends, and the elapsed time while it runs."""
+
+    def __init__(self, docs: int, every_s: float = 15.0) -> None:
+        self.docs, self.every_s = docs, every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, instance: str, event: dict[str, Any]) -> None:
+        what = f"[demo] {instance}: document {event['index'] + 1}/{self.docs}"
+        if event["event"] == "start":
+            print(f"{what}: {event['prompt_tokens']} prompt tokens ...", flush=True)
+            self._start_ticker(what)
+        else:
+            self._stop_ticker()
+            computed = "" if instance == "cold" else f", {event['cached_tokens']} from kvtier"
+            print(f"{what}: done in {event['wall_s']:.1f} s{computed}", flush=True)
+
+    def _start_ticker(self, what: str) -> None:
+        self._stop = threading.Event()
+        t0 = time.monotonic()
+
+        def tick() -> None:
+            while not self._stop.wait(self.every_s):
+                print(f"{what}: {time.monotonic() - t0:.0f} s", flush=True)
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
+
+    def _stop_ticker(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def print_table(res: dict[str, Any]) -> None:
@@ -95,7 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    res = run(args)
+    out = sys.stderr if args.json else sys.stdout
+
+    def say(msg: str) -> None:
+        print(f"[demo] {msg}", file=out, flush=True)
+    res = demo.run(args, say, None if args.json else _Progress(args.docs))
     if args.json:
         print(json.dumps(res))
     else:

@@ -1,38 +1,22 @@
-"""The ``kvtier`` command: demo, bench, model, inspect."""
+"""The ``kvtier`` command: demo, bench, model."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-# (module, help) of each ``kvtier bench`` subcommand; imported lazily.
-_BENCHES = ["kvtier.cli.bench_engine", "kvtier.cli.bench_tiers", "kvtier.cli.bench_serve",
-            "kvtier.cli.bench_report"]
-_COMMANDS = ["kvtier.cli.model_build", "kvtier.cli.demo"]
+from kvtier.cli import bench, demo, model
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (subcommands whose module fails to import are left out)."""
+    """The full argument parser."""
     parser = argparse.ArgumentParser(prog="kvtier", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name in _BENCHES:
-        _add(name, bench_sub)
-    for name in _COMMANDS:
-        _add(name, sub)
+    for command in (demo, bench, model):
+        command.add_parser(sub)
     return parser
-
-
-def _add(module: str, sub: argparse._SubParsersAction) -> None:
-    try:
-        importlib.import_module(module).add_parser(sub)
-    except ModuleNotFoundError as exc:
-        if exc.name != module:  # a real missing dependency: say so
-            raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,9 @@
 
 Layout: ``<root>/<hex[:2]>/<hex>.kvc`` holds the chunk exactly as the codecs
 layer frames it (128-byte header, then the payload), so a file is
-self-describing and can be checked on every read.
+self-describing and can be checked on every read. File names, atomic writes
+and whole-file reads are in :mod:`kvtier.tiers.files`, the LRU index in
+:mod:`kvtier.tiers.lru`, the reusable read buffers in :mod:`kvtier.tiers.buffer_pool`.
 
 - Writes are atomic: a temp file in the same folder, then ``os.replace``. A
   reader (this process or another) sees the whole chunk or no file.
@@ -29,27 +31,19 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import socket
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
-
-import numpy as np
-import xxhash
 
 from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, verify_payload
 from kvtier.config import DiskConfig
 from kvtier.errors import CorruptChunk
-from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.keys import ChunkKey
+from kvtier.tiers import files
 from kvtier.tiers.base import Tier, TierUsage
-
-SUFFIX = ".kvc"
-TMP_SUFFIX = ".tmp"
-STALE_TMP_S = 600.0
-"""A temp file this old is a leftover of a crashed writer (writes take well under a second)."""
-_HOST_TAG = xxhash.xxh32_hexdigest(socket.gethostname().encode())
+from kvtier.tiers.buffer_pool import BufferPool
+from kvtier.tiers.lru import SizeIndex
 
 
 class DiskTier(Tier):
@@ -65,8 +59,7 @@ class DiskTier(Tier):
         self.fsync = cfg.fsync
         self.pool = BufferPool(cfg.read_pool_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._index: OrderedDict[ChunkKey, int] = OrderedDict()  # key -> file size, LRU first
-        self._used = 0  # sizes in the index plus writes in flight
+        self._index = SizeIndex()  # key -> file size, LRU first; used includes writes in flight
         self._lock = threading.Lock()
         self._tmp_seq = itertools.count()
         self._rebuild_index()
@@ -131,7 +124,7 @@ class DiskTier(Tier):
     def usage(self) -> TierUsage:
         """Bytes and chunks this instance knows of (its writes, scans and adoptions)."""
         with self._lock:
-            return TierUsage(sum(self._index.values()), self.max_bytes, len(self._index))
+            return TierUsage(self._index.indexed_bytes, self.max_bytes, len(self._index))
 
     def iter_keys(self) -> Iterator[ChunkKey]:
         """Every chunk file in the folder now (including other processes' files)."""
@@ -175,8 +168,7 @@ class DiskTier(Tier):
         finally:
             os.close(fd)
         with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
+            self._index.touch(key)
         return chunk
 
     def _read(self, key: ChunkKey, fd: int) -> ChunkData:
@@ -191,7 +183,7 @@ class DiskTier(Tier):
         head = bytearray(HEADER_SIZE)
         payload = self.pool.take(st.st_size - HEADER_SIZE)
         try:
-            _preadv_all(fd, [head, payload], key)
+            files.preadv_all(fd, [head, payload], key)
             header = parse_header(key, head)
             if header.payload_len != payload.nbytes:
                 raise CorruptChunk(f"chunk {key.hex()}: file of {st.st_size} bytes, header "
@@ -204,7 +196,7 @@ class DiskTier(Tier):
         # (relatime mounts would not); mtime is kept as the write time.
         os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
         self._adopt(key, st.st_size)
-        return ChunkData(header.meta, payload, _GiveBack(self.pool, payload))
+        return ChunkData(header.meta, payload, self.pool.release_callback(payload))
 
     # -- writes ---------------------------------------------------------------
 
@@ -212,79 +204,38 @@ class DiskTier(Tier):
         payload = memoryview(chunk.payload).cast("B")
         size = HEADER_SIZE + payload.nbytes
         header = encode_header(key, chunk.meta, payload)
-        self._reserve(size)
+        with self._lock:  # count the bytes before they land, evicting LRU files to fit
+            self._index.reserve(size)
+            self._evict_locked()
         try:
-            self._write(self._file(key), header, payload)
+            files.write_atomic(self._file(key), [header, payload], self.fsync,
+                               next(self._tmp_seq))
         except OSError as exc:
             with self._lock:
-                self._used -= size
+                self._index.unreserve(size)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self.stats.add(**{"dropped" if full else "errors": 1})
             return False
         with self._lock:
-            if key in self._index:  # another thread wrote it meanwhile: counted once
-                self._used -= size
-            else:
-                self._index[key] = size
+            self._index.commit(key, size)
         self.stats.add(puts=1, put_bytes=payload.nbytes)
         return True
-
-    def _write(self, path: str, header: bytes, payload: memoryview) -> None:
-        """Atomic write: temp file in the same folder, ``writev``, optional fsync, rename."""
-        folder, name = os.path.split(path)
-        tmp = (f"{folder}/.{name[:-len(SUFFIX)]}.{_HOST_TAG}.{os.getpid()}."
-               f"{next(self._tmp_seq)}{TMP_SUFFIX}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileNotFoundError:
-            _mkdir(folder)  # the shard folder only: a missing root stays an error
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            try:
-                _writev_all(fd, [header, payload])
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError:
-            self._unlink(tmp)
-            raise
-
-    def _reserve(self, size: int) -> None:
-        """Count ``size`` bytes as used, evicting LRU files first so the total fits."""
-        with self._lock:
-            self._used += size
-            self._evict_locked()
 
     def _adopt(self, key: ChunkKey, size: int) -> None:
         """Index a file found on disk that this instance did not write (or forgot)."""
         with self._lock:
-            if key in self._index:
-                return
-            self._index[key] = size
-            self._used += size
-            self._evict_locked(keep=key)
+            if self._index.add(key, size):
+                self._evict_locked(keep=key)
 
     def _evict_locked(self, keep: ChunkKey | None = None) -> None:
         # Unlinks happen under the lock so a concurrent put of a victim key cannot
         # adopt the file between our decision and its removal.
-        while self._used > self.max_bytes and self._index:
-            key, size = next(iter(self._index.items()))
-            if key == keep:
-                if len(self._index) == 1:
-                    break
-                self._index.move_to_end(key)
-                continue
-            del self._index[key]
-            self._used -= size
-            self._unlink(self._file(key))
-            self.stats.add(evictions=1)
+        n = self._index.evict(self.max_bytes, lambda key: self._unlink(self._file(key)), keep)
+        if n:
+            self.stats.add(evictions=n)
 
     def _forget_locked(self, key: ChunkKey) -> None:
-        size = self._index.pop(key, None)
-        if size is not None:
-            self._used -= size
+        self._index.forget(key)
 
     # -- folder ---------------------------------------------------------------
 
@@ -293,8 +244,7 @@ class DiskTier(Tier):
         return Path(self._file(key))
 
     def _file(self, key: ChunkKey) -> str:
-        h = key.hex()
-        return f"{self._root}/{h[:2]}/{h}{SUFFIX}"
+        return files.chunk_path(self._root, key)
 
     def _unlink(self, path: str) -> bool:
         """Remove a file; True if it was there. Errors other than 'absent' are counted."""
@@ -329,11 +279,11 @@ class DiskTier(Tier):
                 continue  # removed meanwhile by another instance
             for entry in entries:
                 try:
-                    if entry.name.endswith(TMP_SUFFIX):
-                        if _stale_tmp(entry.name, entry.stat().st_mtime, now):
+                    if entry.name.endswith(files.TMP_SUFFIX):
+                        if files.is_stale_tmp(entry.name, entry.stat().st_mtime, now):
                             os.unlink(entry.path)
                         continue
-                    key = _key_of(entry.name)
+                    key = files.key_of(entry.name)
                     if key is not None:
                         st = entry.stat()
                         yield key, st.st_size, max(st.st_atime_ns, st.st_mtime_ns)
@@ -343,111 +293,5 @@ class DiskTier(Tier):
     def _rebuild_index(self) -> None:
         found = sorted(self._scan(), key=lambda f: f[2])
         with self._lock:
-            self._index = OrderedDict((key, size) for key, size, _ in found)
-            self._used = sum(self._index.values())
+            self._index = SizeIndex((key, size) for key, size, _ in found)
             self._evict_locked()
-
-
-class BufferPool:
-    """Read buffers handed back by ``ChunkData.release()``, kept for reuse up to ``max_bytes``.
-
-    Fresh memory costs a page fault (and a kernel zeroing) per 4 KiB on its first
-    write, which slows a 3 MiB read by ~40%; a reused buffer is already mapped.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A uint8 buffer of exactly ``nbytes`` (reused if one is free; contents undefined)."""
-        with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                self._bytes -= nbytes
-                return free.pop()
-        return np.empty(nbytes, dtype=np.uint8)
-
-    def give(self, buf: np.ndarray) -> None:
-        """Keep ``buf`` for a later :meth:`take`, or drop it if the pool is full."""
-        with self._lock:
-            if self._bytes + buf.nbytes <= self.max_bytes:
-                self._free.setdefault(buf.nbytes, []).append(buf)
-                self._bytes += buf.nbytes
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held for reuse now."""
-        return self._bytes
-
-
-class _GiveBack:
-    """Release callback of a read buffer (a class, not a lambda, for clear reprs)."""
-
-    __slots__ = ("pool", "buf")
-
-    def __init__(self, pool: BufferPool, buf: np.ndarray) -> None:
-        self.pool, self.buf = pool, buf
-
-    def __call__(self) -> None:
-        self.pool.give(self.buf)
-
-
-def _key_of(name: str) -> ChunkKey | None:
-    """The key a chunk file name holds, or None for any other file."""
-    if not name.endswith(SUFFIX) or len(name) != 2 * KEY_BYTES + len(SUFFIX):
-        return None
-    try:
-        return ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
-    except ValueError:
-        return None
-
-
-def _stale_tmp(name: str, mtime: float, now: float) -> bool:
-    """A temp file is stale if its writer (on this host) is dead, or it is old."""
-    parts = name.split(".")  # "", hex, host, pid, seq, "tmp"
-    if len(parts) == 6 and parts[2] == _HOST_TAG and parts[3].isdigit():
-        try:
-            os.kill(int(parts[3]), 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            pass  # alive but not ours to signal
-    return now - mtime > STALE_TMP_S
-
-
-def _mkdir(path: str) -> None:
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass  # another writer made it first
-
-
-def _preadv_all(fd: int, buffers: list, key: ChunkKey) -> None:
-    """Fill ``buffers`` from the file's start (``preadv`` may return short)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    pos = 0
-    while views:
-        n = os.preadv(fd, views, pos)
-        if n == 0:
-            raise CorruptChunk(f"chunk {key.hex()}: file shorter than its size")
-        pos += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-
-
-def _writev_all(fd: int, buffers: list[bytes | memoryview]) -> None:
-    """``os.writev`` until every byte is written (it may write short)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]

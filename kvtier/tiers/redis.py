@@ -1,17 +1,15 @@
 """Layer 3: the Redis tier: chunks in a Redis / Valkey server or cluster, shared.
 
 Each chunk is stored as the codecs layer frames it (128-byte header, then the
-payload) under ``<key_prefix><hex key>``. A chunk larger than
-``max_value_bytes`` is split: the head value holds the header and the first
-bytes of the payload, ``<k>:1``, ``<k>:2``... hold the rest. Parts are
-written before their head, so a reader that finds a head finds its parts; it
-computes their number from the payload length in the header (and the writer's
-part size from the head's length, so instances configured differently agree).
+payload) under ``<key_prefix><hex key>``, split into parts when it is larger
+than ``max_value_bytes`` (:mod:`kvtier.tiers.redis_values`). Parts are
+written before their head, so a reader that finds a head finds its parts.
 
 Every batch is one pipeline (one round trip; a second one only for the parts
 of split chunks, and on a cluster to order parts before heads across nodes).
-Values go out without being joined into one buffer: a small RESP packer sends
-the header and the caller's payload as separate socket writes.
+Values go out without being joined into one buffer: a small RESP packer
+(:mod:`kvtier.tiers.resp`) sends the header and the caller's payload as
+separate socket writes.
 
 Failures: a connection error or timeout (``timeout_s`` bounds every socket
 wait) turns the batch into misses / ``False`` and counts ``errors``; then the
@@ -30,21 +28,20 @@ import time
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import urlparse
 
-import numpy as np
-
-from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, verify_payload
+from kvtier.codecs import ChunkData, encode_header
 from kvtier.codecs.format import Header
 from kvtier.config import RedisConfig
 from kvtier.errors import CorruptChunk
-from kvtier.keys import KEY_BYTES, ChunkKey
+from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
+from kvtier.tiers.redis_values import ValueLayout
+from kvtier.tiers.resp import Concat, RespPacker, packing_connection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 INSTALL_HINT = "pip install 'kvtier[redis]'"
 PART_TTL_MARGIN_S = 60
 """Parts outlive their head by this much, so a head never expires before its parts."""
-_MIN_VALUE = 1024  # smallest max_value_bytes the config allows: a shorter split head is bad
 _PROBE = 8  # parts unlinked per round trip when deleting (their number is not stored)
 
 
@@ -66,8 +63,7 @@ class RedisTier(Tier):
         super().__init__()
         self._redis = _import_redis()
         self.cfg = cfg
-        self._prefix = cfg.key_prefix.encode()
-        self._first = cfg.max_value_bytes - HEADER_SIZE  # payload bytes in the head value
+        self._layout = ValueLayout(cfg.key_prefix.encode(), cfg.max_value_bytes)
         self._ttl = cfg.ttl_s or None
         self._part_ttl = cfg.ttl_s + PART_TTL_MARGIN_S if cfg.ttl_s else None
         self._client: Any = None
@@ -121,17 +117,12 @@ class RedisTier(Tier):
 
     def iter_keys(self) -> Iterator[ChunkKey]:
         """SCAN for head keys under the prefix (all primaries on a cluster); a snapshot."""
-        pattern = _glob_escape(self._prefix) + b"?" * (2 * KEY_BYTES)
-        n = len(self._prefix)
+        pattern = self._layout.scan_pattern()
 
         def scan(client: Any) -> list[ChunkKey]:
-            keys = []
-            for name in client.scan_iter(match=pattern, count=1000):
-                try:
-                    keys.append(ChunkKey(bytes.fromhex(name[n:].decode("ascii"))))
-                except ValueError:
-                    continue  # not one of ours: same prefix and length, not hex
-            return keys
+            keys = (self._layout.key_of(name) for name in client.scan_iter(match=pattern,
+                                                                            count=1000))
+            return [k for k in keys if k is not None]
         return iter(self._call(scan, []))
 
     def close(self) -> None:
@@ -195,13 +186,11 @@ class RedisTier(Tier):
     def _values(self, key: ChunkKey, chunk: ChunkData) -> list[tuple[bytes, Any, int | None]]:
         """(name, value, ttl) of the head, then of each part; values are not copied."""
         payload = memoryview(chunk.payload).cast("B")
-        header = encode_header(key, chunk.meta, payload)
         head = self._head(key)
-        out = [(head, self._concat(header, payload[:self._first]), self._ttl)]
-        m = self.cfg.max_value_bytes
-        for i, start in enumerate(range(self._first, payload.nbytes, m), 1):
-            out.append((head + b":%d" % i, self._concat(payload[start:start + m]), self._part_ttl))
-        return out
+        values = self._layout.split(encode_header(key, chunk.meta, payload), payload)
+        return [(head, self._concat(*values[0]), self._ttl)] + [
+            (self._layout.part(head, i), self._concat(*v), self._part_ttl)
+            for i, v in enumerate(values[1:], 1)]
 
     def _get(self, client: Any, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
         pipe = client.pipeline(transaction=False)
@@ -217,14 +206,9 @@ class RedisTier(Tier):
                 self.stats.add(errors=1)
                 continue
             try:
-                header = parse_header(key, value)
-                rest = header.payload_len - (len(value) - HEADER_SIZE)
-                if rest < 0 or (rest > 0 and len(value) < _MIN_VALUE):
-                    raise CorruptChunk(f"chunk {key.hex()}: head value of {len(value)} bytes")
-                if len(value) - HEADER_SIZE == header.payload_len:
-                    payload = np.frombuffer(value, dtype=np.uint8, offset=HEADER_SIZE)
-                    verify_payload(key, header, payload)
-                    out[i] = ChunkData(header.meta, payload)
+                header, whole = self._layout.parse_head(key, value)
+                if whole is not None:
+                    out[i] = whole
                 else:
                     split.append((i, header, value))
             except CorruptChunk as exc:
@@ -243,10 +227,10 @@ class RedisTier(Tier):
         pipe = client.pipeline(transaction=False)
         counts = []
         for i, header, head in split:
-            n = -(-(header.payload_len - len(head) + HEADER_SIZE) // len(head))
+            n = self._layout.num_parts(header, head)
             counts.append(n)
             for p in range(1, n + 1):
-                pipe.get(self._head(keys[i]) + b":%d" % p)
+                pipe.get(self._layout.part(self._head(keys[i]), p))
         parts = iter(pipe.execute(raise_on_error=False))
         for (i, header, head), n in zip(split, counts):
             key, mine = keys[i], [next(parts) for _ in range(n)]
@@ -255,20 +239,10 @@ class RedisTier(Tier):
                 # orphan head would keep answering EXISTS, so it goes too.
                 self._delete(client, [self._head(key)])
                 continue
-            m, pos = len(head), len(head) - HEADER_SIZE
-            payload = np.empty(header.payload_len, dtype=np.uint8)
-            payload[:pos] = np.frombuffer(head, dtype=np.uint8, offset=HEADER_SIZE)
             try:
-                for p in mine:
-                    if len(p) != min(m, header.payload_len - pos):
-                        raise CorruptChunk(f"chunk {key.hex()}: part of {len(p)} bytes")
-                    payload[pos:pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
-                    pos += len(p)
-                verify_payload(key, header, payload)
+                out[i] = self._layout.join(key, header, head, mine)
             except CorruptChunk as exc:
                 self._drop_corrupt(client, key, exc)
-                continue
-            out[i] = ChunkData(header.meta, payload)
 
     def _drop_corrupt(self, client: Any, key: ChunkKey, exc: CorruptChunk) -> None:
         log.warning("redis tier: deleting corrupt chunk: %s", exc)
@@ -280,7 +254,7 @@ class RedisTier(Tier):
         pipe = client.pipeline(transaction=False)
         for head in heads:
             pipe.unlink(head)
-            pipe.unlink(head + b":1")
+            pipe.unlink(ValueLayout.part(head, 1))
         res = pipe.execute()
         n = sum(int(r) for r in res[0::2])
         todo = [(h, 2) for h, more in zip(heads, res[1::2]) if more]
@@ -288,7 +262,7 @@ class RedisTier(Tier):
             pipe = client.pipeline(transaction=False)
             for head, first in todo:
                 for p in range(first, first + _PROBE):
-                    pipe.unlink(head + b":%d" % p)
+                    pipe.unlink(ValueLayout.part(head, p))
             res = pipe.execute()
             todo = [(h, f + _PROBE) for j, (h, f) in enumerate(todo)
                     if res[(j + 1) * _PROBE - 1]]
@@ -349,7 +323,7 @@ class RedisTier(Tier):
         # A cluster passes only known kwargs to its nodes; a connection class that
         # installs the packer gets through for plain TCP (TLS forces its own class).
         if urlparse(self.cfg.url).scheme == "redis":
-            common["connection_class"] = _packing_connection(r.Connection)
+            common["connection_class"] = packing_connection(r.Connection)
             self._zero_copy = True
         return r.cluster.RedisCluster.from_url(self.cfg.url, **common)
 
@@ -358,75 +332,4 @@ class RedisTier(Tier):
         return Concat(buffers) if self._zero_copy else b"".join(buffers)
 
     def _head(self, key: ChunkKey) -> bytes:
-        return self._prefix + key.hex().encode()
-
-
-class Concat:
-    """Buffers sent back to back as one RESP bulk string (a value) by :class:`RespPacker`."""
-
-    __slots__ = ("buffers", "nbytes")
-
-    def __init__(self, buffers: Sequence[bytes | memoryview]) -> None:
-        self.buffers = [memoryview(b).cast("B") for b in buffers]
-        self.nbytes = sum(b.nbytes for b in self.buffers)
-
-
-class RespPacker:
-    """redis-py command packer that never copies large values.
-
-    redis-py's packers join (hiredis) or convert (memoryviews to bytes) values;
-    for 3 MiB chunks that copy costs as much as the send. Here a
-    :class:`Concat` or memoryview argument becomes its own entries of the output
-    list, which the connection hands to ``sendall`` one by one.
-    """
-
-    _LARGE = 16 * 1024  # smaller values are cheaper to join than to send apart
-
-    def pack(self, *args: Any) -> list[bytes | memoryview]:
-        """RESP array of bulk strings, as a list of buffers to send in order."""
-        if isinstance(args[0], (str, bytes)) and " " in str(args[0]):  # "CLIENT SETINFO"
-            args = (*args[0].split(), *args[1:])
-        out: list[bytes | memoryview] = []
-        pending = [b"*%d\r\n" % len(args)]
-        for arg in args:
-            bufs = arg.buffers if isinstance(arg, Concat) else [_encode(arg)]
-            nbytes = arg.nbytes if isinstance(arg, Concat) else len(bufs[0])
-            if nbytes < self._LARGE:
-                pending.extend((b"$%d\r\n" % nbytes, *(bytes(b) for b in bufs), b"\r\n"))
-                continue
-            pending.append(b"$%d\r\n" % nbytes)
-            out.append(b"".join(pending))
-            out.extend(bufs)
-            pending = [b"\r\n"]
-        out.append(b"".join(pending))
-        return out
-
-
-def _encode(value: Any) -> bytes | memoryview:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return memoryview(value).cast("B")
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(value).encode()
-    raise TypeError(f"cannot send a {type(value).__name__} to Redis")
-
-
-def _packing_connection(base: type) -> type:
-    class PackingConnection(base):  # type: ignore[misc, valid-type]
-        def __init__(self, **kwargs: Any) -> None:
-            kwargs["command_packer"] = RespPacker()
-            super().__init__(**kwargs)
-    return PackingConnection
-
-
-def _glob_escape(raw: bytes) -> bytes:
-    """Escape Redis glob characters, so a prefix matches only itself."""
-    out = bytearray()
-    for c in raw:
-        if c in b"*?[]\\":
-            out += b"\\"
-        out.append(c)
-    return bytes(out)
+        return self._layout.head(key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from kvtier.cli.serve.client import Result
+from kvtier.bench.serve.client import Result
 
 BASELINE = "vllm"
 

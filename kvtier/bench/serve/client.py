@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from kvtier.cli.serve.workloads import Turn, Workload
+from kvtier.bench.serve.workloads import Turn, Workload
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """Build small random-weight Llama models (plus a BPE tokenizer) locally, with no model hub.
 
-``kvtier model build --shape tiny|small [--out DIR]`` prints the model directory.
+``kvtier model build --shape tiny|small [--out DIR]`` (:mod:`kvtier.cli.model`) prints the
+model directory.
 Builds are deterministic (same shape + seed -> same bytes), cached on disk and written
 atomically, so tests, demos and benchmarks can all call :func:`build_model` cheaply.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -217,31 +217,3 @@ def make_document(tokenizer_or_model_dir: Any, num_tokens: int, seed: int) -> li
         enc = tok.encode(_text(rng, 1000) + "\n\n", add_special_tokens=False)
         ids.extend(enc.ids if hasattr(enc, "ids") else enc)
     return ids[:num_tokens]
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``model build`` on the ``kvtier`` command."""
-    model = subparsers.add_parser("model", help="build local random-weight test models")
-    sub = model.add_subparsers(dest="model_command", required=True)
-    p = sub.add_parser("build", help="build (or reuse) a model and print its directory")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--out", type=Path, default=None, help="default: cache dir (KVTIER_MODEL_DIR)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_build_cmd)
-
-
-def _build_cmd(args: argparse.Namespace) -> int:
-    print(build_model(args.shape, args.out, args.seed))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry: ``python -m kvtier.cli.model_build model build --shape tiny``."""
-    parser = argparse.ArgumentParser(prog="kvtier")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,11 +13,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
-HOST = "127.0.0.1"
+from kvtier.testing.procs import HOST, free_port, wait_until
 
 
 class RedisNotInstalled(RuntimeError):
@@ -32,28 +30,6 @@ def redis_binary(name: str = "redis-server") -> str:
                                 f"redis-tools packages, e.g. apt-get install -y redis-server "
                                 f"redis-tools)")
     return path
-
-
-def free_port(bus_offset: int | None = None) -> int:
-    """A TCP port on 127.0.0.1 that is free now (and ``port + bus_offset`` too, if given)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if bus_offset is None:
-            return port
-        if port + bus_offset < 65536 and _port_free(port + bus_offset):
-            return port
-    raise RuntimeError("no free port pair found on 127.0.0.1")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def command(port: int, *args: str, timeout_s: float = 1.0) -> bytes:
@@ -75,16 +51,6 @@ def command(port: int, *args: str, timeout_s: float = 1.0) -> bytes:
             return data
     except OSError:
         return b""
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll ``check()`` every 20 ms until it is true; TimeoutError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{what} not ready after {timeout_s} s")
 
 
 class RedisProcess:

@@ -1,12 +1,12 @@
 """``kvtier bench serve``: serving workloads on real ``vllm serve``, kvtier beside its peers.
 
 Setup (printed with the results): every configuration of
-:mod:`kvtier.cli.serve.servers` is a fresh vLLM OpenAI server on 127.0.0.1 with
+:mod:`kvtier.bench.serve.servers` is a fresh vLLM OpenAI server on 127.0.0.1 with
 the same engine settings (threads pinned alike, the same engine KV capped so
 its own prefix cache overflows, greedy decoding) and the same CPU memory
 budget for its KV layer; vLLM alone runs first in the same run, as the
-baseline. The async client of :mod:`kvtier.cli.serve.client` drives each one
-through the same requests (:mod:`kvtier.cli.serve.workloads`); every
+baseline. The async client of :mod:`kvtier.bench.serve.client` drives each one
+through the same requests (:mod:`kvtier.bench.serve.workloads`); every
 configuration's greedy tokens are compared with vLLM alone's.
 
     kvtier bench serve --workload long-doc-qa --quick
@@ -18,7 +18,6 @@ Writes ``results-<workload>.json`` (every request) and ``<workload>.png``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -30,14 +29,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from kvtier.cli.model_build import build_model, make_document
-from kvtier.cli.offline import fast_dtype
-from kvtier.cli.serve import report
-from kvtier.cli.serve.client import Result, run_workload, warm_up
-from kvtier.cli.serve.servers import (CONFIG_NAMES, LABELS, EngineSettings, Servers,
-                                      lmcache_available, make_config)
-from kvtier.cli.serve.workloads import LongDocQA, MultiRoundQA, Workload
+from kvtier.bench.peers.lmcache import lmcache_available
+from kvtier.bench.serve import analysis
+from kvtier.bench.serve.client import Result, run_workload, warm_up
+from kvtier.bench.serve.servers import CONFIG_NAMES, LABELS, EngineSettings, Servers, make_config
+from kvtier.bench.serve.workloads import LongDocQA, MultiRoundQA, Workload
 from kvtier.config import parse_size
+from kvtier.testing.models import build_model, make_document
+from kvtier.testing.vllm_cpu import fast_dtype
 
 log = logging.getLogger("kvtier.bench.serve")
 BLOCK = 128  # vLLM's CPU KV block size
@@ -53,7 +52,7 @@ TOY = {"long-doc-qa": dict(docs=3, doc_tokens=600, questions=2, max_tokens=4),
                               turn_tokens=64, answer_tokens=32, max_tokens=4, think_time_s=0.0)}
 
 
-def build_workload(args: argparse.Namespace, model: str) -> Workload:
+def build_workload(args: Any, model: str) -> Workload:
     """The workload of the run, from its defaults, ``--quick``/``--toy`` and size options."""
     cls = LongDocQA if args.workload == "long-doc-qa" else MultiRoundQA
     sizes = dict(QUICK[args.workload] if args.quick else {})
@@ -65,7 +64,7 @@ def build_workload(args: argparse.Namespace, model: str) -> Workload:
     return replace(cls(), **sizes).build(model, args.seed)
 
 
-def engine_settings(args: argparse.Namespace, model: str, workload: Workload) -> EngineSettings:
+def engine_settings(args: Any, model: str, workload: Workload) -> EngineSettings:
     """Engine settings shared by every configuration."""
     longest = workload.max_prompt_tokens + 64
     max_len = -(-longest // BLOCK) * BLOCK
@@ -100,7 +99,7 @@ def config_names(spec: str) -> list[str]:
     return sorted(set(names) | {"vllm"}, key=CONFIG_NAMES.index)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Any) -> dict[str, Any]:
     """Run every configuration; return the summary (and write results and the plot)."""
     model = str(Path(args.model)) if args.model else str(build_model(args.shape))
     workload = build_workload(args, model)
@@ -127,19 +126,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cfg = make_config(name, eng, scratch)
             results[name], summary[name] = _run_config(args, cfg, eng, workload, out)
             if name != "vllm":
-                summary[name].update(report.compare_outputs(results[name], results["vllm"]))
+                summary[name].update(analysis.compare_outputs(results[name], results["vllm"]))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report.add_ratios(summary)
-    outputs = report.layers_agree(results)
+    analysis.add_ratios(summary)
+    outputs = analysis.layers_agree(results)
     (out / f"results-{workload.name}.json").write_text(json.dumps(
         {"setup": setup, "summary": summary, "outputs": outputs,
          "requests": {n: [r.to_json() for r in rs] for n, rs in results.items()}}))
-    report.plot(workload.name, results, summary, LABELS, out / f"{workload.name}.png")
+    analysis.plot(workload.name, results, summary, LABELS, out / f"{workload.name}.png")
     return {"setup": setup, "summary": summary, "outputs": outputs}
 
 
-def _run_config(args: argparse.Namespace, cfg: Any, eng: EngineSettings, workload: Workload,
+def _run_config(args: Any, cfg: Any, eng: EngineSettings, workload: Workload,
                 out: Path) -> tuple[list[Result], dict[str, Any]]:
     _say(args, f"[{cfg.name}] starting {cfg.label} ...")
     with Servers(cfg, eng, out / f"server-{workload.name}-{cfg.name}.log") as srv:
@@ -152,7 +151,7 @@ def _run_config(args: argparse.Namespace, cfg: Any, eng: EngineSettings, workloa
             on_done=lambda r: bar.update(1) if bar is not None else None))
         if bar is not None:
             bar.close()
-    summary = report.summarize(workload.name, results)
+    summary = analysis.summarize(workload.name, results)
     summary.update(wall_s=wall, startup_s=srv.startup_s, run_s=time.perf_counter() - t0)
     _say(args, f"[{cfg.name}] TTFT p50 {summary['ttft_p50_s'] * 1e3:.0f} ms, "
                f"QPS {summary['qps']:.3f}, hit rate {summary['hit_rate']:.1%}, "
@@ -160,62 +159,12 @@ def _run_config(args: argparse.Namespace, cfg: Any, eng: EngineSettings, workloa
     return results, summary
 
 
-def _progress(args: argparse.Namespace, total: int, name: str) -> Any:
+def _progress(args: Any, total: int, name: str) -> Any:
     if args.json:
         return None
     from tqdm import tqdm
     return tqdm(total=total, desc=name, unit="req", file=sys.stderr, leave=False)
 
 
-def _say(args: argparse.Namespace, msg: str) -> None:
+def _say(args: Any, msg: str) -> None:
     print(f"[bench serve] {msg}", file=sys.stderr if args.json else sys.stdout, flush=True)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``kvtier bench serve``."""
-    p = subparsers.add_parser("serve", help="serving workloads vs vLLM alone and the peers",
-                              description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["long-doc-qa", "multi-round-qa"], required=True)
-    p.add_argument("--configs", default="all",
-                   help=f"comma list of {', '.join(CONFIG_NAMES)} (default all; vllm always)")
-    p.add_argument("--quick", action="store_true",
-                   help="reduced sizes (all configurations in under 15 min on 2 cores)")
-    p.add_argument("--toy", action="store_true", help="toy sizes (CI: keeps it working)")
-    p.add_argument("--model", help="a local model directory (default: the built --shape)")
-    p.add_argument("--shape", default="small", help="local model shape to build")
-    p.add_argument("--concurrency", type=int, default=None,
-                   help="requests in flight (default: one per sender: 1 document at a time "
-                        "for long-doc-qa is --concurrency 1)")
-    p.add_argument("--request-rate", type=float, default=None,
-                   help="open loop: Poisson arrivals per second instead of a closed loop")
-    p.add_argument("--engine-kv-requests", type=int, default=2,
-                   help="engine KV holds this many of the longest requests (default 2)")
-    p.add_argument("--num-gpu-blocks", type=int, default=None, help="engine KV blocks, exactly")
-    p.add_argument("--kv-budget", default="2GiB", help="CPU memory of every KV layer")
-    p.add_argument("--dtype", default="auto",
-                   help="model dtype (auto: bfloat16 where the CPU has bf16 units, else float32)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench-out/serve", help="results folder")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    for key, value in {**vars(LongDocQA()), **vars(MultiRoundQA())}.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
-                       help=f"workload size (default {value}, or --quick's)")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    if args.concurrency is None and args.workload == "long-doc-qa" and not args.request_rate:
-        args.concurrency = 1
-    res = run(args)
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print()
-        print(report.table(res["summary"], LABELS))
-        print("\n" + report.outputs_note(res["outputs"]))
-        peers = report.peer_table(res["summary"], LABELS)
-        if peers:
-            print("\nkvtier against the peers:\n" + peers)
-        print(f"\nresults and plot in {args.out}")
-    return 0 if all(s["errors"] == 0 for s in res["summary"].values()) else 1

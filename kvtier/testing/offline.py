@@ -2,7 +2,7 @@
 
 Tests, the demo and benchmarks need *new* vLLM instances (a new process is
 what a restart or a second instance really is), so :func:`run_instance`
-starts ``python -m kvtier.cli.offline`` with a JSON spec on stdin and reads a
+starts ``python -m kvtier.testing.offline`` with a JSON spec on stdin and reads a
 JSON result from its last stdout line.
 
 Spec keys: ``model`` (dir), ``kvtier`` (connector extra config, or null for
@@ -13,71 +13,86 @@ plain vLLM), ``rounds`` (list of rounds; each a list of requests
 ``prefix_caching`` (vLLM's own, default true), ``multiprocess`` (vLLM's
 default two-process mode; default false: one process, faster start),
 ``dtype`` (default bfloat16), ``kv_transfer`` (optional full ``KVTransferConfig`` dict for a non-kvtier
-connector, e.g. a peer system; used only when ``kvtier`` is null).
+connector, e.g. a peer system; used only when ``kvtier`` is null),
+``gpu_memory_utilization`` (default: what the run needs, see
+:func:`~kvtier.testing.vllm_cpu.memory_utilization`).
+
+With ``on_progress``, the child reports each request as it starts and ends
+(lines starting with ``PROGRESS`` on its stdout), so a caller can show progress
+during minutes-long prefills.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
-from kvtier.cli import last_json_line
+from kvtier.testing.procs import last_json_line
+from kvtier.testing.vllm_cpu import memory_utilization, vllm_env
 
 KV_CONNECTOR = "KvtierConnector"
 KV_CONNECTOR_MODULE = "kvtier.connectors.vllm"
 
 
-def fast_dtype() -> str:
-    """The model dtype that runs fast on this machine's CPU.
+PROGRESS = "KVTIER-PROGRESS "
 
-    bfloat16 where the CPU has bf16 matrix units (AVX512-BF16, AMX); float32
-    elsewhere: on an AVX2-only CPU torch runs bf16 matmuls about 80x slower
-    than float32 (0.9 vs 72 GFLOP/s measured on 2 cores), which would make
-    every prefill, not the KV layer, the story of a benchmark.
+
+def run_instance(spec: dict[str, Any], timeout_s: float = 600, log_path: str | None = None,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Start a fresh vLLM process for ``spec``; return its result dict.
+
+    ``on_progress`` gets ``{"event": "start"|"done", "round", "index", ...}``
+    for each request as the child runs it (from a reader of the child's stdout).
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "bfloat16"
-    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
-
-
-def vllm_env(multiprocess: bool = False, kv_space_gib: int = 1) -> dict[str, str]:
-    """Environment for a comparable vLLM-CPU run (threads pinned the same way in every run)."""
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_space_gib))
-    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
-def run_instance(spec: dict[str, Any], timeout_s: float = 600, log_path: str | None = None
-                 ) -> dict[str, Any]:
-    """Start a fresh vLLM process for ``spec``; return its result dict."""
     env = vllm_env(bool(spec.get("multiprocess")), int(spec.get("kv_space_gib", 1)))
     env.update(spec.get("env", {}))
-    stderr = open(log_path, "ab") if log_path else subprocess.PIPE
-    try:
-        proc = subprocess.run([sys.executable, "-m", "kvtier.cli.offline"], input=json.dumps(spec),
-                              stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-                              timeout=timeout_s)
-    finally:
-        if log_path:
-            stderr.close()
-    result = last_json_line(proc.stdout)
-    if proc.returncode != 0 or result is None:
-        tail = (proc.stderr or "")[-4000:] if not log_path else f"(see {log_path})"
-        raise RuntimeError(f"vLLM instance failed (exit {proc.returncode}): {tail}")
+    spec = {**spec, "progress": on_progress is not None}
+    with (open(log_path, "ab") if log_path else tempfile.TemporaryFile()) as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kvtier.testing.offline"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env=env)
+        killer = threading.Timer(timeout_s, proc.kill)  # bounded, even if the child hangs
+        killer.start()
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps(spec))
+            proc.stdin.close()
+            lines = []
+            for line in proc.stdout:
+                if line.startswith(PROGRESS) and on_progress is not None:
+                    on_progress(json.loads(line[len(PROGRESS):]))
+                else:
+                    lines.append(line)
+            rc = proc.wait()
+        finally:
+            killer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        result = last_json_line("".join(lines))
+        if rc != 0 or result is None:
+            if log_path:
+                tail = f"(see {log_path})"
+            else:
+                err.seek(0)
+                tail = err.read()[-4000:].decode(errors="replace")
+            raise RuntimeError(f"vLLM instance failed (exit {rc}): {tail}")
     return result
 
 
-def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool) -> list[dict[str, Any]]:
+def _progress(enabled: bool, **event: Any) -> None:
+    if enabled:
+        sys.stdout.write(PROGRESS + json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+
+def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool, round_: int = 0,
+              progress: bool = False) -> list[dict[str, Any]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -93,7 +108,9 @@ def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool) -> lis
 
     batches = [[r] for r in requests] if sequential else [requests]
     results = []
-    for batch in batches:
+    for n, batch in enumerate(batches):
+        _progress(progress, event="start", round=round_, index=n, requests=len(batch),
+                  prompt_tokens=sum(len(r["prompt"]) for r in batch))
         t0 = time.perf_counter()
         outs = llm.generate([prompt(r) for r in batch], [params(r) for r in batch],
                             use_tqdm=False)
@@ -106,6 +123,8 @@ def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool) -> lis
             results.append({"token_ids": list(comp.token_ids), "logprobs": lps,
                             "num_cached_tokens": out.num_cached_tokens or 0,
                             "ttft_s": ttft or wall, "wall_s": wall})
+        _progress(progress, event="done", round=round_, index=n, wall_s=wall,
+                  cached_tokens=sum(r["num_cached_tokens"] for r in results[-len(batch):]))
     return results
 
 
@@ -118,7 +137,10 @@ def _main() -> int:
                                   enforce_eager=True,
                                   max_model_len=spec.get("max_model_len", 4096),
                                   enable_prefix_caching=spec.get("prefix_caching", True),
-                                  disable_log_stats=False, seed=0)
+                                  disable_log_stats=False, seed=0,
+                                  gpu_memory_utilization=spec.get("gpu_memory_utilization")
+                                  or memory_utilization(spec["model"],
+                                                        spec.get("kv_space_gib", 1)))
     if spec.get("num_gpu_blocks"):
         kwargs["num_gpu_blocks_override"] = spec["num_gpu_blocks"]
     if spec.get("max_num_batched_tokens"):
@@ -132,7 +154,8 @@ def _main() -> int:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
-    rounds = [_generate(llm, reqs, spec.get("sequential", False)) for reqs in spec["rounds"]]
+    rounds = [_generate(llm, reqs, spec.get("sequential", False), i, spec.get("progress", False))
+              for i, reqs in enumerate(spec["rounds"])]
     result = {"startup_s": startup, "rounds": rounds}
     del llm  # shuts the engine (and the connector's background writers) down
     sys.stdout.write(json.dumps(result) + "\n")

@@ -9,7 +9,6 @@ commands, the machine, the settings, the tables and the plots
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import platform
@@ -19,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvtier.cli import last_json_line
-from kvtier.cli.serve import report
-from kvtier.cli.serve.servers import LABELS
+from kvtier.testing.procs import last_json_line
+from kvtier.bench.serve import analysis
+from kvtier.bench.serve.servers import LABELS
 
 WORKLOADS = ("long-doc-qa", "multi-round-qa")
 
@@ -36,7 +35,7 @@ def _bench(args: list[str]) -> dict[str, Any]:
     return result
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: Any) -> Path:
     """Run the benchmarks and write the page; returns its path."""
     docs = Path(args.docs)
     (docs / "img").mkdir(parents=True, exist_ok=True)
@@ -124,13 +123,13 @@ def _serve_section(w: str, res: dict[str, Any], cmd: str) -> list[str]:
            "Measured: every turn; QPS at the same user load, with TTFT p90 against vLLM "
            "alone's as the latency bound."),
         "",
-        report.table(summ, LABELS),
+        analysis.table(summ, LABELS),
         "",
     ]
-    note = report.outputs_note(res.get("outputs"))
+    note = analysis.outputs_note(res.get("outputs"))
     if note:
         lines += [note, ""]
-    peers = report.peer_table(summ, LABELS)
+    peers = analysis.peer_table(summ, LABELS)
     if peers:
         lines += ["kvtier against the peers (ratio > 1: kvtier faster):", "", peers, ""]
     cold = ", ".join(f"{LABELS[n]} {v['cold_ttft_p50_s'] * 1e3:.0f} ms" for n, v in summ.items())
@@ -149,13 +148,3 @@ def _versions() -> str:
         except metadata.PackageNotFoundError:
             pass
     return ", ".join(got)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``kvtier bench report``."""
-    p = subparsers.add_parser("report", help="rerun every benchmark, rewrite docs/benchmarks.md")
-    p.add_argument("--quick", action="store_true", help="serving benchmarks at --quick size")
-    p.add_argument("--configs", default="all", help="serving configurations (see bench serve)")
-    p.add_argument("--docs", default="docs", help="folder of benchmarks.md and img/")
-    p.add_argument("--scratch", default="bench-out/report", help="per-request results")
-    p.set_defaults(func=lambda a: print(f"[bench report] wrote {run(a)}"))

@@ -12,8 +12,6 @@ the retrieve run back to back, so all three see the same machine load.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from typing import Any, Callable
@@ -51,7 +49,7 @@ def _path(engine: CacheEngine) -> str:
     return f"numba kernels ({numba.threading_layer()} threads)"
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Any) -> dict[str, Any]:
     """Run the benchmark; returns the result dict printed by the CLI."""
     torch.manual_seed(0)
     lay = PagedLayout(LayoutKind(args.layout), args.layers, args.kv_heads, args.head_dim,
@@ -97,37 +95,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "store_ms": store_s * 1e3, "retrieve_ms": retrieve_s * 1e3, "copy_ms": copy_s * 1e3,
         "bitwise_equal": ok,
     }
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``bench engine``."""
-    p = subparsers.add_parser("engine", help="store/retrieve bandwidth of the cache engine")
-    p.add_argument("--layout", default="vllm_cpu", choices=[k.value for k in LayoutKind])
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    res = run(args)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    s = res["setup"]
-    print(f"kvtier bench engine: {s['layout']}, {s['tokens']} tokens = {s['chunks']} chunks "
-          f"({s['bytes'] / 2**20:.0f} MiB), {s['path']}, torch threads {s['torch_threads']}, "
-          f"median of {s['repeats']}")
-    print(f"  {'':10} {'GB/s':>8} {'ms':>8} {'vs copy':>8}")
-    print(f"  {'plain copy':10} {res['copy_gbps']:8.2f} {res['copy_ms']:8.2f} {1:8.2f}")
-    print(f"  {'store':10} {res['store_gbps']:8.2f} {res['store_ms']:8.2f} {res['store_ratio']:8.2f}")
-    print(f"  {'retrieve':10} {res['retrieve_gbps']:8.2f} {res['retrieve_ms']:8.2f} "
-          f"{res['retrieve_ratio']:8.2f}")
-    print(f"  retrieved KV bitwise equal to stored: {res['bitwise_equal']}")
-    return 0

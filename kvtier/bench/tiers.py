@@ -21,8 +21,6 @@ ratios, which cancels most of the drift of a shared machine's load.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -33,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from kvtier.cli.redis_proc import RedisNotInstalled, RedisProcess
+from kvtier.testing.redis_proc import RedisNotInstalled, RedisProcess
 from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta
 from kvtier.config import DiskConfig, RedisConfig
 from kvtier.keys import ChunkKey
@@ -130,7 +128,7 @@ def drop_page_cache(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def bench_disk(items: Items, args: argparse.Namespace) -> dict[str, Any]:
+def bench_disk(items: Items, args: Any) -> dict[str, Any]:
     """Disk tier vs plain files in the same folder tree."""
     total = sum(c.payload.nbytes for _, c in items)
     base = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.disk_path))
@@ -185,7 +183,7 @@ def bench_disk(items: Items, args: argparse.Namespace) -> dict[str, Any]:
 # -- redis ----------------------------------------------------------------------
 
 
-def bench_redis(items: Items, args: argparse.Namespace) -> dict[str, Any]:
+def bench_redis(items: Items, args: Any) -> dict[str, Any]:
     """Redis tier vs plain redis-py pipelines on the same server."""
     try:
         import redis
@@ -275,7 +273,7 @@ def _rates(name: str, times: dict[str, list[float]], total: int) -> dict[str, fl
     return out
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: Any) -> dict[str, Any]:
     """Run the benchmark; returns the result dict printed by the CLI."""
     chunk_bytes = int(args.chunk_mib * 2**20)
     items = make_items(chunk_bytes, args.chunks)
@@ -298,47 +296,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_redis:
         res.update(bench_redis(items, args))
     return res
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``bench tiers``."""
-    p = subparsers.add_parser("tiers", help="disk and Redis tier throughput vs the raw medium")
-    p.add_argument("--chunk-mib", type=float, default=3.0)
-    p.add_argument("--chunks", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--disk-path", default=None, help="folder to benchmark in (default: $TMPDIR)")
-    p.add_argument("--fsync", action="store_true", help="fsync every file (raw and tier)")
-    p.add_argument("--settle-s", type=float, default=0.2,
-                   help="pause after the flush before each disk pass")
-    p.add_argument("--cache", choices=["cold", "warm"], default="cold",
-                   help="disk reads from the device (cold) or from the page cache (warm)")
-    p.add_argument("--redis-url", default=None,
-                   help="server to use (default: start a temporary redis-server on 127.0.0.1)")
-    p.add_argument("--no-disk", action="store_true")
-    p.add_argument("--no-redis", action="store_true")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    res = run(args)
-    if args.json:
-        print(json.dumps(res))
-        return 0
-    s = res["setup"]
-    print(f"kvtier bench tiers: {s['chunks']} chunks of {s['chunk_bytes'] / 2**20:g} MiB "
-          f"({s['chunk_meta']}), one batch, median of {s['repeats']}")
-    print(f"  disk: {s['disk_path']} ({s['disk_fs']}); {s['disk_writes']}")
-    print(f"  disk reads {s['disk_reads']}")
-    print(f"  {'':8} {'raw GB/s':>9} {'tier GB/s':>10} {'tier/raw':>9}")
-    for name in ("disk", "redis"):
-        if f"{name}_put_ratio" not in res:
-            note = res.get(f"{name}_skipped", f"not run (--no-{name})")
-            print(f"  {name:8} skipped: {note}")
-            continue
-        for op in ("put", "get"):
-            print(f"  {name + ' ' + op:8} {res[f'{name}_raw_{op}_gbps']:9.2f} "
-                  f"{res[f'{name}_tier_{op}_gbps']:10.2f} {res[f'{name}_{op}_ratio']:9.2f}")
-    if "redis_server" in res:
-        print(f"  redis: {res['redis_server']}, {res['redis_client']}")
-    return 0

@@ -14,11 +14,11 @@ purpose), greedy decoding. What differs is only the KV layer behind vLLM:
   or memory plus a disk tier in a scratch folder; partial last chunks kept
   in whole blocks (``store_partial_chunks``);
 - ``native``: vLLM's own ``OffloadingConnector``; stock, it does not run on
-  the CPU platform, so it runs with :mod:`kvtier.cli.peers.vllm_native_cpu`
+  the CPU platform, so it runs with :mod:`kvtier.bench.peers.vllm_native_cpu`
   (a CPU copy spec) and is labelled so;
 - ``lmcache``: LMCache 0.5.6 in its multiprocess mode (``lmcache server``
-  plus vLLM's ``LMCacheMPConnector``), from its own venv (``.venv-lmcache``,
-  made by ``scripts/setup_peer_lmcache.sh``).
+  plus vLLM's ``LMCacheMPConnector``), from its own venv
+  (:mod:`kvtier.bench.peers.lmcache`).
 
 All KV layers get the same CPU memory budget.
 """
@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier.cli.redis_proc import free_port
+from kvtier.bench.peers.lmcache import lmcache_server
+from kvtier.testing.procs import free_port
+from kvtier.testing.vllm_cpu import memory_utilization
 
-REPO = Path(__file__).resolve().parents[3]
-LMCACHE_VENV = REPO / ".venv-lmcache"
-NATIVE_SPEC = ("CPUCopyOffloadingSpec", "kvtier.cli.peers.vllm_native_cpu")
+NATIVE_SPEC = ("CPUCopyOffloadingSpec", "kvtier.bench.peers.vllm_native_cpu")
 CONFIG_NAMES = ("vllm", "kvtier-memory", "kvtier-disk", "native", "lmcache")
 LABELS = {"vllm": "vLLM alone (prefix cache on)",
           "kvtier-memory": "vLLM + kvtier (memory)",
@@ -86,11 +86,6 @@ class ServeConfig:
         return LABELS[self.name]
 
 
-def lmcache_available() -> bool:
-    """True when LMCache's own venv exists (``scripts/setup_peer_lmcache.sh``)."""
-    return (LMCACHE_VENV / "bin" / "lmcache").exists()
-
-
 def make_config(name: str, eng: EngineSettings, scratch: Path) -> ServeConfig:
     """The configuration called ``name`` (one of :data:`CONFIG_NAMES`)."""
     py = sys.executable
@@ -114,29 +109,9 @@ def make_config(name: str, eng: EngineSettings, scratch: Path) -> ServeConfig:
                                           "spec_name": spec_name, "spec_module_path": spec_module,
                                           "cpu_bytes_to_use": budget}})
     if name == "lmcache":
-        return _lmcache_config(eng)
+        python, kv_transfer, cmd, env, ready_url = lmcache_server(eng.kv_budget_bytes)
+        return ServeConfig(name, python, kv_transfer, Sidecar(cmd, env, ready_url))
     raise ValueError(f"unknown configuration {name!r}; choose from {', '.join(CONFIG_NAMES)}")
-
-
-def _lmcache_config(eng: EngineSettings) -> ServeConfig:
-    if not lmcache_available():
-        raise FileNotFoundError(f"LMCache's venv {LMCACHE_VENV} is missing: run "
-                                f"scripts/setup_peer_lmcache.sh (or leave out 'lmcache')")
-    port, http_port = free_port(), free_port()
-    gib = max(1, round(eng.kv_budget_bytes / 2**30))
-    cmd = [str(LMCACHE_VENV / "bin" / "lmcache"), "server", "--host", "127.0.0.1",
-           "--port", str(port), "--http-host", "127.0.0.1", "--http-port", str(http_port),
-           "--disable-metrics", "--l1-size-gb", str(gib), "--no-l1-use-lazy",
-           "--chunk-size", "256", "--eviction-policy", "LRU",
-           "--supported-transfer-mode", "auto", "--shm-name", f"kvtier-bench-{port}"]
-    env = {"LMCACHE_TRACK_USAGE": "false", "LMCACHE_DISABLE_BANNER": "1"}
-    sidecar = Sidecar(cmd, env, f"http://127.0.0.1:{http_port}/healthcheck")
-    return ServeConfig("lmcache", str(LMCACHE_VENV / "bin" / "python"),
-                       {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
-                        "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1",
-                                                      "lmcache.mp.port": port,
-                                                      "lmcache.mp.mq_timeout": 60}},
-                       sidecar)
 
 
 class Servers:
@@ -188,7 +163,8 @@ class Servers:
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", e.dtype,
                "--enforce-eager", "--seed", "0", "--max-model-len", str(e.max_model_len),
                "--num-gpu-blocks-override", str(e.num_gpu_blocks),
-               "--enable-prompt-tokens-details"]
+               "--enable-prompt-tokens-details",
+               "--gpu-memory-utilization", str(memory_utilization(e.model))]
         if e.max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
         if self.cfg.kv_transfer is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvtier.cli.model_build import make_document
+from kvtier.testing.models import make_document
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ Load it through the connector's out-of-tree spec hook::
     {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
      "kv_connector_extra_config": {
          "spec_name": "CPUCopyOffloadingSpec",
-         "spec_module_path": "kvtier.cli.peers.vllm_native_cpu",
+         "spec_module_path": "kvtier.bench.peers.vllm_native_cpu",
          "cpu_bytes_to_use": 268435456}}
 
 It is not part of kvtier's data path; nothing in kvtier imports it.

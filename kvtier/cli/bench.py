@@ -1,0 +1,180 @@
+"""``kvtier bench engine|tiers|serve|report``: arguments and printing.
+
+The benchmarks themselves live in :mod:`kvtier.bench`; each runs its baseline
+in the same run and reports medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``kvtier bench`` and its subcommands."""
+    bench = subparsers.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
+    sub = bench.add_subparsers(dest="bench", required=True)
+    for add in (_add_engine, _add_tiers, _add_serve, _add_report):
+        add(sub)
+
+
+# -- engine -------------------------------------------------------------------
+
+def _add_engine(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("engine", help="store/retrieve bandwidth of the cache engine")
+    # The values of kvtier.engine.layout.LayoutKind (not imported here: it needs torch).
+    p.add_argument("--layout", default="vllm_cpu", choices=["vllm_cpu", "flash_attn"])
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_engine)
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from kvtier.bench import engine
+
+    res = engine.run(args)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    s = res["setup"]
+    print(f"kvtier bench engine: {s['layout']}, {s['tokens']} tokens = {s['chunks']} chunks "
+          f"({s['bytes'] / 2**20:.0f} MiB), {s['path']}, torch threads {s['torch_threads']}, "
+          f"median of {s['repeats']}")
+    print(f"  {'':10} {'GB/s':>8} {'ms':>8} {'vs copy':>8}")
+    print(f"  {'plain copy':10} {res['copy_gbps']:8.2f} {res['copy_ms']:8.2f} {1:8.2f}")
+    for op in ("store", "retrieve"):
+        print(f"  {op:10} {res[f'{op}_gbps']:8.2f} {res[f'{op}_ms']:8.2f} "
+              f"{res[f'{op}_ratio']:8.2f}")
+    print(f"  retrieved KV bitwise equal to stored: {res['bitwise_equal']}")
+    return 0
+
+
+# -- tiers --------------------------------------------------------------------
+
+def _add_tiers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiers", help="disk and Redis tier throughput vs the raw medium")
+    p.add_argument("--chunk-mib", type=float, default=3.0)
+    p.add_argument("--chunks", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--disk-path", default=None, help="folder to benchmark in (default: $TMPDIR)")
+    p.add_argument("--fsync", action="store_true", help="fsync every file (raw and tier)")
+    p.add_argument("--settle-s", type=float, default=0.2,
+                   help="pause after the flush before each disk pass")
+    p.add_argument("--cache", choices=["cold", "warm"], default="cold",
+                   help="disk reads from the device (cold) or from the page cache (warm)")
+    p.add_argument("--redis-url", default=None,
+                   help="server to use (default: start a temporary redis-server on 127.0.0.1)")
+    p.add_argument("--no-disk", action="store_true")
+    p.add_argument("--no-redis", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_tiers)
+
+
+def _tiers(args: argparse.Namespace) -> int:
+    from kvtier.bench import tiers
+
+    res = tiers.run(args)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    s = res["setup"]
+    print(f"kvtier bench tiers: {s['chunks']} chunks of {s['chunk_bytes'] / 2**20:g} MiB "
+          f"({s['chunk_meta']}), one batch, median of {s['repeats']}")
+    print(f"  disk: {s['disk_path']} ({s['disk_fs']}); {s['disk_writes']}")
+    print(f"  disk reads {s['disk_reads']}")
+    print(f"  {'':8} {'raw GB/s':>9} {'tier GB/s':>10} {'tier/raw':>9}")
+    for name in ("disk", "redis"):
+        if f"{name}_put_ratio" not in res:
+            note = res.get(f"{name}_skipped", f"not run (--no-{name})")
+            print(f"  {name:8} skipped: {note}")
+            continue
+        for op in ("put", "get"):
+            print(f"  {name + ' ' + op:8} {res[f'{name}_raw_{op}_gbps']:9.2f} "
+                  f"{res[f'{name}_tier_{op}_gbps']:10.2f} {res[f'{name}_{op}_ratio']:9.2f}")
+    if "redis_server" in res:
+        print(f"  redis: {res['redis_server']}, {res['redis_client']}")
+    return 0
+
+
+# -- serve --------------------------------------------------------------------
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from kvtier.bench.serve import run
+    from kvtier.bench.serve.servers import CONFIG_NAMES
+    from kvtier.bench.serve.workloads import LongDocQA, MultiRoundQA
+
+    p = sub.add_parser("serve", help="serving workloads vs vLLM alone and the peers",
+                       description=run.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["long-doc-qa", "multi-round-qa"], required=True)
+    p.add_argument("--configs", default="all",
+                   help=f"comma list of {', '.join(CONFIG_NAMES)} (default all; vllm always)")
+    p.add_argument("--quick", action="store_true",
+                   help="reduced sizes (all configurations in under 15 min on 2 cores)")
+    p.add_argument("--toy", action="store_true", help="toy sizes (CI: keeps it working)")
+    p.add_argument("--model", help="a local model directory (default: the built --shape)")
+    p.add_argument("--shape", default="small", help="local model shape to build")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="requests in flight (default: one per sender: 1 document at a time "
+                        "for long-doc-qa is --concurrency 1)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="open loop: Poisson arrivals per second instead of a closed loop")
+    p.add_argument("--engine-kv-requests", type=int, default=2,
+                   help="engine KV holds this many of the longest requests (default 2)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None, help="engine KV blocks, exactly")
+    p.add_argument("--kv-budget", default="2GiB", help="CPU memory of every KV layer")
+    p.add_argument("--dtype", default="auto",
+                   help="model dtype (auto: bfloat16 where the CPU has bf16 units, else float32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-out/serve", help="results folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    for key, value in {**vars(LongDocQA()), **vars(MultiRoundQA())}.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None,
+                       help=f"workload size (default {value}, or --quick's)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kvtier.bench.serve import analysis, run
+    from kvtier.bench.serve.servers import LABELS
+
+    if args.concurrency is None and args.workload == "long-doc-qa" and not args.request_rate:
+        args.concurrency = 1
+    res: dict[str, Any] = run.run(args)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print()
+        print(analysis.table(res["summary"], LABELS))
+        print("\n" + analysis.outputs_note(res["outputs"]))
+        peers = analysis.peer_table(res["summary"], LABELS)
+        if peers:
+            print("\nkvtier against the peers:\n" + peers)
+        print(f"\nresults and plot in {args.out}")
+    return 0 if all(s["errors"] == 0 for s in res["summary"].values()) else 1
+
+
+# -- report -------------------------------------------------------------------
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rerun every benchmark, rewrite docs/benchmarks.md")
+    p.add_argument("--quick", action="store_true", help="serving benchmarks at --quick size")
+    p.add_argument("--configs", default="all", help="serving configurations (see bench serve)")
+    p.add_argument("--docs", default="docs", help="folder of benchmarks.md and img/")
+    p.add_argument("--scratch", default="bench-out/report", help="per-request results")
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from kvtier.bench import report
+
+    print(f"[bench report] wrote {report.run(args)}")
+    return 0

@@ -1,0 +1,102 @@
+"""Layer 3: how the Redis tier lays a chunk out in Redis values.
+
+A chunk is stored as the codecs layer frames it (128-byte header, then the
+payload) under ``<prefix><hex key>``. A chunk larger than ``max_value_bytes``
+is split: the head value holds the header and the first bytes of the payload;
+``<head>:1``, ``<head>:2``... hold the rest. A reader computes the number of
+parts from the payload length in the header and the writer's part size from
+the head's length, so instances configured with different sizes agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvtier.codecs import HEADER_SIZE, ChunkData, parse_header, verify_payload
+from kvtier.codecs.format import Header
+from kvtier.errors import CorruptChunk
+from kvtier.keys import KEY_BYTES, ChunkKey
+
+MIN_VALUE = 1024
+"""Smallest ``max_value_bytes`` the config allows: a shorter head of a split chunk is bad."""
+
+
+class ValueLayout:
+    """Names and values of chunks under ``prefix``, split at ``max_value_bytes``."""
+
+    def __init__(self, prefix: bytes, max_value_bytes: int) -> None:
+        self.prefix = prefix
+        self.max_value = max_value_bytes
+        self.first = max_value_bytes - HEADER_SIZE  # payload bytes in the head value
+
+    def head(self, key: ChunkKey) -> bytes:
+        """Name of a chunk's head value."""
+        return self.prefix + key.hex().encode()
+
+    @staticmethod
+    def part(head: bytes, i: int) -> bytes:
+        """Name of part ``i`` (from 1) of the chunk whose head is ``head``."""
+        return head + b":%d" % i
+
+    def split(self, header: bytes, payload: memoryview) -> list[list[bytes | memoryview]]:
+        """The buffers of the head value, then of each part (views, not copies)."""
+        out: list[list[bytes | memoryview]] = [[header, payload[:self.first]]]
+        m = self.max_value
+        out += [[payload[start:start + m]] for start in range(self.first, payload.nbytes, m)]
+        return out
+
+    @staticmethod
+    def parse_head(key: ChunkKey, value: bytes) -> tuple[Header, ChunkData | None]:
+        """The header of a head value, and the whole chunk when it is not split.
+
+        Raises CorruptChunk for a value that cannot be this chunk's head.
+        """
+        header = parse_header(key, value)
+        rest = header.payload_len - (len(value) - HEADER_SIZE)
+        if rest < 0 or (rest > 0 and len(value) < MIN_VALUE):
+            raise CorruptChunk(f"chunk {key.hex()}: head value of {len(value)} bytes")
+        if rest:
+            return header, None
+        payload = np.frombuffer(value, dtype=np.uint8, offset=HEADER_SIZE)
+        verify_payload(key, header, payload)
+        return header, ChunkData(header.meta, payload)
+
+    @staticmethod
+    def num_parts(header: Header, head: bytes) -> int:
+        """How many parts follow ``head`` (the writer's part size is the head's length)."""
+        return -(-(header.payload_len - len(head) + HEADER_SIZE) // len(head))
+
+    @staticmethod
+    def join(key: ChunkKey, header: Header, head: bytes, parts: list[bytes]) -> ChunkData:
+        """The chunk from its head and parts, copied once into one buffer and verified."""
+        m, pos = len(head), len(head) - HEADER_SIZE
+        payload = np.empty(header.payload_len, dtype=np.uint8)
+        payload[:pos] = np.frombuffer(head, dtype=np.uint8, offset=HEADER_SIZE)
+        for p in parts:
+            if len(p) != min(m, header.payload_len - pos):
+                raise CorruptChunk(f"chunk {key.hex()}: part of {len(p)} bytes")
+            payload[pos:pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
+            pos += len(p)
+        verify_payload(key, header, payload)
+        return ChunkData(header.meta, payload)
+
+    def scan_pattern(self) -> bytes:
+        """SCAN pattern of every head value under the prefix (parts do not match)."""
+        return _glob_escape(self.prefix) + b"?" * (2 * KEY_BYTES)
+
+    def key_of(self, name: bytes) -> ChunkKey | None:
+        """The key of a head value's name, or None for a name that is not one."""
+        try:
+            return ChunkKey(bytes.fromhex(name[len(self.prefix):].decode("ascii")))
+        except ValueError:
+            return None  # same prefix and length, not hex: not one of ours
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    """Escape Redis glob characters, so a prefix matches only itself."""
+    out = bytearray()
+    for c in raw:
+        if c in b"*?[]\\":
+            out += b"\\"
+        out.append(c)
+    return bytes(out)
