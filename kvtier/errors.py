@@ -32,3 +32,11 @@ class CorruptChunk(KvtierError):
 
 class LayoutMismatch(KvtierError, ValueError):
     """Engine KV tensors do not match the layout kvtier was configured for."""
+
+
+class UnsupportedConfig(KvtierError, ValueError):
+    """The engine is configured in a way kvtier cannot serve correctly.
+
+    Raised at start-up, never at request time: serving it could hand back
+    KV that is not what the engine would have computed.
+    """

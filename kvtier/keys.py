@@ -3,7 +3,8 @@
 A chunk key is a chained hash: ``key[i] = H(key[i-1] || tokens of chunk i)``,
 so a key names a chunk *and* everything before it. The chain is seeded by a
 :class:`Namespace` digest, so any difference in model, KV layout, chunk size,
-hash version, tensor-parallel rank or tenant salt gives disjoint keys.
+hash version, tensor-parallel rank, pipeline stage, LoRA adapter or tenant
+salt gives disjoint keys.
 
 Keys never depend on Python's ``hash()`` or PYTHONHASHSEED: the same tokens
 give the same keys in every process, on every machine.
@@ -12,7 +13,7 @@ give the same keys in every process, on every machine.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NewType, Sequence
 
 import numpy as np
@@ -35,9 +36,15 @@ class Namespace:
     """KV layout signature: layers, KV heads, head dim, dtype, paged layout."""
     chunk_size: int
     tp_rank: int = 0
+    """This shard's tensor-parallel rank: each rank's KV heads are its own chunks."""
     tp_size: int = 1
     salt: str = ""
     """Tenant salt (vLLM's per-request ``cache_salt``); tenants never share KV."""
+    pp_size: int = 1
+    layer_start: int = 0
+    """First layer of this pipeline stage (the layout gives the stage's layer count)."""
+    lora: str = ""
+    """Identity of the LoRA adapter (a digest of its files), "" for the base model."""
     hash_algorithm: str = HASH_ALGORITHM
     hash_version: int = HASH_VERSION
 
@@ -45,7 +52,14 @@ class Namespace:
         """The same namespace for another tenant."""
         if not salt or salt == self.salt:
             return self
-        return Namespace(**{**asdict(self), "salt": salt})
+        return replace(self, salt=salt)
+
+    def with_inputs(self, salt: str | None, lora: str | None) -> Namespace:
+        """The same namespace for a request's tenant salt and LoRA adapter."""
+        salt, lora = salt or self.salt, lora or ""
+        if salt == self.salt and lora == self.lora:
+            return self
+        return replace(self, salt=salt, lora=lora)
 
     def seed(self) -> ChunkKey:
         """Digest of every field, canonically encoded (sorted JSON)."""
@@ -91,7 +105,11 @@ class ChunkHasher:
 
     def with_salt(self, salt: str | None) -> ChunkHasher:
         """The same hasher for another tenant."""
-        ns = self.namespace.with_salt(salt)
+        return self.with_inputs(salt, None)
+
+    def with_inputs(self, salt: str | None, lora: str | None) -> ChunkHasher:
+        """The same hasher for a request's tenant salt and LoRA adapter identity."""
+        ns = self.namespace.with_inputs(salt, lora)
         return self if ns is self.namespace else ChunkHasher(ns, self.store_partial, self.granule)
 
     def covered(self, num_tokens: int) -> int:

@@ -132,3 +132,28 @@ def test_key_index_bounded_and_ordered() -> None:
     idx.update(stored=[key(9)], evicted=[key(9), key(4)])
     assert idx.contains_many([key(9), key(4)]) == [False, False]
     assert lookup_prefix([idx], [key(2), key(3)]) == 2
+
+
+def test_events_report_only_what_memory_holds_and_every_change() -> None:
+    """The scheduler's index is fed from these: a chunk memory could not take is
+    never reported, and management operations report their removals too."""
+    mem, low = MemoryTier(2 * SLOT, SLOT), LowerTier()
+    store = ChunkStore([mem, low], WritePolicy.WRITE_BACK, track_events=True)
+    store.put_many([(key(0), chunk(0)), (key(1), chunk(1))])
+    assert mem.pin_many([key(0), key(1)]) == [True, True]  # memory now full of pinned chunks
+    store.put_many([(key(2), chunk(2))])
+    events = store.drain_events()
+    assert sorted(events.stored) == [key(0), key(1)] and not events.evicted
+    assert store.flush(10)
+    # Memory could not take chunk 2: even write-back sends it down rather than losing it.
+    assert low.contains_many([key(2)]) == [True]
+    mem.unpin_many([key(0), key(1)])
+    store.delete([key(0)], tier="memory")  # e.g. the management API's move or evict
+    mem.clear()
+    events = store.drain_events()
+    assert not events.stored and sorted(events.evicted) == [key(0), key(1)]
+    store.put_many([(key(3), chunk(3))])
+    store.delete([key(3)])
+    store.put_many([(key(3), chunk(3))])  # net effect within one report: present
+    events = store.drain_events()
+    assert events.stored == [key(3)] and not events.evicted

@@ -9,7 +9,10 @@ vLLM creates this class twice, in two processes: the *scheduler* role answers
 tier plus the shared tiers (no bytes move), and plans loads and saves; the
 *worker* role owns the KV tensors and moves bytes through a
 :class:`~kvtier.engine.cache_engine.CacheEngine`. The worker reports what its
-memory tier stored and evicted back through vLLM's worker-metadata channel.
+memory tier stored and evicted, and which loads failed, back through vLLM's
+worker-metadata channel. What goes into keys, what bypasses kvtier and what is
+refused at start-up: :mod:`kvtier.connectors.vllm_keys`; when saves run and
+why: :mod:`kvtier.connectors.vllm_plan`.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.config import KvtierConfig, load_config
-from kvtier.connectors.vllm_plan import (KvtierMetadata, KvtierWorkerMeta, SchedulerPlanner,
-                                         engine_layout, namespace_for)
+from kvtier.connectors.vllm_keys import (all_shards, check_supported, engine_layout,
+                                         shard_namespace, worker_shard)
+from kvtier.connectors.vllm_plan import (KvtierMetadata, KvtierWorkerMeta, LoadSpec,
+                                         SchedulerPlanner)
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.engine.layout import detect_layout
 from kvtier.errors import LayoutMismatch
-from kvtier.keys import ChunkHasher
+from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.build import build_store
 
 if TYPE_CHECKING:
@@ -45,7 +50,8 @@ log = logging.getLogger("kvtier.vllm")
 
 EngineReadyHook = Callable[[KvtierConfig, CacheEngine, int], None]
 ENGINE_READY_HOOKS: list[EngineReadyHook] = []
-"""Called in each worker once its cache engine exists, with (config, engine, rank).
+"""Called in each worker once its cache engine exists, with (config, engine, shard index:
+the worker's rank within the instance).
 Higher layers (the management API's vLLM plugin) register here; this layer
 imports none of them."""
 
@@ -58,18 +64,24 @@ class KvtierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        check_supported(vllm_config, kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.config = load_config(engine=extra)
         self.layout = engine_layout(vllm_config)
         self.config.check_block_size(self.layout.block_size)
-        self.namespace = namespace_for(vllm_config, self.config, self.layout)
         self.planner: SchedulerPlanner | None = None
         self.engine: CacheEngine | None = None
+        self.shard = 0  # index of this worker's keys in a LoadSpec / SaveSpec
         self._load_errors: set[int] = set()
+        self._failed: list[tuple[str, int, ChunkKey]] = []
+        self._finished_saving: set[str] = set()
         if role == KVConnectorRole.SCHEDULER:
             self._recompute_on_load_failure()
             shared = build_store(self.config, None, shared_only=True)
-            self.planner = SchedulerPlanner(self.config, self.namespace, self.layout, shared)
+            namespaces = [shard_namespace(vllm_config, self.config, s)
+                          for s in all_shards(vllm_config)]
+            self.planner = SchedulerPlanner(self.config, namespaces, self.layout.block_size,
+                                            shared)
         log.info("kvtier %s connector: %s, tiers %s", role.name.lower(),
                  self.layout.signature(), [t.value for t in self.config.tiers])
 
@@ -104,13 +116,15 @@ class KvtierConnector(KVConnectorBase_V1):
         chunk_bytes = self.layout.chunk_nbytes(self.config.chunk_size // self.layout.block_size)
         store = build_store(self.config, chunk_bytes, track_events=True)
         assert store is not None
-        hasher = ChunkHasher(self.namespace, self.config.store_partial_chunks,
-                             self.layout.block_size)
+        shard = worker_shard(self._vllm_config)
+        self.shard = all_shards(self._vllm_config).index(shard)
+        namespace = shard_namespace(self._vllm_config, self.config, shard)
+        hasher = ChunkHasher(namespace, self.config.store_partial_chunks, self.layout.block_size)
         self.engine = CacheEngine(hasher, self.layout, store)
         self.engine.register(tensors)
         for hook in ENGINE_READY_HOOKS:
             try:
-                hook(self.config, self.engine, _worker_rank())
+                hook(self.config, self.engine, self.shard)
             except Exception:  # an add-on must not take the engine down
                 log.exception("kvtier: engine-ready hook %r failed", hook)
 
@@ -120,27 +134,42 @@ class KvtierConnector(KVConnectorBase_V1):
         meta = self._meta()
         if meta is None or not meta.loads or self.engine is None:
             return
-        for load in meta.loads:
-            memory = self.engine.store.memory
-            if memory is not None:  # promised chunks must not be evicted mid-load
-                memory.pin_many(load.keys)
-            try:
-                res = self.engine.retrieve_kv(load.token_ids, load.block_ids, load.end_token,
-                                              load.start_token, keys=load.keys)
-            except Exception:  # never fail the request: recompute instead
-                log.exception("kvtier: load of %s failed", load.req_id)
-                res = None
-            finally:
-                if memory is not None:
-                    memory.unpin_many(load.keys)
-            loaded = res.end if res is not None else load.start_token
-            if loaded < load.end_token:
-                bs = self.layout.block_size
-                bad = load.block_ids[loaded // bs: -(-load.end_token // bs)]
-                log.warning("kvtier: %s: loaded %d of %d tokens; %d blocks recomputed",
-                            load.req_id, loaded - load.start_token,
-                            load.end_token - load.start_token, len(bad))
-                self._load_errors.update(bad)
+        # Every chunk promised this step is pinned before any load runs: a promotion
+        # from disk for one request must not evict another's promised chunks. The
+        # promises were made while this worker was idle (vLLM-CPU schedules
+        # synchronously), so nothing was evicted between promise and pin.
+        memory = self.engine.store.memory
+        keys = [k for load in meta.loads for k in load.keys[self.shard]]
+        pinned = [k for k, ok in zip(keys, memory.pin_many(keys)) if ok] if memory else []
+        try:
+            for load in meta.loads:
+                self._load(load)
+        finally:
+            if memory is not None:
+                memory.unpin_many(pinned)  # exactly the pins taken above
+
+    def _load(self, load: LoadSpec) -> None:
+        assert self.engine is not None
+        keys = load.keys[self.shard]
+        try:
+            res = self.engine.retrieve_kv(load.token_ids, load.block_ids, load.end_token,
+                                          load.start_token, keys=keys)
+            loaded = res.end
+        except Exception:  # never fail the request: recompute instead
+            log.exception("kvtier: load of %s failed", load.req_id)
+            loaded = load.start_token
+        if loaded >= load.end_token:
+            return
+        bs, cs = self.layout.block_size, self.config.chunk_size
+        bad = load.block_ids[loaded // bs: -(-load.end_token // bs)]
+        log.warning("kvtier: %s: loaded %d of %d tokens; %d blocks recomputed",
+                    load.req_id, loaded - load.start_token, load.end_token - load.start_token,
+                    len(bad))
+        self._load_errors.update(bad)
+        key = keys[min(loaded // cs, len(keys) - 1)]
+        self._failed.append((load.req_id, loaded, key))
+        if self.engine.store.memory is not None:  # a bad copy must not be promised again
+            self.engine.store.memory.delete_many([key])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads finish in :meth:`start_load_kv`; nothing to wait for per layer."""
@@ -150,17 +179,26 @@ class KvtierConnector(KVConnectorBase_V1):
         """Saves are batched over all layers in :meth:`wait_for_save`."""
 
     def wait_for_save(self) -> None:
-        """Gather the step's completed chunks into the memory tier (one batched copy
-        per run and layer); lower tiers are written by background threads."""
+        """Gather the chunks the scheduler released (computed last step, with no failed
+        load under them) into the memory tier: one batched copy per run and layer;
+        lower tiers are written by background threads."""
         meta = self._meta()
-        if meta is None or not meta.saves or self.engine is None:
+        if meta is None or self.engine is None:
             return
         for save in meta.saves:
             try:
                 self.engine.store_kv(save.token_ids, save.block_ids, start_chunk=save.start_chunk,
-                                     keys=save.keys)
+                                     keys=save.keys[self.shard])
             except Exception:  # a failed save is a later miss, never a failed request
                 log.exception("kvtier: save of %s failed", save.req_id)
+            if save.release:
+                self._finished_saving.add(save.req_id)
+        self._finished_saving.update(meta.releases)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
+        """Finished requests whose held save is done: vLLM may free their blocks."""
+        done, self._finished_saving = self._finished_saving, set()
+        return done or None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose promised KV could not be loaded this step (vLLM recomputes them)."""
@@ -172,9 +210,10 @@ class KvtierConnector(KVConnectorBase_V1):
         if self.engine is None:
             return None
         events = self.engine.store.drain_events()
-        if not events.stored and not events.evicted:
+        failed, self._failed = self._failed, []
+        if not events.stored and not events.evicted and not failed:
             return None
-        return KvtierWorkerMeta(list(events.stored), list(events.evicted))
+        return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed)
 
     def shutdown(self) -> None:
         """Finish background writes (bounded) and close the tiers."""
@@ -204,27 +243,20 @@ class KvtierConnector(KVConnectorBase_V1):
         self.planner.accept_load(request, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvtierMetadata:
-        """This step's loads and saves for the worker."""
+        """This step's loads, and last step's saves that are safe to run."""
         assert self.planner is not None
         return self.planner.build(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """Fold the worker's stored/evicted report into the scheduler's index."""
-        meta = connector_output.kv_connector_worker_meta
-        if isinstance(meta, KvtierWorkerMeta) and self.planner is not None:
-            self.planner.index.update(meta.stored, meta.evicted)
+        """Fold the workers' report (stores, evictions, failed loads) into the plan."""
+        if self.planner is not None:
+            self.planner.step_done(connector_output)
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        """Forget the request; saves are synchronous, so blocks can be freed now."""
-        if self.planner is not None:
-            self.planner.finish(request.request_id)
-        return False, None
+        """Forget the request; it keeps its blocks while a save of it is held."""
+        if self.planner is None:
+            return False, None
+        self.planner.forget(request.request_id)
+        return self.planner.finish(request.request_id), None
 
-
-def _worker_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-        return int(get_tensor_model_parallel_rank())
-    except Exception:  # not initialised (single process, tests): rank 0
-        return 0

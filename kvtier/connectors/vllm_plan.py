@@ -1,13 +1,24 @@
 """Layer 6: the scheduler side of the vLLM connector: lookups, load and save plans.
 
 Plain Python on vLLM's scheduler objects; no tensors. Each step it tells the
-worker which chunks to load (hits vLLM accepted) and which to save (prompt
-chunks whose every token has been computed by the end of the step).
+workers which chunks to load (hits vLLM accepted) and which to save.
+
+Saves run one step late, in the next step's ``wait_for_save``, and only
+when the step that computed them had no failed load among the blocks they
+depend on. A chunk computed in a step whose promised KV did not arrive (on
+any rank, or in a block shared with another request) was computed on top of
+KV that was not there, and must never be stored: the scheduler learns of
+failures only after the step, so it holds those saves back until then, drops
+the affected ones, and saves the chunks again once vLLM has recomputed them.
+A request that finishes with a save pending keeps its blocks (vLLM's
+delay-free) until the workers report it saved; a preempted request's pending
+saves are dropped (its blocks may be reused).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,27 +26,29 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorMetada
                                                                KVConnectorWorkerMetadata)
 
 from kvtier.config import KvtierConfig
-from kvtier.engine.layout import LayoutKind, PagedLayout, dtype_name
+from kvtier.connectors.vllm_keys import Bypass, request_inputs
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
 from kvtier.store import ChunkStore, KeyIndex, PrefixHit, lookup_hit
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 log = logging.getLogger("kvtier.vllm")
 
-_MAX_HASHERS = 1024  # one per tenant salt seen; bounded
+_MAX_HASHERS = 1024  # one per (tenant salt, LoRA adapter) seen; bounded
 
 
 @dataclass
 class LoadSpec:
-    """Load tokens ``[start_token, end_token)`` of a request into its blocks."""
+    """Load tokens ``[start_token, end_token)`` of a request into its blocks.
+
+    ``keys[s]`` are shard ``s``'s keys (one list per TP rank and PP stage)."""
 
     req_id: str
     token_ids: list[int]
-    keys: list[ChunkKey]
+    keys: list[list[ChunkKey]]
     block_ids: list[int]
     start_token: int
     end_token: int
@@ -43,120 +56,90 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Store chunks ``[start_chunk, len(keys))`` of a request from its blocks."""
+    """Store chunks ``[start_chunk, len(keys[s]))`` of a request from its blocks.
+
+    ``release``: the request has finished and holds its blocks for this save;
+    the worker reports it done (``get_finished``) once saved."""
 
     req_id: str
     token_ids: list[int]
-    keys: list[ChunkKey]
+    keys: list[list[ChunkKey]]
     block_ids: list[int]
     start_chunk: int
+    release: bool = False
 
 
 @dataclass
 class KvtierMetadata(KVConnectorMetadata):
-    """Scheduler -> worker, once per step."""
+    """Scheduler -> workers, once per step."""
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
+    """Finished requests whose held saves were dropped: report them done, save nothing."""
 
 
 @dataclass
 class KvtierWorkerMeta(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: memory-tier keys stored and evicted during the step."""
+    """Workers -> scheduler: memory-tier keys stored and evicted, loads that failed."""
 
     stored: list[ChunkKey] = field(default_factory=list)
     evicted: list[ChunkKey] = field(default_factory=list)
+    failed: list[tuple[str, int, ChunkKey]] = field(default_factory=list)
+    """(request id, tokens loaded before the failure, key of the chunk that failed)."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         """Merge the reports of several workers."""
         assert isinstance(other, KvtierWorkerMeta)
-        return KvtierWorkerMeta(self.stored + other.stored, self.evicted + other.evicted)
-
-
-def engine_layout(vllm_config: VllmConfig) -> PagedLayout:
-    """The paged KV layout this vLLM instance will use, known before its tensors exist."""
-    from vllm.platforms import current_platform
-
-    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
-    kind = LayoutKind.VLLM_CPU if current_platform.is_cpu() else LayoutKind.FLASH_ATTN
-    if cc.cache_dtype in (None, "auto"):
-        dtype = dtype_name(mc.dtype)
-    elif str(cc.cache_dtype).startswith("fp8"):
-        dtype = "float8_e5m2" if "e5m2" in str(cc.cache_dtype) else "float8_e4m3fn"
-    else:
-        raise ValueError(f"kvtier does not support kv cache dtype {cc.cache_dtype!r}")
-    return PagedLayout(kind, mc.get_num_layers(pc), mc.get_num_kv_heads(pc), mc.get_head_size(),
-                       cc.block_size, dtype)
-
-
-def namespace_for(vllm_config: VllmConfig, cfg: KvtierConfig, layout: PagedLayout) -> Namespace:
-    """The key namespace of this instance: same model, layout and chunking => shared KV.
-
-    Only tensor-parallel size 1 is shared correctly today: every rank uses rank 0's
-    namespace in the scheduler's lookup (each worker still stores its own shard).
-    """
-    pc = vllm_config.parallel_config
-    return Namespace(model_id=cfg.model_id or str(vllm_config.model_config.model),
-                     layout=layout.signature(), chunk_size=cfg.chunk_size,
-                     tp_rank=0, tp_size=pc.tensor_parallel_size, salt=cfg.salt)
+        return KvtierWorkerMeta(self.stored + other.stored, self.evicted + other.evicted,
+                                self.failed + other.failed)
 
 
 @dataclass
 class _Request:
     prompt: list[int]
-    keys: list[ChunkKey]
-    hasher: ChunkHasher
+    hashers: list[ChunkHasher]  # one per shard
+    keys: list[list[ChunkKey]]  # one list per shard
     block_ids: list[int] = field(default_factory=list)
-    saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or need no store
+    saved_chunks: int = 0  # chunks [0, saved_chunks) are stored, or planned to be
     local_computed: int = 0  # vLLM's own prefix-cache hit at the last lookup
-    hit: PrefixHit | None = None  # kvtier's stored prefix at the last lookup
+    hit: list[PrefixHit] | None = None  # per shard, the same length
     pending_load: tuple[int, int] | None = None
 
 
 class SchedulerPlanner:
     """Per-request bookkeeping of the scheduler-side connector."""
 
-    def __init__(self, cfg: KvtierConfig, namespace: Namespace, layout: PagedLayout,
+    def __init__(self, cfg: KvtierConfig, namespaces: list[Namespace], block_size: int,
                  shared: ChunkStore | None) -> None:
         self.cfg = cfg
-        self.namespace = namespace
-        self.layout = layout
         self.shared = shared
         self.index = KeyIndex()
-        self._base_hasher = ChunkHasher(namespace, cfg.store_partial_chunks, layout.block_size)
-        self._hashers: dict[str, ChunkHasher] = {}
+        self._base = [ChunkHasher(ns, cfg.store_partial_chunks, block_size) for ns in namespaces]
+        self._blocks_per_chunk = cfg.chunk_size // block_size
+        self._hashers: dict[tuple[str | None, str | None], list[ChunkHasher]] = {}
         self._reqs: dict[str, _Request] = {}
+        self._bypassed: set[str] = set()
+        self._held: dict[str, SaveSpec] = {}  # planned this step, saved next step
+        self._ready: list[SaveSpec] = []  # held saves whose step had no failure
+        self._releases: list[str] = []
         self.num_lookups = 0
         self.num_hit_tokens = 0
+        self.bypasses: Counter[str] = Counter()
 
-    def _hasher(self, salt: str | None) -> ChunkHasher:
-        salt = salt or ""
-        hasher = self._hashers.get(salt)
-        if hasher is None:
-            if len(self._hashers) >= _MAX_HASHERS:
-                self._hashers.clear()
-            hasher = self._base_hasher.with_salt(salt)
-            self._hashers[salt] = hasher
-        return hasher
-
-    def _state(self, request: Request) -> _Request | None:
-        st = self._reqs.get(request.request_id)
-        if st is None and request.prompt_token_ids is not None:
-            prompt = list(request.prompt_token_ids)
-            hasher = self._hasher(getattr(request, "cache_salt", None))
-            st = self._reqs[request.request_id] = _Request(prompt, hasher.keys(prompt), hasher)
-        return st
+    # -- lookup ---------------------------------------------------------------
 
     def num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> int:
         """kvtier's hit beyond vLLM's own (whole chunks, or whole blocks of a partial
-        chunk when those are stored), leaving >= 1 token to compute."""
+        chunk when those are stored, held by every shard), leaving >= 1 token to compute."""
         st = self._state(request)
-        if st is None or not st.keys:
+        if st is None or not st.keys[0]:
             return 0
         st.local_computed = num_computed_tokens
         sources = [self.index] + (self.shared.tiers if self.shared is not None else [])
-        st.hit = lookup_hit(sources, st.hasher, st.prompt, st.keys)
-        hit = min(st.hit.tokens, len(st.prompt) - 1)  # vLLM must compute the last token
+        st.hit = _common_hit([lookup_hit(sources, h, st.prompt, k)
+                              for h, k in zip(st.hashers, st.keys)], st.hashers[0], st.prompt)
+        hit = min(st.hit[0].tokens, len(st.prompt) - 1)  # vLLM must compute the last token
         self.num_lookups += 1
         if hit <= num_computed_tokens:
             return 0
@@ -170,16 +153,22 @@ class SchedulerPlanner:
             start = st.local_computed
             st.pending_load = (start, start + num_external_tokens)
 
+    # -- per step -------------------------------------------------------------
+
     def build(self, out: SchedulerOutput) -> KvtierMetadata:
-        """Loads and saves for this step; advances per-request state."""
-        meta = KvtierMetadata()
+        """This step's loads; the saves planned last step that are safe to run."""
+        for req_id in getattr(out, "preempted_req_ids", None) or ():
+            self._drop_held(req_id, reason="preempted")
+        meta = KvtierMetadata(saves=self._ready, releases=self._releases)
+        self._ready, self._releases = [], []
+        loading: set[str] = set()
         for new in out.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0])
             self._plan(new.req_id, st, new.num_computed_tokens
-                       + out.num_scheduled_tokens.get(new.req_id, 0), meta)
+                       + out.num_scheduled_tokens.get(new.req_id, 0), meta, loading)
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
@@ -191,35 +180,137 @@ class SchedulerPlanner:
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
             self._plan(req_id, st, cached.num_computed_tokens[i]
-                       + out.num_scheduled_tokens.get(req_id, 0), meta)
+                       + out.num_scheduled_tokens.get(req_id, 0), meta, loading)
         return meta
 
-    def _plan(self, req_id: str, st: _Request, computed_after: int, meta: KvtierMetadata) -> None:
+    def _plan(self, req_id: str, st: _Request, computed_after: int, meta: KvtierMetadata,
+              loading: set[str]) -> None:
         cs = self.cfg.chunk_size
         if st.pending_load is not None and st.hit is not None:
             start, end = st.pending_load
             st.pending_load = None
             n = -(-end // cs)
-            keys = st.hit.keys[:n]
-            meta.loads.append(LoadSpec(req_id, st.prompt[:st.hit.tokens], keys,
-                                       list(st.block_ids), start, end))
+            meta.loads.append(LoadSpec(req_id, st.prompt[:st.hit[0].tokens],
+                                       [h.keys[:n] for h in st.hit], list(st.block_ids),
+                                       start, end))
             # A head of a chunk (another prompt's partial chunk) is not this
             # prompt's chunk: that one is still to be saved.
-            st.saved_chunks = max(st.saved_chunks, min(n, st.hit.chunks))
+            st.saved_chunks = max(st.saved_chunks, min(n, st.hit[0].chunks))
         if computed_after >= len(st.prompt):
-            n_save = len(st.keys)  # includes the partial tail if that is enabled
+            n_save = len(st.keys[0])  # includes the partial tail if that is enabled
         else:
-            n_save = min(computed_after // cs, len(st.keys))
+            n_save = min(computed_after // cs, len(st.keys[0]))
         if n_save > st.saved_chunks:
-            meta.saves.append(SaveSpec(req_id, st.prompt[:n_save * cs], st.keys[:n_save],
-                                       list(st.block_ids), st.saved_chunks))
+            earlier = self._held.get(req_id)  # a step whose outcome is not known yet
+            start = earlier.start_chunk if earlier is not None else st.saved_chunks
+            self._held[req_id] = SaveSpec(req_id, st.prompt[:n_save * cs],
+                                          [k[:n_save] for k in st.keys], list(st.block_ids),
+                                          start)
             st.saved_chunks = n_save
 
-    def finish(self, req_id: str) -> None:
-        """Drop a finished request's state."""
+    def step_done(self, output: KVConnectorOutput) -> None:
+        """After a step: fold in the workers' report, and release the held saves
+        whose step loaded everything they depend on."""
+        meta = output.kv_connector_worker_meta
+        failed: dict[str, int] = {}
+        if isinstance(meta, KvtierWorkerMeta):
+            self.index.update(meta.stored, meta.evicted)
+            self.index.update(evicted=[key for _, _, key in meta.failed])
+            for req_id, loaded, _ in meta.failed:
+                failed[req_id] = min(loaded, failed.get(req_id, loaded))
+        invalid = set(output.invalid_block_ids or ())
+        held, self._held = self._held, {}
+        for req_id, save in held.items():
+            first_bad = self._first_bad_token(save, invalid, failed.get(req_id))
+            if first_bad is None:
+                self._ready.append(save)
+                continue
+            log.info("kvtier: %s: a load of its step failed; its chunks are saved after "
+                     "vLLM recomputes them", req_id)
+            st = self._reqs.get(req_id)
+            if st is not None:
+                st.saved_chunks = min(st.saved_chunks, first_bad // self.cfg.chunk_size)
+            if save.release:
+                self._releases.append(req_id)
+
+    def _first_bad_token(self, save: SaveSpec, invalid: set[int], loaded: int | None
+                         ) -> int | None:
+        """First token of the request whose KV this step cannot be trusted, or None."""
+        bad = [i for i, b in enumerate(save.block_ids) if b in invalid]
+        bs = self.cfg.chunk_size // self._blocks_per_chunk
+        firsts = [bad[0] * bs] if bad else []
+        if loaded is not None:
+            firsts.append(loaded)
+        return min(firsts) if firsts else None
+
+    def finish(self, req_id: str) -> bool:
+        """A request finished: forget it. True if it must keep its blocks for a held save."""
         self._reqs.pop(req_id, None)
+        save = self._held.get(req_id)
+        if save is not None:
+            save.release = True
+            return True
+        return False
+
+    def _drop_held(self, req_id: str, reason: str) -> None:
+        save = self._held.pop(req_id, None)
+        st = self._reqs.get(req_id)
+        if save is not None and st is not None:
+            st.saved_chunks = min(st.saved_chunks, save.start_chunk)
+            log.debug("kvtier: %s %s: its held save is dropped", req_id, reason)
 
     def close(self) -> None:
         """Close the shared tiers this process opened."""
         if self.shared is not None:
             self.shared.close()
+
+    # -- requests -------------------------------------------------------------
+
+    def _state(self, request: Request) -> _Request | None:
+        st = self._reqs.get(request.request_id)
+        if st is not None or request.request_id in self._bypassed:
+            return st
+        inputs = request_inputs(request)
+        if isinstance(inputs, Bypass):
+            self._bypass(request.request_id, inputs)
+            return None
+        if request.prompt_token_ids is None:
+            return None
+        prompt = list(request.prompt_token_ids)
+        hashers = self._hashers_for(*inputs)
+        st = self._reqs[request.request_id] = _Request(prompt, hashers,
+                                                       [h.keys(prompt) for h in hashers])
+        return st
+
+    def _bypass(self, req_id: str, reason: Bypass) -> None:
+        if not self.bypasses[reason.value]:
+            log.warning("kvtier: requests with %s bypass kvtier (their KV depends on more "
+                        "than the prompt's tokens); counted in bypasses", reason.value)
+        self.bypasses[reason.value] += 1
+        if len(self._bypassed) > 100_000:
+            self._bypassed.clear()
+        self._bypassed.add(req_id)
+
+    def forget(self, req_id: str) -> None:
+        """Drop a bypassed request's id (it finished)."""
+        self._bypassed.discard(req_id)
+
+    def _hashers_for(self, salt: str | None, lora: str | None) -> list[ChunkHasher]:
+        hashers = self._hashers.get((salt, lora))
+        if hashers is None:
+            if len(self._hashers) >= _MAX_HASHERS:
+                self._hashers.clear()
+            hashers = [h.with_inputs(salt, lora) for h in self._base]
+            self._hashers[(salt, lora)] = hashers
+        return hashers
+
+
+def _common_hit(hits: list[PrefixHit], hasher: ChunkHasher, prompt: list[int]
+                ) -> list[PrefixHit]:
+    """The hit every shard holds: the shards' own when they agree, else the whole
+    chunks they all hold (a head of a partial chunk only counts when all have it)."""
+    if all(h.tokens == hits[0].tokens and h.chunks == hits[0].chunks for h in hits):
+        return hits
+    n = min(h.chunks for h in hits)
+    tokens = min(n * hasher.chunk_size, hasher.covered(len(prompt)))
+    return [PrefixHit(h.keys[:n], tokens, n) for h in hits]

@@ -30,10 +30,36 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StoreEvents:
-    """Keys that entered or left this process's memory tier since the last drain."""
+    """Keys that entered or left this process's memory tier since the last drain.
+
+    Net effect: a key stored and then evicted in the same period is only in
+    ``evicted`` (and the other way round), so the order of applying the two
+    lists does not matter.
+    """
 
     stored: list[ChunkKey] = field(default_factory=list)
     evicted: list[ChunkKey] = field(default_factory=list)
+
+
+class _EventLog:
+    """Net memory-tier changes since the last drain (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._state: dict[ChunkKey, bool] = {}  # key -> present now
+        self._lock = threading.Lock()
+
+    def record(self, added: Sequence[ChunkKey], removed: Sequence[ChunkKey]) -> None:
+        with self._lock:
+            for key in added:
+                self._state[key] = True
+            for key in removed:
+                self._state[key] = False
+
+    def drain(self) -> StoreEvents:
+        with self._lock:
+            state, self._state = self._state, {}
+        return StoreEvents([k for k, there in state.items() if there],
+                           [k for k, there in state.items() if not there])
 
 
 class ChunkStore:
@@ -49,10 +75,11 @@ class ChunkStore:
         self.write_policy = write_policy
         sizes = list(queue_sizes or [256] * len(self.lower))
         self.writers = [BackgroundWriter(t, q) for t, q in zip(self.lower, sizes)]
-        self._events = StoreEvents() if track_events else None
-        self._events_lock = threading.Lock()
+        self._events = _EventLog() if track_events else None
         if self.memory is not None:
             self.memory.on_evict = self._on_memory_evict
+            if self._events is not None:
+                self.memory.on_change = self._events.record
         # Queued background writes are daemon-thread work: give them a bounded
         # chance to land when the interpreter exits without close().
         ref = weakref.ref(self)
@@ -96,7 +123,6 @@ class ChunkStore:
                 out.append((i, mem_chunk))
             else:
                 out.append((i, lower_chunk))
-        self._record(stored=[k for k, c in zip(keys, promoted) if c is not None])
         return out
 
     # -- writes ---------------------------------------------------------------
@@ -110,29 +136,34 @@ class ChunkStore:
         """Publish gathered slots; they then flow to the lower tiers in the background."""
         assert self.memory is not None, "commit needs a memory tier"
         self.memory.commit([(k, s, m, m.raw_nbytes) for k, s, m in zip(keys, slots, metas)])
-        self._record(stored=list(keys))
         if self.write_policy is WritePolicy.WRITE_THROUGH:
             for writer in self.writers:
                 chunks = self.memory.get_many(keys)  # one reference per writer
                 writer.submit([(k, c) for k, c in zip(keys, chunks) if c is not None])
 
     def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> None:
-        """Store chunks the caller owns (copied; the caller keeps its references)."""
+        """Store chunks the caller owns (copied; the caller keeps its references).
+
+        Chunks the memory tier cannot take (full of pinned chunks, or a batch
+        larger than the tier) go to the lower tiers even with ``write_back``:
+        a chunk is never reported stored unless a tier holds or will hold it.
+        """
+        keys = [k for k, _ in items]
         if self.memory is not None:
             self.memory.put_many(items)
-            self._record(stored=[k for k, _ in items])
-            if self.write_policy is WritePolicy.WRITE_BACK:
-                return
         for writer in self.writers:
-            if self.memory is not None:
-                chunks = self.memory.get_many([k for k, _ in items])
-                batch = [(k, c) for (k, _), c in zip(items, chunks) if c is not None]
-            else:  # no pool to reference: the writer gets private copies
-                batch = [(k, ChunkData(c.meta, c.payload.copy())) for k, c in items]
+            refs = self.memory.get_many(keys) if self.memory is not None else [None] * len(keys)
+            batch = []
+            for (key, chunk), ref in zip(items, refs):
+                if ref is not None and self.write_policy is WritePolicy.WRITE_BACK:
+                    ref.release()  # memory holds it; it goes down when memory evicts it
+                elif ref is not None:
+                    batch.append((key, ref))  # a reference on the memory slot: no copy
+                else:  # not in memory: the writer gets a private copy
+                    batch.append((key, ChunkData(chunk.meta, chunk.payload.copy())))
             writer.submit(batch)
 
     def _on_memory_evict(self, evicted: list[tuple[ChunkKey, ChunkData]]) -> None:
-        self._record(evicted=[k for k, _ in evicted])
         if self.write_policy is WritePolicy.WRITE_BACK and self.writers:
             # The slot is reused right after this hook: demote a private copy.
             self.writers[0].submit([(k, ChunkData(c.meta, c.payload.copy())) for k, c in evicted])
@@ -149,25 +180,14 @@ class ChunkStore:
     def delete(self, keys: Sequence[ChunkKey], tier: str | None = None) -> int:
         """Remove keys from one tier or all; returns how many copies were removed."""
         tiers = [self.tier(tier)] if tier else self.tiers
-        n = sum(t.delete_many(keys) for t in tiers)
-        if self.memory is not None and self.memory in tiers:
-            self._record(evicted=list(keys))
-        return n
+        return sum(t.delete_many(keys) for t in tiers)
 
     def drain_events(self) -> StoreEvents:
-        """Memory-tier keys stored and evicted since the last call (for a remote index)."""
-        with self._events_lock:
-            events = self._events or StoreEvents()
-            if self._events is not None:
-                self._events = StoreEvents()
-        return events
+        """Memory-tier keys stored and evicted since the last call (for a remote index).
 
-    def _record(self, stored: Sequence[ChunkKey] = (), evicted: Sequence[ChunkKey] = ()) -> None:
-        if self._events is None:
-            return
-        with self._events_lock:
-            self._events.stored.extend(stored)
-            self._events.evicted.extend(evicted)
+        Fed by the memory tier itself, so every path that changes it (stores,
+        promotions, evictions, management operations) is reported."""
+        return self._events.drain() if self._events is not None else StoreEvents()
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait for background writes; False if some did not finish in time."""

@@ -89,6 +89,7 @@ class Slot:
 
 
 EvictHook = Callable[[list[tuple[ChunkKey, ChunkData]]], None]
+ChangeHook = Callable[[list[ChunkKey], list[ChunkKey]], None]
 
 
 class MemoryTier(Tier):
@@ -105,7 +106,11 @@ class MemoryTier(Tier):
         self._lock = threading.Lock()
         self.on_evict: EvictHook | None = None
         """Called (outside the lock) with the chunks just evicted; their payloads are
-        valid only during the call. Lets the store demote or report them."""
+        valid only during the call. Lets the store demote them."""
+        self.on_change: ChangeHook | None = None
+        """Called (outside the lock) with (keys added, keys removed) after every change,
+        whatever caused it (a store, a promotion, an eviction, a delete, a clear): the
+        one place another process's view of this tier (the scheduler's index) is fed."""
 
     # -- zero-copy path -------------------------------------------------------
 
@@ -125,13 +130,16 @@ class MemoryTier(Tier):
     def commit(self, items: Sequence[tuple[ChunkKey, Slot, ChunkMeta, int]]) -> None:
         """Publish filled slots under their keys. A key already present keeps its
         old copy and the new slot is freed (each chunk is stored once)."""
+        added = []
         with self._lock:
             for key, slot, meta, nbytes in items:
                 if key in self._entries:
                     self.arena.release([slot.index])
                     continue
                 self._entries[key] = _Entry(slot.index, meta, nbytes)
+                added.append(key)
                 self.stats.add(puts=1, put_bytes=nbytes)
+        self._changed(added, [])
 
     def abort(self, slots: Sequence[Slot]) -> None:
         """Give back reserved slots that will not be committed."""
@@ -178,14 +186,15 @@ class MemoryTier(Tier):
         return out
 
     def delete_many(self, keys: Sequence[ChunkKey]) -> int:
-        n = 0
+        removed = []
         with self._lock:
             for key in keys:
                 entry = self._entries.pop(key, None)
                 if entry is not None:
-                    n += 1
+                    removed.append(key)
                     self._drop_locked(entry)
-        return n
+        self._changed([], removed)
+        return len(removed)
 
     def usage(self) -> TierUsage:
         with self._lock:
@@ -263,11 +272,16 @@ class MemoryTier(Tier):
         if not evicted:
             return
         try:
+            self._changed([], [k for k, _ in evicted])
             if self.on_evict is not None:
                 self.on_evict(evicted)
         finally:
             for _, chunk in evicted:
                 chunk.release()
+
+    def _changed(self, added: list[ChunkKey], removed: list[ChunkKey]) -> None:
+        if (added or removed) and self.on_change is not None:
+            self.on_change(added, removed)
 
 
 class _Unref:

@@ -1,0 +1,208 @@
+"""Layer 6: what a vLLM request's chunk keys are made of, and when it bypasses kvtier.
+
+Every input that changes a prompt's KV is in its keys, or the request bypasses
+kvtier; a configuration that cannot be served correctly is refused at start-up:
+
+- the engine: model, KV layout (the pipeline stage's layers, KV heads per
+  rank, head size, dtype, block size) and chunk size form the namespace;
+- the shard: each tensor-parallel rank and pipeline stage stores its own KV
+  under its own keys, and a chunk is a hit only when every shard holds it;
+- the request: the tenant salt (``cache_salt``) and the LoRA adapter, by a
+  digest of its files (the same adapter shares under any name, on any
+  instance; a changed adapter never matches an old one);
+- bypassed: prompt embeddings, multimodal inputs (their KV depends on the
+  items, not only on the placeholder tokens) and LoRA adapters whose files
+  cannot be read; counted and logged once per reason;
+- refused: more than one KV cache group (hybrid models: sliding window plus
+  full attention, Mamba), a KV cache spec other than plain full attention,
+  speculative decoding whose draft model has KV layers of its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import xxhash
+
+from kvtier.config import KvtierConfig
+from kvtier.engine.layout import LayoutKind, PagedLayout, dtype_name
+from kvtier.errors import UnsupportedConfig
+from kvtier.keys import Namespace
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+# Speculative methods that add no KV layers of their own (they propose from the prompt).
+_NO_DRAFT_KV = ("ngram", "ngram_gpu", "suffix")
+# Adapter-config fields that name the base model's location, not what the adapter computes.
+_LORA_CONFIG_IGNORED = ("base_model_name_or_path", "revision")
+
+
+class Bypass(str, enum.Enum):
+    """Why a request is neither looked up nor stored."""
+
+    PROMPT_EMBEDS = "prompt embeddings"
+    MULTIMODAL = "multimodal inputs"
+    LORA_UNREADABLE = "a LoRA adapter whose files cannot be read"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One worker's part of the KV: a tensor-parallel rank of a pipeline stage."""
+
+    tp_rank: int
+    pp_rank: int
+
+
+def engine_layout(vllm_config: VllmConfig, pp_rank: int | None = None) -> PagedLayout:
+    """The paged KV layout of pipeline stage ``pp_rank`` (default: this process's)."""
+    from vllm.platforms import current_platform
+
+    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    kind = LayoutKind.VLLM_CPU if current_platform.is_cpu() else LayoutKind.FLASH_ATTN
+    if cc.cache_dtype in (None, "auto"):
+        dtype = dtype_name(mc.dtype)
+    elif str(cc.cache_dtype).startswith("fp8"):
+        dtype = "float8_e5m2" if "e5m2" in str(cc.cache_dtype) else "float8_e4m3fn"
+    else:
+        raise UnsupportedConfig(f"kvtier does not support kv cache dtype {cc.cache_dtype!r}")
+    start, end = stage_layers(vllm_config, pp_rank)
+    return PagedLayout(kind, end - start, mc.get_num_kv_heads(pc), mc.get_head_size(),
+                       cc.block_size, dtype)
+
+
+def stage_layers(vllm_config: VllmConfig, pp_rank: int | None = None) -> tuple[int, int]:
+    """[first, end) layers of pipeline stage ``pp_rank`` (default: this process's)."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    if pp_rank is None:
+        return mc.get_layers_start_end_indices(pc)
+    from vllm.distributed.utils import get_pp_indices
+
+    return get_pp_indices(mc.get_total_num_hidden_layers(), pp_rank, pc.pipeline_parallel_size)
+
+
+def all_shards(vllm_config: VllmConfig) -> list[Shard]:
+    """Every worker's shard, in rank order (TP fastest, as vLLM numbers its workers)."""
+    pc = vllm_config.parallel_config
+    return [Shard(tp, pp) for pp in range(pc.pipeline_parallel_size)
+            for tp in range(pc.tensor_parallel_size)]
+
+
+def worker_shard(vllm_config: VllmConfig) -> Shard:
+    """This worker's shard (vLLM orders ranks DP x PP x TP)."""
+    pc = vllm_config.parallel_config
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+        return Shard(get_tp_group().rank_in_group, get_pp_group().rank_in_group)
+    except (AssertionError, AttributeError, ImportError, RuntimeError):
+        rank = pc.rank  # groups not initialised (one process, tests): from the global rank
+        return Shard(rank % pc.tensor_parallel_size,
+                     (rank // pc.tensor_parallel_size) % pc.pipeline_parallel_size)
+
+
+def shard_namespace(vllm_config: VllmConfig, cfg: KvtierConfig, shard: Shard) -> Namespace:
+    """The key namespace of one shard: same model, layout, stage, rank, chunking => same KV."""
+    pc = vllm_config.parallel_config
+    return Namespace(model_id=cfg.model_id or str(vllm_config.model_config.model),
+                     layout=engine_layout(vllm_config, shard.pp_rank).signature(),
+                     chunk_size=cfg.chunk_size, tp_rank=shard.tp_rank,
+                     tp_size=pc.tensor_parallel_size, salt=cfg.salt,
+                     pp_size=pc.pipeline_parallel_size,
+                     layer_start=stage_layers(vllm_config, shard.pp_rank)[0])
+
+
+def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
+    """Refuse, at start-up, engines whose KV kvtier would not hand back correctly."""
+    spec_cfg = vllm_config.speculative_config
+    if spec_cfg is not None and spec_cfg.method not in _NO_DRAFT_KV:
+        raise UnsupportedConfig(
+            f"kvtier does not support speculative decoding with method {spec_cfg.method!r}: "
+            f"its draft layers have KV of their own that kvtier would not store or load "
+            f"(supported: no speculative decoding, or {', '.join(_NO_DRAFT_KV)})")
+    if kv_cache_config is None:
+        return
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        kinds = ", ".join(sorted({type(g.kv_cache_spec).__name__ for g in groups}))
+        raise UnsupportedConfig(
+            f"kvtier supports models whose every layer is full attention (one KV cache "
+            f"group); this one has {len(groups)} groups ({kinds}), e.g. a hybrid of sliding "
+            f"window or Mamba layers: their KV is not a plain prefix kvtier can hand back")
+    spec = groups[0].kv_cache_spec
+    name = type(spec).__name__
+    if name != "FullAttentionSpec" or getattr(spec, "sliding_window", None) \
+            or getattr(spec, "attention_chunk_size", None):
+        raise UnsupportedConfig(
+            f"kvtier supports full-attention KV only; this model's KV cache spec is {name} "
+            f"(sliding_window={getattr(spec, 'sliding_window', None)}, "
+            f"attention_chunk_size={getattr(spec, 'attention_chunk_size', None)})")
+
+
+def request_inputs(request: Any) -> tuple[str | None, str | None] | Bypass:
+    """(tenant salt, LoRA identity) of a request, or why it bypasses kvtier."""
+    if getattr(request, "prompt_embeds", None) is not None:
+        return Bypass.PROMPT_EMBEDS
+    if getattr(request, "mm_features", None):
+        return Bypass.MULTIMODAL
+    lora = getattr(request, "lora_request", None)
+    lora_id = None
+    if lora is not None:
+        lora_id = lora_identity(getattr(lora, "lora_path", "") or "")
+        if lora_id is None:
+            return Bypass.LORA_UNREADABLE
+    return getattr(request, "cache_salt", None), lora_id
+
+
+_lora_cache: dict[str, tuple[tuple, str]] = {}
+_lora_lock = threading.Lock()
+_MAX_LORAS = 256
+
+
+def lora_identity(path: str) -> str | None:
+    """Digest of a LoRA adapter folder's content, or None if it cannot be read.
+
+    Every file counts (names relative to the folder, sizes and bytes), except
+    the adapter config's fields that only say where the base model lives. The
+    digest is cached per folder and recomputed when a file's size or mtime changes.
+    """
+    root = Path(path)
+    try:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        sig = tuple((str(p.relative_to(root)), st.st_size, st.st_mtime_ns)
+                    for p in files for st in (p.stat(),))
+    except OSError:
+        return None
+    if not files:
+        return None
+    with _lora_lock:
+        hit = _lora_cache.get(path)
+        if hit is not None and hit[0] == sig:
+            return hit[1]
+    h = xxhash.xxh3_128()
+    try:
+        for p, (rel, size, _) in zip(files, sig):
+            if p.name == "adapter_config.json":
+                conf = json.loads(p.read_text())
+                for k in _LORA_CONFIG_IGNORED:
+                    conf.pop(k, None)
+                h.update(f"{rel}\0".encode() + json.dumps(conf, sort_keys=True).encode())
+                continue
+            h.update(f"{rel}\0{size}\0".encode())
+            with open(p, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+    except (OSError, ValueError):
+        return None
+    digest = h.hexdigest()
+    with _lora_lock:
+        if len(_lora_cache) >= _MAX_LORAS:
+            _lora_cache.clear()
+        _lora_cache[path] = (sig, digest)
+    return digest

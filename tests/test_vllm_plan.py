@@ -1,0 +1,224 @@
+"""The scheduler side of the vLLM connector, on stand-ins for vLLM's scheduler objects.
+
+The planner is plain Python over a few fields of vLLM's ``Request`` and
+``SchedulerOutput``; the stand-ins below carry exactly those fields, so each
+rule (bypass, keys per shard, held saves, failed loads) is checked in
+milliseconds. tests/test_vllm.py checks the same rules inside real vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from kvtier.config import load_config
+from kvtier.connectors.vllm_keys import Bypass, check_supported, lora_identity, request_inputs
+from kvtier.connectors.vllm_plan import KvtierWorkerMeta, SchedulerPlanner
+from kvtier.errors import UnsupportedConfig
+from kvtier.keys import Namespace
+
+CS, BS = 256, 128
+
+
+def planner(shards: int = 1, **cfg: Any) -> SchedulerPlanner:
+    namespaces = [Namespace("m", "vllm_cpu:L4:H1:D64:B128:bfloat16", CS, tp_rank=r,
+                            tp_size=shards) for r in range(shards)]
+    return SchedulerPlanner(load_config(engine=cfg), namespaces, BS, shared=None)
+
+
+def request(req_id: str, n: int, **kw: Any) -> Any:
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=list(range(7, 7 + n)),
+                           prompt_embeds=None, mm_features=[], lora_request=None,
+                           cache_salt=None, **kw)
+
+
+def step(new: list[tuple[str, list[int], int, int]] = (),
+         cached: list[tuple[str, list[int], int, int]] = (), preempted: set[str] = frozenset()
+         ) -> Any:
+    """A SchedulerOutput stand-in: (req_id, new block ids, computed before, scheduled)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=c)
+                            for r, b, c, _ in new],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[r for r, *_ in cached], resumed_req_ids=set(),
+            new_block_ids=[(b,) if b else None for _, b, _, _ in cached],
+            num_computed_tokens=[c for _, _, c, _ in cached]),
+        num_scheduled_tokens={r: s for r, _, _, s in [*new, *cached]},
+        preempted_req_ids=set(preempted))
+
+
+def done(p: SchedulerPlanner, meta: KvtierWorkerMeta | None = None,
+         invalid: set[int] = frozenset()) -> None:
+    p.step_done(SimpleNamespace(kv_connector_worker_meta=meta, invalid_block_ids=set(invalid)))
+
+
+def stored(p: SchedulerPlanner, req_id: str, n: int) -> None:
+    """Tell the planner the worker stored the first ``n`` chunks of ``req_id``."""
+    done(p, KvtierWorkerMeta(stored=[k for keys in p._reqs[req_id].keys for k in keys[:n]]))
+
+
+def test_saves_run_one_step_late_once_the_step_is_known_good() -> None:
+    p = planner()
+    r = request("a", 1100)
+    assert p.num_new_matched_tokens(r, 0) == 0
+    meta = p.build(step(new=[("a", list(range(9)), 0, 1100)]))
+    assert not meta.saves  # held: this step's outcome is not known yet
+    done(p)
+    meta = p.build(step(cached=[("a", [], 1100, 1)]))
+    (save,) = meta.saves
+    assert save.start_chunk == 0 and len(save.keys[0]) == 4  # 4 whole chunks
+
+
+def test_a_failed_load_drops_the_steps_saves_and_saves_again_after_recompute() -> None:
+    p = planner()
+    first = request("a", 1100)
+    p.num_new_matched_tokens(first, 0)
+    p.build(step(new=[("a", list(range(9)), 0, 1100)]))
+    done(p)
+    p.build(step(cached=[("a", [], 1100, 1)]))
+    stored(p, "a", 4)
+    # b shares a's first 1100 tokens and goes on: 4 chunks hit, 8 more to compute.
+    b = request("b", 3000)
+    assert p.num_new_matched_tokens(b, 0) == 4 * CS
+    p.accept_load(b, 4 * CS)
+    meta = p.build(step(new=[("b", list(range(20, 44)), 0, 3000 - 4 * CS)]))
+    (load,) = meta.loads
+    assert (load.start_token, load.end_token) == (0, 4 * CS)
+    # Chunk 1 could not be read: chunks computed in this step sit on garbage KV.
+    bad_key = load.keys[0][1]
+    done(p, KvtierWorkerMeta(failed=[("b", CS, bad_key)]), invalid={22, 23, 24, 25, 26, 27})
+    meta = p.build(step(cached=[("b", [], CS, 3000 - CS)]))  # vLLM recomputes from token 256
+    assert not meta.saves, "a save computed in the failed step must never run"
+    assert p.index.contains_many([bad_key]) == [False]
+    done(p)
+    meta = p.build(step(cached=[("b", [], 3000, 1)]))
+    (save,) = meta.saves
+    assert save.start_chunk == 1 and len(save.keys[0]) == 11  # chunk 1 on, recomputed
+
+
+def test_a_request_sharing_a_failed_block_does_not_save_that_step() -> None:
+    p = planner()
+    p.num_new_matched_tokens(request("c", 1100), 0)
+    p.build(step(new=[("c", [5, 6, 7, 8, 9, 10, 11, 12, 13], 0, 1100)]))
+    done(p, invalid={6})  # another request's load into a block c shares failed
+    meta = p.build(step(cached=[("c", [], CS // 2, 1100 - CS // 2)]))
+    assert not meta.saves
+
+
+def test_a_request_finishing_with_a_held_save_keeps_its_blocks_until_saved() -> None:
+    p = planner()
+    p.num_new_matched_tokens(request("d", 600), 0)
+    p.build(step(new=[("d", [1, 2, 3, 4, 5], 0, 600)]))
+    assert p.finish("d") is True  # vLLM keeps d's blocks (delay free)
+    done(p)
+    (save,) = p.build(step()).saves
+    assert save.release and save.req_id == "d"
+
+
+def test_a_finished_request_whose_save_was_dropped_is_released_without_saving() -> None:
+    p = planner()
+    p.num_new_matched_tokens(request("e", 600), 0)
+    p.build(step(new=[("e", [1, 2, 3, 4, 5], 0, 600)]))
+    assert p.finish("e")
+    done(p, invalid={1})
+    meta = p.build(step())
+    assert not meta.saves and meta.releases == ["e"]
+
+
+def test_a_preempted_requests_held_save_is_dropped() -> None:
+    p = planner()
+    p.num_new_matched_tokens(request("f", 600), 0)
+    p.build(step(new=[("f", [1, 2, 3, 4, 5], 0, 600)]))
+    meta = p.build(step(preempted={"f"}))
+    done(p)
+    assert not meta.saves and not p.build(step()).saves
+    assert p._reqs["f"].saved_chunks == 0  # saved again once recomputed
+
+
+def test_with_tensor_parallelism_a_chunk_hits_only_when_every_rank_has_it() -> None:
+    p = planner(shards=2)
+    r = request("g", 1100)
+    st_keys = None
+    p.num_new_matched_tokens(r, 0)
+    st_keys = p._reqs["g"].keys
+    assert st_keys[0] != st_keys[1]  # each rank's shard under its own keys
+    p.index.update(stored=st_keys[0][:4] + st_keys[1][:2])
+    assert p.num_new_matched_tokens(r, 0) == 2 * CS
+    p.index.update(stored=st_keys[1][2:4])
+    assert p.num_new_matched_tokens(r, 0) == 4 * CS
+
+
+def test_prompt_embeds_and_multimodal_requests_bypass_and_are_counted() -> None:
+    p = planner()
+    embeds = request("h", 600)
+    embeds.prompt_embeds = object()
+    image = request("i", 600)
+    image.mm_features = [SimpleNamespace(identifier="img")]
+    assert p.num_new_matched_tokens(embeds, 0) == 0
+    assert p.num_new_matched_tokens(image, 0) == 0
+    assert p.bypasses == {Bypass.PROMPT_EMBEDS.value: 1, Bypass.MULTIMODAL.value: 1}
+    assert not p.build(step(new=[("h", [1, 2, 3, 4, 5], 0, 600)])).loads
+    done(p)
+    assert not p.build(step(cached=[("h", [], 600, 1)])).saves
+
+
+def _adapter(folder: Path, weights: bytes, base: str) -> Path:
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"],
+         "base_model_name_or_path": base}))
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_lora_identity_is_the_adapters_content(tmp_path: Path) -> None:
+    a = _adapter(tmp_path / "a", b"weights-1", "/models/base")
+    same = _adapter(tmp_path / "copy-under-another-name", b"weights-1", "/elsewhere/base")
+    other = _adapter(tmp_path / "b", b"weights-2", "/models/base")
+    assert lora_identity(str(a)) == lora_identity(str(same)) != lora_identity(str(other))
+    before = lora_identity(str(a))
+    (a / "adapter_model.safetensors").write_bytes(b"weights-3, retrained")
+    assert lora_identity(str(a)) != before  # a changed adapter never matches the old one
+    assert lora_identity(str(tmp_path / "missing")) is None
+
+
+def test_lora_requests_get_their_own_keys_or_bypass(tmp_path: Path) -> None:
+    p = planner()
+    adapter = _adapter(tmp_path / "a", b"w", "/m")
+    base, lora = request("j", 600), request("k", 600)
+    lora.lora_request = SimpleNamespace(lora_path=str(adapter), lora_name="x", lora_int_id=1)
+    assert request_inputs(lora) == (None, lora_identity(str(adapter)))
+    p.num_new_matched_tokens(base, 0)
+    p.num_new_matched_tokens(lora, 0)
+    assert p._reqs["j"].keys[0][0] != p._reqs["k"].keys[0][0]
+    gone = request("l", 600)
+    gone.lora_request = SimpleNamespace(lora_path=str(tmp_path / "nope"), lora_name="y",
+                                        lora_int_id=2)
+    assert request_inputs(gone) is Bypass.LORA_UNREADABLE
+
+
+def _config(groups: list[Any], method: str | None = None) -> tuple[Any, Any]:
+    vllm_config = SimpleNamespace(speculative_config=SimpleNamespace(method=method)
+                                  if method else None)
+    return vllm_config, SimpleNamespace(kv_cache_groups=groups)
+
+
+def _group(spec_name: str, **attrs: Any) -> Any:
+    return SimpleNamespace(kv_cache_spec=type(spec_name, (), attrs)())
+
+
+def test_configurations_kvtier_cannot_serve_are_refused_at_start_up() -> None:
+    check_supported(*_config([_group("FullAttentionSpec", sliding_window=None)]))
+    check_supported(*_config([_group("FullAttentionSpec")], method="ngram"))
+    with pytest.raises(UnsupportedConfig, match="2 groups"):
+        check_supported(*_config([_group("FullAttentionSpec"), _group("SlidingWindowSpec")]))
+    with pytest.raises(UnsupportedConfig, match="MambaSpec"):
+        check_supported(*_config([_group("MambaSpec")]))
+    with pytest.raises(UnsupportedConfig, match="sliding_window=4096"):
+        check_supported(*_config([_group("FullAttentionSpec", sliding_window=4096)]))
+    with pytest.raises(UnsupportedConfig, match="eagle3"):
+        check_supported(*_config([_group("FullAttentionSpec")], method="eagle3"))
