@@ -27,50 +27,14 @@ from typing import Any
 
 import pytest
 
-from kvtier.testing.models import build_model, make_document
-from kvtier.testing.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE, run_instance
-from kvtier.testing.vllm_cpu import vllm_env
 from kvtier.keys import ChunkHasher, Namespace
+from kvtier.testing.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE
+from kvtier.testing.vllm_cpu import vllm_env
+from tests.vllm_run import CHUNK, doc, kvtier_cfg, model, own_hit, req, run, same_output  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
-CHUNK = 256
 TINY_LAYOUT = "vllm_cpu:L4:H2:D64:B128:bfloat16"
-
-
-@pytest.fixture(scope="module")
-def model() -> str:
-    return str(build_model("tiny"))
-
-
-def doc(model: str, seed: int, n: int = 1100) -> list[int]:
-    return make_document(model, n, seed)  # 4 whole chunks + 76 tokens
-
-
-def req(prompt: list[int], salt: str | None = None, max_tokens: int = 8) -> dict[str, Any]:
-    return {"prompt": prompt, "salt": salt, "max_tokens": max_tokens}
-
-
-def kvtier_cfg(tmp_path: Path, tiers: list[str] | None = None, **extra: Any) -> dict[str, Any]:
-    return {"tiers": tiers or ["memory", "disk"], "disk.path": str(tmp_path / "chunks"),
-            "memory.max_bytes": "128MiB", **extra}
-
-
-def run(model: str, rounds: list[list[dict]], kvtier: dict | None, **spec: Any) -> list[list[dict]]:
-    return run_instance({"model": model, "kvtier": kvtier, "rounds": rounds, **spec})["rounds"]
-
-
-def same_output(a: dict, b: dict) -> bool:
-    return a["token_ids"] == b["token_ids"] and a["logprobs"] == b["logprobs"]
-
-
-def own_hit(model: str, prompt: list[int], hit_tokens: int, first: list[int] | None = None
-            ) -> dict:
-    """vLLM alone (no kvtier) on ``prompt`` after ``first`` (default: the prompt itself),
-    so that its own prefix cache gives ``hit_tokens`` of it: the reference for a hit."""
-    out = run(model, [[req(first or prompt)], [req(prompt)]], None)
-    assert out[1][0]["num_cached_tokens"] == hit_tokens
-    return out[1][0]
 
 
 def test_new_instance_gets_kv_of_the_first_bitwise_equal(model: str, tmp_path: Path) -> None:

@@ -111,8 +111,10 @@ class CacheEngine:
 
     def _store_without_memory(self, todo: list[int], keys: list[ChunkKey], n_tok: int,
                               block_ids: Sequence[int], transfer: PagedTransfer) -> int:
-        """No memory tier (or no room): gather into private buffers for the lower tiers."""
-        if not self.store.lower:
+        """No memory tier, or no room for all the chunks at once: gather into private
+        buffers; the store keeps in memory what fits (leading chunks first) and hands
+        the rest to the lower tiers. Only what a tier takes is reported stored."""
+        if not self.store.lower and self.store.memory is None:
             return 0
         items, runs = [], []
         for i in todo:

@@ -217,3 +217,36 @@ def make_document(tokenizer_or_model_dir: Any, num_tokens: int, seed: int) -> li
         enc = tok.encode(_text(rng, 1000) + "\n\n", add_special_tokens=False)
         ids.extend(enc.ids if hasattr(enc, "ids") else enc)
     return ids[:num_tokens]
+
+
+def build_lora(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+               seed: int = 0, rank: int = 8, scale: float = 1.0) -> Path:
+    """A random-weight LoRA adapter (PEFT layout) for a built model, on q_proj and v_proj.
+
+    ``scale`` multiplies the random weights: large enough, the adapter changes
+    greedy outputs, so a test can tell the adapter's KV from the base model's.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden, head_dim = cfg["hidden_size"], cfg["head_dim"]
+    outs = {"q_proj": cfg["num_attention_heads"] * head_dim,
+            "v_proj": cfg["num_key_value_heads"] * head_dim}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for mod, out in outs.items():
+            name = f"base_model.model.model.layers.{layer}.self_attn.{mod}"
+            tensors[f"{name}.lora_A.weight"] = (torch.randn(rank, hidden, generator=gen)
+                                                * scale / hidden ** 0.5).to(torch.bfloat16)
+            tensors[f"{name}.lora_B.weight"] = (torch.randn(out, rank, generator=gen)
+                                                * scale).to(torch.bfloat16)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
+        "lora_dropout": 0.0, "bias": "none", "target_modules": sorted(outs),
+        "base_model_name_or_path": str(model_dir)}, indent=1))
+    return out

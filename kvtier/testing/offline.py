@@ -15,7 +15,10 @@ default two-process mode; default false: one process, faster start),
 ``dtype`` (default bfloat16), ``kv_transfer`` (optional full ``KVTransferConfig`` dict for a non-kvtier
 connector, e.g. a peer system; used only when ``kvtier`` is null),
 ``gpu_memory_utilization`` (default: what the run needs, see
-:func:`~kvtier.testing.vllm_cpu.memory_utilization`).
+:func:`~kvtier.testing.vllm_cpu.memory_utilization`), ``tensor_parallel_size``
+(needs ``multiprocess`` and a ``VLLM_CPU_OMP_THREADS_BIND`` with one group per
+rank in ``env``), ``max_lora_rank`` (turns LoRA on; a request's ``lora`` is
+``{"name", "id", "path"}``).
 
 With ``on_progress``, the child reports each request as it starts and ends
 (lines starting with ``PROGRESS`` on its stdout), so a caller can show progress
@@ -106,14 +109,21 @@ def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool, round_
         return SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens", 8), logprobs=1,
                               ignore_eos=True)
 
+    def lora(r: dict[str, Any]) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        spec = r.get("lora")
+        return LoRARequest(spec["name"], spec["id"], spec["path"]) if spec else None
+
     batches = [[r] for r in requests] if sequential else [requests]
     results = []
     for n, batch in enumerate(batches):
         _progress(progress, event="start", round=round_, index=n, requests=len(batch),
                   prompt_tokens=sum(len(r["prompt"]) for r in batch))
         t0 = time.perf_counter()
+        loras = [lora(r) for r in batch]
         outs = llm.generate([prompt(r) for r in batch], [params(r) for r in batch],
-                            use_tqdm=False)
+                            use_tqdm=False, lora_request=loras if any(loras) else None)
         wall = time.perf_counter() - t0
         for out in outs:
             comp = out.outputs[0]
@@ -143,6 +153,10 @@ def _main() -> int:
                                                         spec.get("kv_space_gib", 1)))
     if spec.get("num_gpu_blocks"):
         kwargs["num_gpu_blocks_override"] = spec["num_gpu_blocks"]
+    if spec.get("tensor_parallel_size"):
+        kwargs["tensor_parallel_size"] = spec["tensor_parallel_size"]
+    if spec.get("max_lora_rank"):
+        kwargs.update(enable_lora=True, max_lora_rank=spec["max_lora_rank"], max_loras=2)
     if spec.get("max_num_batched_tokens"):
         kwargs["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     if spec.get("kvtier") is not None:

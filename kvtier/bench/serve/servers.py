@@ -60,6 +60,8 @@ class EngineSettings:
     dtype: str = "bfloat16"
     threads_bind: str = field(default_factory=lambda: f"0-{(os.cpu_count() or 1) - 1}")
     max_num_batched_tokens: int | None = None
+    extra_args: tuple[str, ...] = ()
+    """More ``vllm serve`` arguments, the same for every configuration."""
 
 
 @dataclass
@@ -167,6 +169,7 @@ class Servers:
                "--gpu-memory-utilization", str(memory_utilization(e.model))]
         if e.max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+        cmd += list(e.extra_args)
         if self.cfg.kv_transfer is not None:
             cmd += ["--kv-transfer-config", json.dumps(self.cfg.kv_transfer)]
         return cmd
