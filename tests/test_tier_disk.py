@@ -18,7 +18,7 @@ from kvtier.keys import ChunkKey
 from kvtier.tiers import files as files_mod
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
-from tests.tier_conformance import TierConformance, make_chunk, new_keys, same
+from tests.tier_conformance import TierConformance, as_version, make_chunk, new_keys, same
 
 PAYLOAD = 8192
 FILE = HEADER_SIZE + PAYLOAD
@@ -49,6 +49,12 @@ class TestDiskTier(TierConformance):
     def corrupt(self, tier: Tier, key: ChunkKey) -> None:
         assert isinstance(tier, DiskTier)
         flip(tier.path_of(key), HEADER_SIZE + 10)
+
+    def set_version(self, tier: Tier, key: ChunkKey, version: int) -> None:
+        assert isinstance(tier, DiskTier)
+        path = tier.path_of(key)
+        data = path.read_bytes()
+        path.write_bytes(as_version(data[:HEADER_SIZE], version) + data[HEADER_SIZE:])
 
     def break_backend(self, tier: Tier) -> None:
         assert isinstance(tier, DiskTier)

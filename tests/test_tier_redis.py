@@ -18,7 +18,7 @@ from kvtier.config import RedisConfig
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
 from kvtier.tiers.redis import PART_TTL_MARGIN_S, RedisTier
-from tests.tier_conformance import TierConformance, make_chunk, new_keys, same
+from tests.tier_conformance import TierConformance, as_version, make_chunk, new_keys, same
 
 pytestmark = pytest.mark.redis
 MAX_VALUE = 4096  # small, so the suite's 8 KiB payloads are split into parts
@@ -36,6 +36,11 @@ def flip_value(client: redis.Redis, name: bytes, offset: int) -> None:
     client.set(name, bytes(value))
 
 
+def restamp(client: redis.Redis, name: bytes, version: int) -> None:
+    value = client.get(name)
+    client.set(name, as_version(value[:HEADER_SIZE], version) + value[HEADER_SIZE:])
+
+
 class TestRedisTier(TierConformance):
     evicts_lru = False  # Redis's maxmemory policy evicts, not the tier
 
@@ -49,6 +54,9 @@ class TestRedisTier(TierConformance):
     def corrupt(self, tier: Tier, key: ChunkKey) -> None:
         flip_value(redis.Redis.from_url(self.server.url), b"kvtier:" + key.hex().encode(),
                    HEADER_SIZE + 10)
+
+    def set_version(self, tier: Tier, key: ChunkKey, version: int) -> None:
+        restamp(redis.Redis.from_url(self.server.url), b"kvtier:" + key.hex().encode(), version)
 
     def break_backend(self, tier: Tier) -> None:
         self.server.stop()
@@ -71,6 +79,11 @@ class TestRedisClusterTier(TierConformance):
     def corrupt(self, tier: Tier, key: ChunkKey) -> None:
         client = redis.cluster.RedisCluster.from_url(self.cluster.url)
         flip_value(client, self.prefix.encode() + key.hex().encode(), HEADER_SIZE + 10)
+        client.close()
+
+    def set_version(self, tier: Tier, key: ChunkKey, version: int) -> None:
+        client = redis.cluster.RedisCluster.from_url(self.cluster.url)
+        restamp(client, self.prefix.encode() + key.hex().encode(), version)
         client.close()
 
     def break_backend(self, tier: Tier) -> None:

@@ -19,7 +19,9 @@ and whole-file reads are in :mod:`kvtier.tiers.files`, the LRU index in
   found that the index does not know are adopted, and files that vanished are
   dropped from it. Each instance enforces ``max_bytes`` over the files it knows.
 - Failures: a missing file is a plain miss; a file that fails its header or
-  checksum is deleted and counted ``corrupt``; any other ``OSError`` (folder
+  checksum is deleted and counted ``corrupt``; a file of another kvtier format
+  version (a rolling upgrade sharing the folder) is a miss counted ``foreign``
+  and left in place, logged once; any other ``OSError`` (folder
   gone, permissions, disk full) is counted in ``errors`` and turns into a
   miss or ``False``. Nothing is raised to the caller. The root folder is never
   re-created by the tier: if it vanished (an unmounted share), writing into
@@ -38,7 +40,7 @@ from typing import Iterator, Sequence
 
 from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, verify_payload
 from kvtier.config import DiskConfig
-from kvtier.errors import CorruptChunk
+from kvtier.errors import CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers import files
 from kvtier.tiers.base import Tier, TierUsage
@@ -158,6 +160,9 @@ class DiskTier(Tier):
             return None
         try:
             chunk = self._read(key, fd)
+        except ForeignChunk as exc:  # another release's file: not ours to delete
+            self._count_foreign(exc)
+            return None
         except CorruptChunk:
             self.stats.add(corrupt=1)
             self.delete_many([key])

@@ -15,7 +15,9 @@ Failures: a connection error or timeout (``timeout_s`` bounds every socket
 wait) turns the batch into misses / ``False`` and counts ``errors``; then the
 tier does not talk to the server for ``reconnect_backoff_s`` (each skipped
 call also counts ``errors``), and tries again after. A value that fails its
-checks is deleted and counted ``corrupt``. ``OOM`` replies count ``dropped``.
+checks is deleted and counted ``corrupt``; a value of another kvtier format
+version (a rolling upgrade sharing the server) is a miss counted ``foreign``
+and left in place, logged once. ``OOM`` replies count ``dropped``.
 Nothing is raised to the caller. Payloads of hits may be read-only views of
 the bytes redis-py returned (no copy).
 """
@@ -31,7 +33,7 @@ from urllib.parse import urlparse
 from kvtier.codecs import ChunkData, encode_header
 from kvtier.codecs.format import Header
 from kvtier.config import RedisConfig
-from kvtier.errors import CorruptChunk
+from kvtier.errors import CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.redis_values import ValueLayout
@@ -211,6 +213,8 @@ class RedisTier(Tier):
                     out[i] = whole
                 else:
                     split.append((i, header, value))
+            except ForeignChunk as exc:  # another release's value: not ours to delete
+                self._count_foreign(exc)
             except CorruptChunk as exc:
                 self._drop_corrupt(client, key, exc)
         if split:
