@@ -272,7 +272,7 @@ class DiskTier(Tier):
     def _scan(self) -> Iterator[tuple[ChunkKey, int, int]]:
         """(key, size, last use in ns) of every chunk file; removes stale temp files."""
         try:
-            shards = [e for e in os.scandir(self.root) if e.is_dir() and len(e.name) == 2]
+            shards = [e for e in os.scandir(self.root) if e.is_dir() and files.is_shard(e.name)]
         except OSError:
             self.stats.add(errors=1)
             return
