@@ -85,10 +85,20 @@ class RedisConfig:
     ttl_s: int = 0
     """Expiry of stored chunks in seconds; 0 keeps them until Redis evicts them."""
     timeout_s: float = 1.0
+    """Bound on every socket wait of reads, writes and management calls."""
+    contains_timeout_s: float = 0.2
+    """Bound on the socket waits of presence checks (asked on every scheduler lookup),
+    so a hung server costs a lookup at most this."""
     max_value_bytes: int = 4 * 1024**2
     """Chunks above this are split over several Redis values."""
+    orphan_part_ttl_s: int = 300
+    """Parts of a split chunk are written with this expiry, lifted (or set to the chunk's
+    ttl) once their head is written: parts whose writer died first are reclaimed."""
     write_queue: int = 256
     reconnect_backoff_s: float = 1.0
+    """After a failure the server is not asked for this long, doubling on each failed
+    retry up to ``reconnect_backoff_max_s`` (jittered); a success resets it."""
+    reconnect_backoff_max_s: float = 30.0
 
 
 @dataclass
@@ -241,8 +251,18 @@ def _validate(cfg: KvtierConfig) -> None:
         raise ConfigError("control.port", f"must be a TCP port, got {cfg.control.port}")
     if cfg.redis.timeout_s <= 0:
         raise ConfigError("redis.timeout_s", f"must be positive, got {cfg.redis.timeout_s}")
+    if cfg.redis.contains_timeout_s <= 0:
+        raise ConfigError("redis.contains_timeout_s",
+                          f"must be positive, got {cfg.redis.contains_timeout_s}")
+    if cfg.redis.orphan_part_ttl_s < 1:
+        raise ConfigError("redis.orphan_part_ttl_s",
+                          f"must be >= 1 (seconds), got {cfg.redis.orphan_part_ttl_s}")
     if cfg.redis.reconnect_backoff_s < 0:
         raise ConfigError("redis.reconnect_backoff_s", "must be >= 0")
+    if cfg.redis.reconnect_backoff_max_s < cfg.redis.reconnect_backoff_s:
+        raise ConfigError("redis.reconnect_backoff_max_s", "must be >= redis.reconnect_backoff_s "
+                          f"({cfg.redis.reconnect_backoff_s}), got "
+                          f"{cfg.redis.reconnect_backoff_max_s}")
     if not cfg.tiers:
         raise ConfigError("tiers", "at least one tier is needed")
     if TierName.DISK in cfg.tiers and not cfg.disk.path:

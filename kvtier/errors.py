@@ -30,6 +30,16 @@ class CorruptChunk(KvtierError):
     """
 
 
+class ForeignChunk(CorruptChunk):
+    """Bytes are a well-framed chunk of another kvtier format version.
+
+    Not damage: another release (e.g. during a rolling upgrade) shares the
+    folder or server. Tiers serve it as a miss, count it ``foreign`` and leave
+    it in place; it is a :class:`CorruptChunk` only so that code which knows
+    nothing of versions still never serves it.
+    """
+
+
 class LayoutMismatch(KvtierError, ValueError):
     """Engine KV tensors do not match the layout kvtier was configured for."""
 

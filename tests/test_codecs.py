@@ -7,7 +7,8 @@ import pytest
 
 from kvtier.codecs import (HEADER_SIZE, ChunkData, ChunkMeta, Codec, compress, decode,
                            decompress, encode)
-from kvtier.errors import CorruptChunk
+from kvtier.errors import CorruptChunk, ForeignChunk
+from tests.tier_conformance import as_version
 
 KEY = bytes(range(16))
 
@@ -64,3 +65,25 @@ def test_zlib_codec_is_lossless() -> None:
     assert c.meta.codec is Codec.ZLIB and c.payload.nbytes < payload.nbytes
     back = decode(KEY, blob(c.meta, c.payload))
     assert np.array_equal(decompress(back).payload, payload)
+
+
+def test_another_format_version_is_foreign_not_corrupt() -> None:
+    meta, payload = sample()
+    data = blob(meta, payload)
+    newer = as_version(data[:HEADER_SIZE], 2) + data[HEADER_SIZE:]
+    with pytest.raises(ForeignChunk, match="v2"):
+        decode(KEY, newer)
+    assert as_version(data[:HEADER_SIZE], 1) == data[:HEADER_SIZE]  # the helper is exact
+
+
+@pytest.mark.parametrize("offset", [4, 5])
+def test_damaged_version_field_is_corruption_not_another_version(offset: int) -> None:
+    meta, payload = sample()
+    data = bytearray(blob(meta, payload))
+    data[offset] ^= 0x02  # our header, version bits flipped, checksum left as written
+    with pytest.raises(CorruptChunk) as err:
+        decode(KEY, data)
+    assert not isinstance(err.value, ForeignChunk)
+    data[0] ^= 0xFF  # not even our magic: corrupt
+    with pytest.raises(CorruptChunk, match="not a kvtier chunk"):
+        decode(KEY, data)

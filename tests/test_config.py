@@ -46,6 +46,11 @@ def test_sizes() -> None:
     ({"write_policy": "sometimes"}, "write_policy"),
     ({"disk": 3}, "disk"),
     ({"redis.timeout_s": 0}, "redis.timeout_s"),
+    ({"redis.contains_timeout_s": 0}, "redis.contains_timeout_s"),
+    ({"redis.orphan_part_ttl_s": 0}, "redis.orphan_part_ttl_s"),
+    ({"redis.orphan_part_ttl_s": 1.5}, "redis.orphan_part_ttl_s"),
+    ({"redis": {"reconnect_backoff_s": 5, "reconnect_backoff_max_s": 2}},
+     "redis.reconnect_backoff_max_s"),
     ({"store_partial_chunks": "yes"}, "store_partial_chunks"),
 ])
 def test_bad_values_name_the_key(engine: dict, key: str) -> None:
@@ -75,3 +80,11 @@ def test_chunk_size_must_be_whole_blocks() -> None:
 def test_round_trip_to_dict() -> None:
     cfg = load_config(env={}, engine={"tiers": "memory,disk", "write_policy": "write_back"})
     assert load_config(env={}, engine=cfg.to_dict()) == cfg
+
+
+def test_redis_safety_keys_load_from_env() -> None:
+    cfg = load_config(env={"KVTIER_REDIS__CONTAINS_TIMEOUT_S": "0.1",
+                           "KVTIER_REDIS__RECONNECT_BACKOFF_MAX_S": "10",
+                           "KVTIER_REDIS__ORPHAN_PART_TTL_S": "60"})
+    r = cfg.redis
+    assert (r.contains_timeout_s, r.reconnect_backoff_max_s, r.orphan_part_ttl_s) == (0.1, 10, 60)

@@ -18,7 +18,7 @@ from kvtier.keys import ChunkKey
 from kvtier.tiers import files as files_mod
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
-from tests.tier_conformance import TierConformance, make_chunk, new_keys, same
+from tests.tier_conformance import TierConformance, as_version, make_chunk, new_keys, same
 
 PAYLOAD = 8192
 FILE = HEADER_SIZE + PAYLOAD
@@ -49,6 +49,12 @@ class TestDiskTier(TierConformance):
     def corrupt(self, tier: Tier, key: ChunkKey) -> None:
         assert isinstance(tier, DiskTier)
         flip(tier.path_of(key), HEADER_SIZE + 10)
+
+    def set_version(self, tier: Tier, key: ChunkKey, version: int) -> None:
+        assert isinstance(tier, DiskTier)
+        path = tier.path_of(key)
+        data = path.read_bytes()
+        path.write_bytes(as_version(data[:HEADER_SIZE], version) + data[HEADER_SIZE:])
 
     def break_backend(self, tier: Tier) -> None:
         assert isinstance(tier, DiskTier)
@@ -92,14 +98,43 @@ def test_start_over_capacity_evicts_and_removes_stray_temp_files(tmp_path: Path)
     shard = a.path_of(keys[0]).parent
     tag = files_mod.HOST_TAG
     stale_dead = shard / f".{keys[0].hex()}.{tag}.{dead}.0.tmp"
-    stale_old = shard / f".{keys[0].hex()}.otherhost.1.0.tmp"
+    other_host = "0badc0de" if tag != "0badc0de" else "c0ffee00"
+    stale_old = shard / f".{keys[0].hex()}.{other_host}.1.0.tmp"
     live = shard / f".{keys[0].hex()}.{tag}.{os.getpid()}.7.tmp"
     for p in (stale_dead, stale_old, live):
         p.write_bytes(b"partial")
     os.utime(stale_old, (1, 1))
+    a.close()  # a restart: the folder is b's alone, so b's smaller budget is the folder's
     b = disk(tmp_path, chunks=2)
     assert b.usage().num_chunks == 2 and b.contains_many(keys) == [False, True, True]
     assert not stale_dead.exists() and not stale_old.exists() and live.exists()
+
+
+def test_clean_up_removes_only_kvtier_temp_files(tmp_path: Path) -> None:
+    """Only names exactly as kvtier writes them go; a user's files in the folder stay,
+    however old and whatever they look like."""
+    a, key = disk(tmp_path), new_keys(1)[0]
+    a.put_many([(key, chunk())])
+    a.close()
+    shard, h = a.path_of(key).parent, key.hex()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = shard / f".{h}.{files_mod.HOST_TAG}.{dead}.0.tmp"
+    theirs = [tmp_path / "notes.tmp", tmp_path / ".foo.tmp", shard / "notes.tmp",
+              shard / ".foo.tmp", shard / f".{h}.tmp", shard / f".{h}.host.{dead}.0.tmp",
+              shard / f".{h.upper()}.{files_mod.HOST_TAG}.{dead}.0.tmp",
+              shard / f".{h}.{files_mod.HOST_TAG}.{dead}.0.tmp.bak",
+              shard / f"{h.upper()}.kvc", tmp_path / "zz" / ".foo.tmp"]
+    (tmp_path / "zz").mkdir()
+    for p in [ours, *theirs]:
+        p.write_bytes(b"mine")
+        os.utime(p, (1, 1))  # decades old: age alone never makes a file ours
+    b = disk(tmp_path, chunks=1)
+    assert not ours.exists() and all(p.exists() for p in theirs)
+    assert sorted(b.iter_keys()) == [key]
+    b.delete_many([key])
+    b.clear()
+    assert all(p.read_bytes() == b"mine" for p in theirs)
 
 
 def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,7 +146,8 @@ def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(files_mod, "writev_all", half_then_fail)
     assert tier.put_many([(key, chunk())]) == [False]
     assert tier.stats.errors == 1 and tier.usage().used_bytes == 0
-    assert list(tmp_path.rglob("*")) == [tier.path_of(key).parent]  # no chunk, no temp file
+    chunks = [p for p in tmp_path.rglob("*") if not p.name.startswith(".kvtier-")]
+    assert chunks == [tier.path_of(key).parent]  # no chunk, no temp file
     monkeypatch.undo()
     assert tier.put_many([(key, chunk())]) == [True]
 

@@ -17,8 +17,10 @@ from kvtier.codecs import HEADER_SIZE, ChunkMeta
 from kvtier.config import RedisConfig
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
-from kvtier.tiers.redis import PART_TTL_MARGIN_S, RedisTier
-from tests.tier_conformance import TierConformance, make_chunk, new_keys, same
+from kvtier.tiers.redis import RedisTier
+from kvtier.tiers.redis_conn import JITTER
+from kvtier.tiers.redis_values import PART_TTL_MARGIN_S
+from tests.tier_conformance import TierConformance, as_version, make_chunk, new_keys, same
 
 pytestmark = pytest.mark.redis
 MAX_VALUE = 4096  # small, so the suite's 8 KiB payloads are split into parts
@@ -36,6 +38,11 @@ def flip_value(client: redis.Redis, name: bytes, offset: int) -> None:
     client.set(name, bytes(value))
 
 
+def restamp(client: redis.Redis, name: bytes, version: int) -> None:
+    value = client.get(name)
+    client.set(name, as_version(value[:HEADER_SIZE], version) + value[HEADER_SIZE:])
+
+
 class TestRedisTier(TierConformance):
     evicts_lru = False  # Redis's maxmemory policy evicts, not the tier
 
@@ -49,6 +56,9 @@ class TestRedisTier(TierConformance):
     def corrupt(self, tier: Tier, key: ChunkKey) -> None:
         flip_value(redis.Redis.from_url(self.server.url), b"kvtier:" + key.hex().encode(),
                    HEADER_SIZE + 10)
+
+    def set_version(self, tier: Tier, key: ChunkKey, version: int) -> None:
+        restamp(redis.Redis.from_url(self.server.url), b"kvtier:" + key.hex().encode(), version)
 
     def break_backend(self, tier: Tier) -> None:
         self.server.stop()
@@ -71,6 +81,11 @@ class TestRedisClusterTier(TierConformance):
     def corrupt(self, tier: Tier, key: ChunkKey) -> None:
         client = redis.cluster.RedisCluster.from_url(self.cluster.url)
         flip_value(client, self.prefix.encode() + key.hex().encode(), HEADER_SIZE + 10)
+        client.close()
+
+    def set_version(self, tier: Tier, key: ChunkKey, version: int) -> None:
+        client = redis.cluster.RedisCluster.from_url(self.cluster.url)
+        restamp(client, self.prefix.encode() + key.hex().encode(), version)
         client.close()
 
     def break_backend(self, tier: Tier) -> None:
@@ -120,8 +135,9 @@ def test_ttl_is_set_on_head_and_longer_on_parts(redis_server: RedisProcess) -> N
     assert 90 < raw.ttl(head) <= 100
     assert 100 < raw.ttl(head + b":1") <= 100 + PART_TTL_MARGIN_S
     plain = tier_at(redis_server.url, key_prefix="plain:")
-    plain.put_many([(key, make_chunk(ChunkMeta("uint8", (16,))))])
+    plain.put_many([(key, make_chunk(ChunkMeta("uint8", (2 * MAX_VALUE,))))])
     assert raw.ttl(b"plain:" + key.hex().encode()) == -1  # ttl_s=0: no expiry
+    assert raw.ttl(b"plain:" + key.hex().encode() + b":1") == -1  # orphan expiry lifted
 
 
 def test_backoff_skips_the_server_then_reconnects(redis_server: RedisProcess) -> None:
@@ -131,7 +147,7 @@ def test_backoff_skips_the_server_then_reconnects(redis_server: RedisProcess) ->
     assert tier.contains_many(keys[:1]) == [False] and tier.stats.errors == 1
     redis_server.start()  # back at once, but the tier waits out its backoff
     assert tier.contains_many(keys[:1]) == [False] and tier.stats.errors == 2
-    time.sleep(0.55)
+    time.sleep(0.5 * (1 + JITTER) + 0.05)  # the backoff, jittered
     assert tier.put_many([(keys[1], make_chunk(ChunkMeta("uint8", (64,))))]) == [True]
     assert tier.contains_many(keys) == [False, True]  # a fresh server: keys[0] is gone
 

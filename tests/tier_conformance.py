@@ -10,6 +10,7 @@ A hook left alone skips its tests, with the reason.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -66,6 +67,10 @@ class TierConformance:
     def corrupt(self, tier: Tier, key: ChunkKey) -> None:
         """Damage the stored bytes of ``key`` behind the tier's back."""
         pytest.skip(f"{type(self).__name__}: stored bytes cannot be damaged from outside")
+
+    def set_version(self, tier: Tier, key: ChunkKey, version: int) -> None:
+        """Rewrite the stored header of ``key`` as format ``version`` (see :func:`as_version`)."""
+        pytest.skip(f"{type(self).__name__}: stored bytes cannot be rewritten from outside")
 
     def break_backend(self, tier: Tier) -> None:
         """Take the medium away (folder deleted, server killed)."""
@@ -213,6 +218,20 @@ class TierConformance:
         assert tier.stats.corrupt == 1 and tier.stats.hits == 1
         assert tier.contains_many(keys) == [False, True]  # the damaged chunk is gone
 
+    def test_other_format_version_is_a_counted_miss_left_in_place(
+            self, tier: Tier, caplog: pytest.LogCaptureFixture) -> None:
+        keys = new_keys(3)
+        tier.put_many([(k, self.chunk(i)) for i, k in enumerate(keys)])
+        self.set_version(tier, keys[0], 2)  # a newer release shares the medium
+        self.set_version(tier, keys[1], 0)  # and an older one
+        with caplog.at_level(logging.WARNING):
+            got = tier.get_many(keys)
+            assert tier.get_many(keys[:2]) == [None, None]
+        assert got[:2] == [None, None] and same(got[2], self.chunk(2))
+        assert (tier.stats.foreign, tier.stats.corrupt, tier.stats.errors) == (4, 0, 0)
+        assert tier.contains_many(keys) == [True, True, True]  # nothing deleted
+        assert sum("format v" in r.getMessage() for r in caplog.records) == 1  # logged once
+
     def test_backend_gone_gives_misses_then_recovers(self, tier: Tier) -> None:
         keys = new_keys(4)
         tier.put_many([(keys[0], self.chunk(0))])
@@ -231,3 +250,14 @@ class TierConformance:
             assert time.monotonic() < deadline, "the tier did not come back"
             time.sleep(0.05)
         assert same(tier.get_many([keys[3]])[0], self.chunk(3))
+
+
+def as_version(header: bytes, version: int) -> bytes:
+    """``header`` rewritten as a well-formed header of format ``version`` (same layout,
+    checksum recomputed): what another kvtier release would have written."""
+    import struct
+
+    import xxhash
+    fixed = bytearray(header[:76])  # magic .. shape: the part the header checksum covers
+    struct.pack_into("<H", fixed, 4, version)
+    return bytes(fixed) + struct.pack("<I", xxhash.xxh32_intdigest(bytes(fixed))) + header[80:]

@@ -9,6 +9,12 @@ A stored chunk is a fixed 128-byte header followed by the payload::
 The payload starts 128 bytes in, so it stays aligned for any dtype. Every
 read checks magic, version, key, lengths and both checksums; anything off is
 a :class:`CorruptChunk`. Parsing only: nothing read is ever unpickled.
+
+Every format version keeps the magic and the version (u16) in its first six
+bytes, whatever follows. A header with our magic and another version is a
+:class:`ForeignChunk` (a miss that is left in place: another kvtier release
+wrote it), unless it is one of ours with a damaged version field (the header
+checksum matches with our version put back), which is corruption.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Callable
 import numpy as np
 import xxhash
 
-from kvtier.errors import CorruptChunk
+from kvtier.errors import CorruptChunk, ForeignChunk
 from kvtier.keys import KEY_BYTES, ChunkKey
 
 MAGIC = b"KVTC"
@@ -31,6 +37,7 @@ HEADER_SIZE = 128
 MAX_DIMS = 8
 _FIXED = struct.Struct(f"<4sHBBB3xQQ{KEY_BYTES}s{MAX_DIMS}I")
 _HCRC = struct.Struct("<I")
+_VERSION = struct.Struct("<4sH")  # what every format version starts with
 
 DTYPES: dict[str, tuple[int, int]] = {  # name -> (wire id, item size)
     "float32": (1, 4), "float16": (2, 2), "bfloat16": (3, 2), "uint8": (4, 1),
@@ -110,17 +117,27 @@ class Header:
 
 
 def parse_header(key: ChunkKey, buf: bytes | memoryview | np.ndarray) -> Header:
-    """Parse and check the header at the start of ``buf``; raise CorruptChunk."""
+    """Parse and check the header at the start of ``buf``.
+
+    Raises :class:`ForeignChunk` for another format version, :class:`CorruptChunk`
+    for anything else that is off.
+    """
     view = memoryview(buf).cast("B")
     if view.nbytes < HEADER_SIZE:
         raise CorruptChunk(f"chunk {key.hex()}: {view.nbytes} bytes, shorter than a header")
     fixed = view[:_FIXED.size]
     (hcrc,) = _HCRC.unpack_from(view, _FIXED.size)
+    # Version before checksum: another version's header has its own layout,
+    # so our checksum says nothing about it.
+    magic, version = _VERSION.unpack_from(view)
+    if magic != MAGIC:
+        raise CorruptChunk(f"chunk {key.hex()}: not a kvtier chunk")
+    if version != FORMAT_VERSION and not _own_with_bad_version(fixed, hcrc):
+        raise ForeignChunk(f"chunk {key.hex()}: kvtier format v{version}, "
+                           f"this release reads v{FORMAT_VERSION}")
     if xxhash.xxh32_intdigest(fixed) != hcrc:
         raise CorruptChunk(f"chunk {key.hex()}: header checksum mismatch")
     magic, version, codec, dtype_id, ndim, plen, csum, hkey, *shape = _FIXED.unpack(fixed)
-    if magic != MAGIC or version != FORMAT_VERSION:
-        raise CorruptChunk(f"chunk {key.hex()}: not a kvtier v{FORMAT_VERSION} chunk")
     if hkey != key:
         raise CorruptChunk(f"chunk {key.hex()}: header names key {hkey.hex()}")
     if dtype_id not in _DTYPE_BY_ID or ndim > MAX_DIMS or codec not in Codec._value2member_map_:
@@ -129,6 +146,13 @@ def parse_header(key: ChunkKey, buf: bytes | memoryview | np.ndarray) -> Header:
     if meta.codec is Codec.RAW and plen != meta.raw_nbytes:
         raise CorruptChunk(f"chunk {key.hex()}: payload length {plen} != shape size")
     return Header(meta, plen, csum)
+
+
+def _own_with_bad_version(fixed: memoryview, hcrc: int) -> bool:
+    """A header of ours whose version field alone was damaged: corruption, not another version."""
+    ours = bytearray(fixed)
+    _VERSION.pack_into(ours, 0, MAGIC, FORMAT_VERSION)
+    return xxhash.xxh32_intdigest(bytes(ours)) == hcrc
 
 
 def verify_payload(key: ChunkKey, header: Header, payload: np.ndarray | memoryview) -> None:

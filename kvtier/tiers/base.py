@@ -10,12 +10,16 @@ they come back as misses or ``False`` and are counted in :class:`TierStats`.
 from __future__ import annotations
 
 import abc
+import logging
 import threading
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Sequence
 
 from kvtier.codecs import ChunkData
+from kvtier.errors import ForeignChunk
 from kvtier.keys import ChunkKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,10 @@ class TierStats:
     get_bytes: int = 0
     evictions: int = 0
     corrupt: int = 0
-    """Reads that failed the header or checksum check (served as misses)."""
+    """Reads that failed the header or checksum check (served as misses, deleted)."""
+    foreign: int = 0
+    """Reads that found a chunk of another kvtier format version (served as misses,
+    left in place for the release that wrote it)."""
     errors: int = 0
     """Operations that failed in the medium (I/O error, connection lost)."""
     dropped: int = 0
@@ -63,6 +70,17 @@ class Tier(abc.ABC):
 
     def __init__(self) -> None:
         self.stats = TierStats()
+        self._foreign_logged = False
+
+    def _count_foreign(self, exc: ForeignChunk) -> None:
+        """Count a chunk of another format version; log only the first (a rolling
+        upgrade meets many, and each is expected)."""
+        self.stats.add(foreign=1)
+        if not self._foreign_logged:
+            self._foreign_logged = True
+            log.warning("%s tier: %s; served as a miss and left in place for the release "
+                        "that wrote it (further ones are only counted as 'foreign')",
+                        self.name, exc)
 
     @abc.abstractmethod
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:

@@ -11,15 +11,26 @@ and whole-file reads are in :mod:`kvtier.tiers.files`, the LRU index in
   ``fsync=True`` syncs the file before the rename (the directory is not
   synced: a lost rename after power loss is a lost cache entry, never a torn
   one).
-- Capacity: ``max_bytes`` over file sizes, evicting least recently used
-  files. Access order lives in memory; reads also stamp the file's atime, so
-  an index rebuilt at start-up (by scanning the folder) keeps that order.
+- Capacity: one folder has one byte budget, however many processes share it:
+  the first to open the folder records its ``max_bytes`` there and later ones
+  follow it (:mod:`kvtier.tiers.folder`). Writes evict the folder's least
+  recently used files, one process at a time; the index of the folder is
+  rebuilt by amortized rescans, so a put never scans the folder
+  (:mod:`kvtier.tiers.folder_index`, which also states the slack: about
+  N/32 of the budget with N processes writing).
+- Last use lives in the file: reads stamp its times, so every process (and a
+  restart) sees one LRU order. Stamping is best effort: a read needs no write
+  permission (another user's file, a read-only mount), and such a read's
+  recency is kept in this process's index only. Reads and presence checks
+  never delete for capacity; only writes evict.
 - Sharing: other processes may add and remove files at any time. Presence is
   therefore always asked of the file system (one ``stat`` per key), files
   found that the index does not know are adopted, and files that vanished are
-  dropped from it. Each instance enforces ``max_bytes`` over the files it knows.
+  dropped from it. Only names kvtier writes are ever removed (:mod:`kvtier.tiers.files`).
 - Failures: a missing file is a plain miss; a file that fails its header or
-  checksum is deleted and counted ``corrupt``; any other ``OSError`` (folder
+  checksum is deleted and counted ``corrupt``; a file of another kvtier format
+  version (a rolling upgrade sharing the folder) is a miss counted ``foreign``
+  and left in place, logged once; any other ``OSError`` (folder
   gone, permissions, disk full) is counted in ``errors`` and turns into a
   miss or ``False``. Nothing is raised to the caller. The root folder is never
   re-created by the tier: if it vanished (an unmounted share), writing into
@@ -30,20 +41,21 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, verify_payload
 from kvtier.config import DiskConfig
-from kvtier.errors import CorruptChunk
+from kvtier.errors import CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkKey
-from kvtier.tiers import files
+from kvtier.tiers import files, folder
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.buffer_pool import BufferPool
-from kvtier.tiers.lru import SizeIndex
+from kvtier.tiers.folder_index import FolderIndex
+
+log = logging.getLogger(__name__)
 
 
 class DiskTier(Tier):
@@ -55,14 +67,17 @@ class DiskTier(Tier):
         super().__init__()
         self.root = Path(cfg.path).expanduser()
         self._root = str(self.root)  # str paths: pathlib costs ~5% of a 3 MiB write
-        self.max_bytes = cfg.max_bytes
         self.fsync = cfg.fsync
         self.pool = BufferPool(cfg.read_pool_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._index = SizeIndex()  # key -> file size, LRU first; used includes writes in flight
-        self._lock = threading.Lock()
         self._tmp_seq = itertools.count()
-        self._rebuild_index()
+        self._unstamped_logged = False
+        self._index = FolderIndex(self._root, cfg.max_bytes, self.stats)
+
+    @property
+    def max_bytes(self) -> int:
+        """The folder's budget (not necessarily this process's ``disk.max_bytes``)."""
+        return self._index.budget
 
     # -- Tier interface -------------------------------------------------------
 
@@ -100,8 +115,8 @@ class DiskTier(Tier):
                 new.append(i)
         for i in new:
             done[i] = self._put_new(*items[i])
-        with self._lock:  # a later chunk of the batch may have evicted an earlier one
-            return [ok and key in self._index for ok, (key, _) in zip(done, items)]
+        # A later chunk of the batch may have evicted an earlier one.
+        return [ok and key in self._index for ok, (key, _) in zip(done, items)]
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
         out = [self._get(key) for key in keys]
@@ -115,20 +130,29 @@ class DiskTier(Tier):
     def delete_many(self, keys: Sequence[ChunkKey]) -> int:
         n = 0
         for key in keys:
-            with self._lock:
-                self._forget_locked(key)
+            self._index.gone(key)
             if self._unlink(self._file(key)):
                 n += 1
         return n
 
     def usage(self) -> TierUsage:
-        """Bytes and chunks this instance knows of (its writes, scans and adoptions)."""
-        with self._lock:
-            return TierUsage(self._index.indexed_bytes, self.max_bytes, len(self._index))
+        """The folder's bytes and chunks as of this tier's last scan plus its own changes
+        since, and the folder's budget."""
+        used, num = self._index.usage()
+        return TierUsage(used, self.max_bytes, num)
 
     def iter_keys(self) -> Iterator[ChunkKey]:
         """Every chunk file in the folder now (including other processes' files)."""
-        return iter([key for key, _, _ in self._scan()])
+        return iter([f.key for f in folder.scan(self._root)[0]])
+
+    def rescan(self) -> None:
+        """Re-learn the folder now: other processes' files, the LRU order, the budget file.
+        Writes do this on their own, amortized; this is for tests and management."""
+        self._index.rescan()
+
+    def close(self) -> None:
+        """Leave the folder (its locks); the files stay."""
+        self._index.close()
 
     # -- reads ----------------------------------------------------------------
 
@@ -136,13 +160,12 @@ class DiskTier(Tier):
         try:
             st = os.stat(self._file(key))
         except FileNotFoundError:
-            with self._lock:
-                self._forget_locked(key)
+            self._index.gone(key)
             return False
         except OSError:
             self.stats.add(errors=1)
             return False
-        self._adopt(key, st.st_size)
+        self._index.found(key, st.st_size)
         return True
 
     def _get(self, key: ChunkKey) -> ChunkData | None:
@@ -150,14 +173,17 @@ class DiskTier(Tier):
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            with self._lock:
-                self._forget_locked(key)
+            self._index.gone(key)
             return None
         except OSError:
             self.stats.add(errors=1)
             return None
         try:
             chunk = self._read(key, fd)
+            self._stamp(key, fd)
+        except ForeignChunk as exc:  # another release's file: not ours to delete
+            self._count_foreign(exc)
+            return None
         except CorruptChunk:
             self.stats.add(corrupt=1)
             self.delete_many([key])
@@ -167,9 +193,24 @@ class DiskTier(Tier):
             return None
         finally:
             os.close(fd)
-        with self._lock:
-            self._index.touch(key)
         return chunk
+
+    def _stamp(self, key: ChunkKey, fd: int) -> None:
+        """Record the use in the file's times, where every process (and a restart) sees it.
+
+        Best effort: the read succeeded whatever happens here. UTIME_NOW needs only
+        write access, not ownership; without either, recency stays in this process.
+        """
+        try:
+            os.utime(fd)
+            stamped = True
+        except OSError as exc:
+            stamped = False
+            if not self._unstamped_logged:
+                self._unstamped_logged = True
+                log.info("disk tier: cannot stamp access times in %s (%s); reads still work, "
+                         "their recency is kept in this process only", self._root, exc)
+        self._index.used(key, stamped)
 
     def _read(self, key: ChunkKey, fd: int) -> ChunkData:
         """The whole file in one ``preadv``: header, and payload into a buffer of its size.
@@ -192,10 +233,7 @@ class DiskTier(Tier):
         except (CorruptChunk, OSError):
             self.pool.give(payload)
             raise
-        # Record the access in the file itself, so a restarted index keeps LRU order
-        # (relatime mounts would not); mtime is kept as the write time.
-        os.utime(fd, ns=(time.time_ns(), st.st_mtime_ns))
-        self._adopt(key, st.st_size)
+        self._index.found(key, st.st_size)
         return ChunkData(header.meta, payload, self.pool.release_callback(payload))
 
     # -- writes ---------------------------------------------------------------
@@ -204,38 +242,20 @@ class DiskTier(Tier):
         payload = memoryview(chunk.payload).cast("B")
         size = HEADER_SIZE + payload.nbytes
         header = encode_header(key, chunk.meta, payload)
-        with self._lock:  # count the bytes before they land, evicting LRU files to fit
-            self._index.reserve(size)
-            self._evict_locked()
+        if not self._index.reserve(size):  # no room the folder's LRU files could make
+            self.stats.add(dropped=1)
+            return False
         try:
             files.write_atomic(self._file(key), [header, payload], self.fsync,
                                next(self._tmp_seq))
         except OSError as exc:
-            with self._lock:
-                self._index.unreserve(size)
+            self._index.unreserve(size)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self.stats.add(**{"dropped" if full else "errors": 1})
             return False
-        with self._lock:
-            self._index.commit(key, size)
+        self._index.commit(key, size)
         self.stats.add(puts=1, put_bytes=payload.nbytes)
         return True
-
-    def _adopt(self, key: ChunkKey, size: int) -> None:
-        """Index a file found on disk that this instance did not write (or forgot)."""
-        with self._lock:
-            if self._index.add(key, size):
-                self._evict_locked(keep=key)
-
-    def _evict_locked(self, keep: ChunkKey | None = None) -> None:
-        # Unlinks happen under the lock so a concurrent put of a victim key cannot
-        # adopt the file between our decision and its removal.
-        n = self._index.evict(self.max_bytes, lambda key: self._unlink(self._file(key)), keep)
-        if n:
-            self.stats.add(evictions=n)
-
-    def _forget_locked(self, key: ChunkKey) -> None:
-        self._index.forget(key)
 
     # -- folder ---------------------------------------------------------------
 
@@ -263,35 +283,3 @@ class DiskTier(Tier):
             os.stat(self.root)
         except OSError:
             self.stats.add(errors=1)
-
-    def _scan(self) -> Iterator[tuple[ChunkKey, int, int]]:
-        """(key, size, last use in ns) of every chunk file; removes stale temp files."""
-        try:
-            shards = [e for e in os.scandir(self.root) if e.is_dir() and len(e.name) == 2]
-        except OSError:
-            self.stats.add(errors=1)
-            return
-        now = time.time()
-        for shard in shards:
-            try:
-                entries = list(os.scandir(shard.path))
-            except OSError:
-                continue  # removed meanwhile by another instance
-            for entry in entries:
-                try:
-                    if entry.name.endswith(files.TMP_SUFFIX):
-                        if files.is_stale_tmp(entry.name, entry.stat().st_mtime, now):
-                            os.unlink(entry.path)
-                        continue
-                    key = files.key_of(entry.name)
-                    if key is not None:
-                        st = entry.stat()
-                        yield key, st.st_size, max(st.st_atime_ns, st.st_mtime_ns)
-                except OSError:
-                    continue  # removed meanwhile
-
-    def _rebuild_index(self) -> None:
-        found = sorted(self._scan(), key=lambda f: f[2])
-        with self._lock:
-            self._index = SizeIndex((key, size) for key, size, _ in found)
-            self._evict_locked()

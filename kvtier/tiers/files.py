@@ -3,12 +3,15 @@
 A chunk file is ``<root>/<hex[:2]>/<hex>.kvc``. A write goes to a temp file
 ``.<hex>.<host>.<pid>.<seq>.tmp`` beside it and is renamed into place, so a
 reader sees the whole chunk or no file; the host and pid in the name let a
-later scan tell a dead writer's leftover from a live writer's file.
+later scan tell a dead writer's leftover from a live writer's file. Clean-up
+removes only names of exactly that shape (:func:`is_stale_tmp`): the folder
+may be shared with people and other programs, whose ``*.tmp`` files are theirs.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import xxhash
@@ -21,6 +24,11 @@ TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 600.0
 """A temp file this old is a leftover of a crashed writer (writes take well under a second)."""
 HOST_TAG = xxhash.xxh32_hexdigest(socket.gethostname().encode())
+_TMP_NAME = re.compile(rf"\.[0-9a-f]{{{2 * KEY_BYTES}}}\.([0-9a-f]{{8}})\.([0-9]+)\.[0-9]+"
+                       + re.escape(TMP_SUFFIX))
+"""The exact shape of :func:`tmp_path`'s names: ``.<key hex>.<host tag>.<pid>.<seq>.tmp``."""
+_CHUNK_NAME = re.compile(rf"[0-9a-f]{{{2 * KEY_BYTES}}}" + re.escape(SUFFIX))
+_SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 
 
 def chunk_path(root: str, key: ChunkKey) -> str:
@@ -30,13 +38,16 @@ def chunk_path(root: str, key: ChunkKey) -> str:
 
 
 def key_of(name: str) -> ChunkKey | None:
-    """The key a chunk file name holds, or None for any other file."""
-    if not name.endswith(SUFFIX) or len(name) != 2 * KEY_BYTES + len(SUFFIX):
+    """The key a chunk file name holds, or None for any other file (only names exactly
+    as :func:`chunk_path` writes them: a user's ``ABCD....kvc`` is not ours)."""
+    if _CHUNK_NAME.fullmatch(name) is None:
         return None
-    try:
-        return ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
-    except ValueError:
-        return None
+    return ChunkKey(bytes.fromhex(name[:-len(SUFFIX)]))
+
+
+def is_shard(name: str) -> bool:
+    """Whether a folder name under the root is one of the tier's shard folders."""
+    return _SHARD_NAME.fullmatch(name) is not None
 
 
 def tmp_path(path: str, seq: int) -> str:
@@ -46,11 +57,15 @@ def tmp_path(path: str, seq: int) -> str:
 
 
 def is_stale_tmp(name: str, mtime: float, now: float) -> bool:
-    """A temp file is stale if its writer (on this host) is dead, or it is old."""
-    parts = name.split(".")  # "", hex, host, pid, seq, "tmp"
-    if len(parts) == 6 and parts[2] == HOST_TAG and parts[3].isdigit():
+    """Whether ``name`` is a kvtier temp file left by a dead writer: named exactly as
+    :func:`tmp_path` names them, and its writer (on this host) is gone, or it is old.
+    Any other name is never stale: it is not ours to remove."""
+    m = _TMP_NAME.fullmatch(name)
+    if m is None:
+        return False
+    if m.group(1) == HOST_TAG:
         try:
-            os.kill(int(parts[3]), 0)
+            os.kill(int(m.group(2)), 0)
         except ProcessLookupError:
             return True
         except OSError:

@@ -19,6 +19,22 @@ from kvtier.keys import KEY_BYTES, ChunkKey
 
 MIN_VALUE = 1024
 """Smallest ``max_value_bytes`` the config allows: a shorter head of a split chunk is bad."""
+PART_TTL_MARGIN_S = 60
+"""Parts outlive their head by this much, so a head never expires before its parts."""
+_TTL_SLOP_MS = 5000  # a head and its parts get their expiries one round trip apart
+
+
+def same_write(head_pttl: object, part_pttl: object) -> bool:
+    """Whether a part's expiry (PTTL, ms; -1 none) is what the head's writer gives its
+    parts once the head is written: none when the head has none, else the head's plus
+    :data:`PART_TTL_MARGIN_S`. A part still on its orphan expiry belongs to a write in
+    progress (or to a writer that died), not to this head.
+    """
+    if not isinstance(head_pttl, int) or not isinstance(part_pttl, int):
+        return False
+    if head_pttl < 0:
+        return part_pttl < 0
+    return abs(part_pttl - head_pttl - PART_TTL_MARGIN_S * 1000) <= _TTL_SLOP_MS
 
 
 class ValueLayout:
