@@ -15,7 +15,7 @@ a few documents runs through phases; in each, a fault is injected for real:
 
 Each request's greedy tokens are compared with a cold run of vLLM alone, and
 kvtier's counters (management API ``/v1/status``) must show the fault.
-With ``KVTIER_FAULTS_REPORT=path`` the table of the run is written there.
+With ``FAULTS_REPORT=path`` the table of the run is written there.
 Mounting needs root (CI and the dev machines run as root); without it the
 test is skipped with the reason.
 """
@@ -210,7 +210,7 @@ def stack(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stac
         finally:
             s.stop()
             redis.close()
-            report = os.environ.get("KVTIER_FAULTS_REPORT")
+            report = os.environ.get("FAULTS_REPORT")
             if report:
                 Path(report).write_text(json.dumps(s.rows, indent=1))
 

@@ -124,8 +124,7 @@ class CacheEngine:
             runs.append(Run(buf, [block_ids[b] for b in blocks]))
             items.append((keys[i], ChunkData(meta, buf)))
         transfer.gather(runs)
-        self.store.put_many(items)
-        return len(items)
+        return self.store.put_many(items)
 
     # -- retrieve -------------------------------------------------------------
 

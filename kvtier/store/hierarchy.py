@@ -141,27 +141,33 @@ class ChunkStore:
                 chunks = self.memory.get_many(keys)  # one reference per writer
                 writer.submit([(k, c) for k, c in zip(keys, chunks) if c is not None])
 
-    def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> None:
+    def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> int:
         """Store chunks the caller owns (copied; the caller keeps its references).
 
         Chunks the memory tier cannot take (full of pinned chunks, or a batch
         larger than the tier) go to the lower tiers even with ``write_back``:
         a chunk is never reported stored unless a tier holds or will hold it.
+        Returns how many chunks memory holds or a background writer took.
         """
         keys = [k for k, _ in items]
-        if self.memory is not None:
-            self.memory.put_many(items)
+        held = self.memory.put_many(items) if self.memory is not None else [False] * len(keys)
+        queued = [False] * len(keys)
         for writer in self.writers:
             refs = self.memory.get_many(keys) if self.memory is not None else [None] * len(keys)
-            batch = []
-            for (key, chunk), ref in zip(items, refs):
+            batch, where = [], []
+            for j, ((key, chunk), ref) in enumerate(zip(items, refs)):
                 if ref is not None and self.write_policy is WritePolicy.WRITE_BACK:
                     ref.release()  # memory holds it; it goes down when memory evicts it
-                elif ref is not None:
+                    continue
+                if ref is not None:
                     batch.append((key, ref))  # a reference on the memory slot: no copy
                 else:  # not in memory: the writer gets a private copy
                     batch.append((key, ChunkData(chunk.meta, chunk.payload.copy())))
-            writer.submit(batch)
+                where.append(j)
+            if writer.submit(batch):
+                for j in where:
+                    queued[j] = True
+        return sum(h or q for h, q in zip(held, queued))
 
     def _on_memory_evict(self, evicted: list[tuple[ChunkKey, ChunkData]]) -> None:
         if self.write_policy is WritePolicy.WRITE_BACK and self.writers:
