@@ -61,17 +61,35 @@ def stored(p: SchedulerPlanner, req_id: str, n: int) -> None:
     done(p, KvtierWorkerMeta(stored=[k for keys in p._reqs[req_id].keys for k in keys[:n]]))
 
 
-def test_saves_run_one_step_late_once_the_step_is_known_good() -> None:
+def test_a_step_without_loads_saves_at_once() -> None:
     p = planner()
-    r = request("a", 1100)
-    assert p.num_new_matched_tokens(r, 0) == 0
-    meta = p.build(step(new=[("a", list(range(9)), 0, 1100)]))
-    assert not meta.saves  # held: this step's outcome is not known yet
+    p.num_new_matched_tokens(request("a", 1100), 0)
+    (save,) = p.build(step(new=[("a", list(range(9)), 0, 1100)])).saves
+    assert save.start_chunk == 0 and len(save.keys[0]) == 4  # 4 whole chunks
+    assert p.finish("a") is False  # nothing held: vLLM frees its blocks at once
+
+
+def loaded_step(p: SchedulerPlanner, others: list[tuple[str, list[int], int, int]] = ()
+                ) -> Any:
+    """A step in which request "l" loads 2 chunks that "s" stored before, plus ``others``."""
+    p.num_new_matched_tokens(request("s", 600), 0)
+    p.build(step(new=[("s", [90, 91, 92, 93, 94], 0, 600)]))
+    stored(p, "s", 2)
+    hit = request("l", 600)
+    assert p.num_new_matched_tokens(hit, 0) == 2 * CS
+    p.accept_load(hit, 2 * CS)
+    return p.build(step(new=[("l", [80, 81, 82, 83, 84], 0, 600 - 2 * CS), *others]))
+
+
+def test_a_step_with_a_load_holds_its_saves_until_it_is_known_good() -> None:
+    p = planner()
+    p.num_new_matched_tokens(request("a", 1100), 0)
+    meta = loaded_step(p, [("a", list(range(9)), 0, 1100)])
+    assert meta.loads and not meta.saves  # held: this step's outcome is not known yet
     done(p)
     meta = p.build(step(cached=[("a", [], 1100, 1)]))
     (save,) = meta.saves
-    assert save.start_chunk == 0 and len(save.keys[0]) == 4  # 4 whole chunks
-
+    assert save.start_chunk == 0 and len(save.keys[0]) == 4
 
 def test_a_failed_load_drops_the_steps_saves_and_saves_again_after_recompute() -> None:
     p = planner()
@@ -91,38 +109,40 @@ def test_a_failed_load_drops_the_steps_saves_and_saves_again_after_recompute() -
     # Chunk 1 could not be read: chunks computed in this step sit on garbage KV.
     bad_key = load.keys[0][1]
     done(p, KvtierWorkerMeta(failed=[("b", CS, bad_key)]), invalid={22, 23, 24, 25, 26, 27})
-    meta = p.build(step(cached=[("b", [], CS, 3000 - CS)]))  # vLLM recomputes from token 256
-    assert not meta.saves, "a save computed in the failed step must never run"
     assert p.index.contains_many([bad_key]) == [False]
+    # vLLM recomputes from token 256, one chunk in this step: only that chunk is saved
+    # (the step's saves of chunks 4-10, computed on the missing chunk 1, are gone).
+    (save,) = p.build(step(cached=[("b", [], CS, CS)])).saves
+    assert save.start_chunk == 1 and len(save.keys[0]) == 2
     done(p)
-    meta = p.build(step(cached=[("b", [], 3000, 1)]))
-    (save,) = meta.saves
-    assert save.start_chunk == 1 and len(save.keys[0]) == 11  # chunk 1 on, recomputed
+    (save,) = p.build(step(cached=[("b", [], 2 * CS, 3000 - 2 * CS)])).saves
+    assert save.start_chunk == 2 and len(save.keys[0]) == 11
 
 
 def test_a_request_sharing_a_failed_block_does_not_save_that_step() -> None:
     p = planner()
     p.num_new_matched_tokens(request("c", 1100), 0)
-    p.build(step(new=[("c", [5, 6, 7, 8, 9, 10, 11, 12, 13], 0, 1100)]))
-    done(p, invalid={6})  # another request's load into a block c shares failed
-    meta = p.build(step(cached=[("c", [], CS // 2, 1100 - CS // 2)]))
-    assert not meta.saves
+    loaded_step(p, [("c", [5, 6, 7, 8, 9, 10, 11, 12, 13], 0, 1100)])
+    done(p, invalid={6})  # the load went into a block c shares, and failed
+    # vLLM recomputes c from token 128; this step gets to token 256: chunk 0 only.
+    (save,) = p.build(step(cached=[("c", [], CS // 2, CS // 2)])).saves
+    assert save.start_chunk == 0 and len(save.keys[0]) == 1
 
 
 def test_a_request_finishing_with_a_held_save_keeps_its_blocks_until_saved() -> None:
     p = planner()
     p.num_new_matched_tokens(request("d", 600), 0)
-    p.build(step(new=[("d", [1, 2, 3, 4, 5], 0, 600)]))
+    loaded_step(p, [("d", [1, 2, 3, 4, 5], 0, 600)])
     assert p.finish("d") is True  # vLLM keeps d's blocks (delay free)
     done(p)
-    (save,) = p.build(step()).saves
-    assert save.release and save.req_id == "d"
+    saves = p.build(step()).saves
+    assert [(s.req_id, s.release) for s in saves] == [("d", True)]
 
 
 def test_a_finished_request_whose_save_was_dropped_is_released_without_saving() -> None:
     p = planner()
     p.num_new_matched_tokens(request("e", 600), 0)
-    p.build(step(new=[("e", [1, 2, 3, 4, 5], 0, 600)]))
+    loaded_step(p, [("e", [1, 2, 3, 4, 5], 0, 600)])
     assert p.finish("e")
     done(p, invalid={1})
     meta = p.build(step())
@@ -132,11 +152,11 @@ def test_a_finished_request_whose_save_was_dropped_is_released_without_saving() 
 def test_a_preempted_requests_held_save_is_dropped() -> None:
     p = planner()
     p.num_new_matched_tokens(request("f", 600), 0)
-    p.build(step(new=[("f", [1, 2, 3, 4, 5], 0, 600)]))
+    loaded_step(p, [("f", [1, 2, 3, 4, 5], 0, 600)])
     meta = p.build(step(preempted={"f"}))
     done(p)
-    assert not meta.saves and not p.build(step()).saves
-    assert p._reqs["f"].saved_chunks == 0  # saved again once recomputed
+    assert [s.req_id for s in meta.saves] == [] and p._reqs["f"].saved_chunks == 0
+    assert "f" not in [s.req_id for s in p.build(step()).saves]
 
 
 def test_with_tensor_parallelism_a_chunk_hits_only_when_every_rank_has_it() -> None:

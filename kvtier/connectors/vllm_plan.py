@@ -3,16 +3,16 @@
 Plain Python on vLLM's scheduler objects; no tensors. Each step it tells the
 workers which chunks to load (hits vLLM accepted) and which to save.
 
-Saves run one step late, in the next step's ``wait_for_save``, and only
-when the step that computed them had no failed load among the blocks they
-depend on. A chunk computed in a step whose promised KV did not arrive (on
-any rank, or in a block shared with another request) was computed on top of
-KV that was not there, and must never be stored: the scheduler learns of
-failures only after the step, so it holds those saves back until then, drops
-the affected ones, and saves the chunks again once vLLM has recomputed them.
-A request that finishes with a save pending keeps its blocks (vLLM's
-delay-free) until the workers report it saved; a preempted request's pending
-saves are dropped (its blocks may be reused).
+A chunk computed in a step whose promised KV did not arrive (on any rank, or
+in a block shared with another request) was computed on top of KV that was
+not there, and must never be stored. The scheduler learns of failed loads
+only after the step, so the saves of a step that loads anything are held
+until then: the affected ones are dropped (their chunks are saved again once
+vLLM has recomputed them), the others run in the next step's
+``wait_for_save``. A step without loads cannot fail that way; its saves run
+in the same step. A request that finishes with a save held keeps its blocks
+(vLLM's delay-free) until the workers report it saved; a preempted request's
+held saves are dropped (its blocks may be reused).
 """
 
 from __future__ import annotations
@@ -156,19 +156,19 @@ class SchedulerPlanner:
     # -- per step -------------------------------------------------------------
 
     def build(self, out: SchedulerOutput) -> KvtierMetadata:
-        """This step's loads; the saves planned last step that are safe to run."""
+        """This step's loads; its saves if it loads nothing, and the saves held from
+        the last step that turned out safe."""
         for req_id in getattr(out, "preempted_req_ids", None) or ():
             self._drop_held(req_id, reason="preempted")
         meta = KvtierMetadata(saves=self._ready, releases=self._releases)
         self._ready, self._releases = [], []
-        loading: set[str] = set()
         for new in out.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0])
             self._plan(new.req_id, st, new.num_computed_tokens
-                       + out.num_scheduled_tokens.get(new.req_id, 0), meta, loading)
+                       + out.num_scheduled_tokens.get(new.req_id, 0), meta)
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
@@ -180,11 +180,14 @@ class SchedulerPlanner:
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
             self._plan(req_id, st, cached.num_computed_tokens[i]
-                       + out.num_scheduled_tokens.get(req_id, 0), meta, loading)
+                       + out.num_scheduled_tokens.get(req_id, 0), meta)
+        if not meta.loads:  # nothing this step can fail: its saves need not wait
+            meta.saves.extend(self._held.values())
+            self._held = {}
         return meta
 
-    def _plan(self, req_id: str, st: _Request, computed_after: int, meta: KvtierMetadata,
-              loading: set[str]) -> None:
+    def _plan(self, req_id: str, st: _Request, computed_after: int, meta: KvtierMetadata
+              ) -> None:
         cs = self.cfg.chunk_size
         if st.pending_load is not None and st.hit is not None:
             start, end = st.pending_load
