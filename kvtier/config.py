@@ -105,8 +105,8 @@ class ControlConfig:
     host: str = "127.0.0.1"
     """Address to bind. Anything but a loopback address needs ``token`` or ``token_file``."""
     token: str = field(default="", repr=False)
-    """Bearer token every endpoint but ``/health`` requires; empty: no token. Prefer
-    ``token_file`` or ``KVTIER_CONTROL__TOKEN``: vLLM logs its kv_connector_extra_config."""
+    """Bearer token all but ``/health`` need ("": none). vLLM logs its extra config: prefer
+    ``token_file`` or ``KVTIER_CONTROL__TOKEN``."""
     token_file: str = ""
     """A file holding the bearer token (surrounding whitespace ignored)."""
     max_body_bytes: int = 64 * 1024**2
@@ -116,21 +116,19 @@ class ControlConfig:
     workers: int = 2
     """Threads that run operations on the store (the engine thread never waits on them)."""
     request_timeout_s: float = 30.0
-    """Bound on waiting for a request's body, a free worker and the operation; 408/503/504."""
+    """Bound on each wait: for a body (408), a free worker (503), the operation (504)."""
 
     def resolve_token(self) -> str:
         """The configured token (from ``token`` or the file ``token_file``); "" if none."""
         if self.token and self.token_file:
-            raise ConfigError("control.token_file", "give control.token or control.token_file, "
-                              "not both")
+            raise ConfigError("control.token_file", "give token or token_file, not both")
         if not self.token_file:
             return self.token
         path = Path(self.token_file).expanduser()
         try:
             token = path.read_text().strip()
-        except OSError as exc:
-            raise ConfigError("control.token_file", f"cannot read {path}: {exc.strerror}"
-                              ) from None
+        except OSError as e:
+            raise ConfigError("control.token_file", f"cannot read {path}: {e.strerror}") from None
         if not token:
             raise ConfigError("control.token_file", f"{path} is empty")
         return token
@@ -138,12 +136,10 @@ class ControlConfig:
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.strip().lower() == "localhost":
-        return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return host.strip().lower() == "localhost"
 
 
 def redact_url(url: str) -> str:
