@@ -42,9 +42,11 @@ class Setup:
     url: str
 
 
-def make_setup(path: Path, memory_chunks: int = 32, token: str = "", **cfg: Any) -> Setup:
+def make_setup(path: Path, memory_chunks: int = 32, token: str = "", track_events: bool = False,
+               **cfg: Any) -> Setup:
     store = ChunkStore([MemoryTier(memory_chunks * CHUNK_BYTES, CHUNK_BYTES),
-                        DiskTier(DiskConfig(path=str(path / "disk")))])
+                        DiskTier(DiskConfig(path=str(path / "disk")))],
+                       track_events=track_events)
     hasher = ChunkHasher(Namespace("m", LAY.signature(), 8))
     engine = CacheEngine(hasher, LAY, store)
     engine.register([torch.randn(LAY.layer_shape(20)) for _ in range(2)])
@@ -151,6 +153,25 @@ def test_evict_pin_move_clear(setup: Setup) -> None:
     assert call(url, "lookup", {"tokens": setup.tokens})[1]["hit_chunks"] == 1
     assert call(url, "clear")[1] == {"removed": 1}  # no tier: every tier
     assert setup.store.lookup(setup.engine.hasher.keys(setup.tokens)) == 0
+
+
+def test_memory_changes_reach_the_schedulers_index_as_store_events(tmp_path: Path) -> None:
+    """vLLM's scheduler knows the worker's memory tier only from these events."""
+    s = make_setup(tmp_path, track_events=True)
+    try:
+        keys = s.engine.hasher.keys(s.tokens)
+        s.store.drain_events()
+        assert call(s.url, "move", {"tokens": s.tokens, "from": "memory", "to": "disk"}
+                    )[1] == {"moved": 4}
+        assert s.store.drain_events().evicted == keys
+        assert call(s.url, "move", {"keys": [k.hex() for k in keys[:2]], "from": "disk",
+                                    "to": "memory"})[1] == {"moved": 2}
+        assert s.store.drain_events().stored == keys[:2]
+        assert call(s.url, "clear", {"tier": "memory"})[1] == {"removed": 2}
+        assert sorted(s.store.drain_events().evicted) == sorted(keys[:2])
+    finally:
+        s.server.close()
+        s.store.close()
 
 
 def test_move_to_disk_keeps_serving_the_same_kv(setup: Setup) -> None:
