@@ -294,3 +294,26 @@ def test_ctl_client_round_trip(setup: Setup) -> None:
         assert encode_chunk(setup.engine.hasher.keys(setup.tokens)[0], chunk)
     finally:
         chunk.release()
+
+
+def test_kvtier_ctl_prints_tables_and_json(setup: Setup, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtier.cli.main import main
+
+    (tmp_path / "prompt").write_text(" ".join(map(str, setup.tokens)))
+    ctl = ["ctl", "--url", setup.url]
+    assert main([*ctl, "lookup", "--tokens-file", str(tmp_path / "prompt")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "4 of 4 chunks stored, 32 tokens would load"
+    assert out[1].split() == ["#", "key", "memory", "disk"] and out[2].split()[2:] == ["yes"] * 2
+    assert main([*ctl, "evict", "--tokens", ",".join(map(str, setup.tokens)), "--tier",
+                 "memory"]) == 0
+    assert capsys.readouterr().out.strip() == "removed: 4"
+    assert main([*ctl, "--json", "status"]) == 0
+    assert json.loads(capsys.readouterr().out)["tiers"]["disk"]["num_chunks"] == 4
+    assert main([*ctl, "status"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:3] == ["tier", "chunks", "used"] and rows[3].split()[:2] == \
+        ["disk", "4"]
+    assert main([*ctl, "move", "--keys", "ab", "--from", "disk", "--to", "memory"]) == 1
+    assert capsys.readouterr().err.startswith("kvtier ctl move: 400: keys.0:")

@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``ctl`` and its operations."""
     ctl = subparsers.add_parser("ctl", help="manage a running instance's cached KV",
                                 description="Call the management API of a running instance "
-                                "(control.port): tables by default, JSON with --json.")
+                                "(control.port): tables by default, JSON with --json.",
+                                allow_abbrev=False)  # else move's --to reads as --token
     ctl.add_argument("--url", default=os.environ.get(URL_ENV, "http://127.0.0.1:8700"),
                      help=f"the API (default ${URL_ENV} or http://127.0.0.1:8700)")
     auth = ctl.add_mutually_exclusive_group()
