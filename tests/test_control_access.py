@@ -7,6 +7,8 @@ import base64
 import json
 import logging
 import socket
+import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -16,11 +18,15 @@ import pytest
 
 from kvtier.codecs import ChunkData, ChunkMeta, Codec, encode
 from kvtier.config import ControlConfig, load_config, redact_url
+from kvtier.control.api import CacheAPI
 from kvtier.control.client import ControlClient, ControlError, encode_chunk
 from kvtier.control.server import ControlServer
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkHasher, Namespace
-from tests.test_control import LAY, TOKEN, Setup, call, get, loads_bitwise, make_setup
+from kvtier.store import ChunkStore
+from kvtier.tiers.memory import MemoryTier
+from tests.test_control import (CHUNK_BYTES, LAY, TOKEN, Setup, call, get, loads_bitwise,
+                                make_setup)
 
 
 @pytest.fixture()
@@ -261,3 +267,42 @@ def test_no_secret_in_log_lines_or_errors(tmp_path: Path, caplog: pytest.LogCapt
     with pytest.raises(ConfigError) as err:
         load_config(env={}, engine={"redis.url": 5})
     assert "expected a string" in str(err.value)
+
+
+# -- bounded work -------------------------------------------------------------------------
+
+
+class Stuck(MemoryTier):
+    """A tier whose operations hang until ``gate`` is set (a disk that stopped answering)."""
+
+    name = "stuck"
+
+    def __init__(self) -> None:
+        super().__init__(4 * CHUNK_BYTES, CHUNK_BYTES)
+        self.gate = threading.Event()
+
+    def delete_many(self, keys):  # type: ignore[no-untyped-def]
+        self.gate.wait(60)
+        return super().delete_many(keys)
+
+
+def test_a_hung_operation_is_a_504_and_the_server_keeps_answering(tmp_path: Path) -> None:
+    stuck = Stuck()
+    store = ChunkStore([MemoryTier(8 * CHUNK_BYTES, CHUNK_BYTES), stuck])
+    hasher = ChunkHasher(Namespace("m", LAY.signature(), 8))
+    server = ControlServer(CacheAPI(store, hasher, LAY),
+                           ControlConfig(workers=1, request_timeout_s=0.5), 0)
+    try:
+        assert call(server.url, "evict", {"tokens": [1] * 8, "tier": "stuck"})[0] == 504
+        assert get(server.url, "/health")[0] == 200  # the event loop is free
+        code, res = call(server.url, "lookup", {"tokens": [1] * 8})  # the one worker is not
+        assert code == 503 and res["error"].startswith("server:")
+        stuck.gate.set()
+        deadline = time.monotonic() + 30
+        while call(server.url, "lookup", {"tokens": [1] * 8})[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        stuck.gate.set()
+        server.close()
+        store.close()

@@ -125,7 +125,25 @@ def build_app(api: CacheAPI, metrics: ControlMetrics, runner: OpRunner) -> FastA
     op("unpin", m.Chunks, m.Unpinned, api.unpin)
     op("compress", m.CompressRequest, m.Recoded, api.compress)
     op("decompress", m.RecodeRequest, m.Recoded, api.decompress)
+    _openapi_without_422(app)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """Bad input is a 400 here (see ``_invalid``), not FastAPI's 422: say so in the schema."""
+    make = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = make()
+            for item in spec.get("paths", {}).values():
+                for op in item.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema or make()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _first_error(exc: RequestValidationError) -> str:
