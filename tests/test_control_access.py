@@ -104,6 +104,15 @@ def test_with_the_token_it_works_and_the_client_sends_it(guarded: Setup, tmp_pat
     assert err.value.status == 401 and "nope" not in str(err.value)
 
 
+@pytest.mark.parametrize("header,code", [(f"bearer {TOKEN}", 200), (f"Bearer  {TOKEN} ", 200),
+                                         (f"Basic {TOKEN}", 401), (TOKEN, 401), ("Bearer", 401),
+                                         (f"Bearer {TOKEN}\nAuthorization: Bearer x", 401)])
+def test_the_scheme_is_bearer_in_any_case_and_one_header_only(guarded: Setup, header: str,
+                                                              code: int) -> None:
+    assert raw_http(guarded.url, f"GET /v1/status HTTP/1.1\nHost: x\n"
+                    f"Authorization: {header}\n")[0] == code
+
+
 def test_a_non_loopback_host_without_a_token_is_refused_at_start_up(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="control.host"):
         load_config(env={}, engine={"control.port": 8700, "control.host": "0.0.0.0"})

@@ -47,7 +47,7 @@ class Guard:
     def __init__(self, app: ASGIApp, token: str, max_body_bytes: int, timeout_s: float,
                  metrics: ControlMetrics) -> None:
         self.app = app
-        self._token = f"Bearer {token}".encode() if token else b""
+        self._token = token.encode()
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
         self.metrics = metrics
@@ -79,7 +79,10 @@ class Guard:
         headers = scope.get("headers") or []
         if self._token and scope.get("path") not in OPEN_PATHS:
             given = [v for k, v in headers if k == b"authorization"]
-            if len(given) != 1 or not hmac.compare_digest(given[0], self._token):
+            scheme, _, presented = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
+            # compare_digest takes as long whatever the presented token is (no timing oracle)
+            if not (hmac.compare_digest(presented.strip(), self._token)
+                    and scheme.lower() == b"bearer"):
                 return 401, "authorization: a valid bearer token is required", \
                     {"www-authenticate": "Bearer"}
         lengths = [v for k, v in headers if k == b"content-length"]
