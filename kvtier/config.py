@@ -28,8 +28,9 @@ from kvtier.errors import ConfigError
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
-# KVTIER_* variables that are not configuration keys (tooling, tests).
-NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS"})
+# KVTIER_* variables that are not configuration keys (tooling, tests, `kvtier ctl`).
+NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
+                            "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL"})
 # Keys whose values are secrets: never shown in an error message, and taken from the
 # environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
 SECRET_KEYS = frozenset({"control.token", "redis.url"})
@@ -149,9 +150,8 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         if parts.password is None:
             return url
-        user = parts.username or ""
         host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
     except ValueError:  # not parsable as a URL: show nothing of it
         return "<unparsable url>"
 

@@ -136,6 +136,12 @@ def test_the_token_from_the_environment_is_taken_verbatim_and_never_echoed() -> 
     assert "hunter2" not in str(err.value)
 
 
+def test_the_ctl_variables_are_not_configuration_keys() -> None:
+    """An operator's shell with ``kvtier ctl``'s variables can still start vLLM."""
+    cfg = load_config(env={"KVTIER_CONTROL_TOKEN": "x", "KVTIER_CONTROL_URL": "http://h:1"})
+    assert cfg.control.token == ""
+
+
 def test_redact_url_hides_the_redis_password() -> None:
     assert redact_url("redis://:hunter2@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert redact_url("rediss://me:hunter2@h/1") == "rediss://me:***@h/1"
