@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -26,8 +28,12 @@ from kvtier.errors import ConfigError
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
-# KVTIER_* variables that are not configuration keys (tooling, tests).
-NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS"})
+# KVTIER_* variables that are not configuration keys (tooling, tests, `kvtier ctl`).
+NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
+                            "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL"})
+# Keys whose values are secrets: never shown in an error message, and taken from the
+# environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
+SECRET_KEYS = frozenset({"control.token", "redis.url"})
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
@@ -103,11 +109,61 @@ class RedisConfig:
 
 @dataclass
 class ControlConfig:
-    """The management HTTP API (``kvtier.control.http``) inside the engine worker."""
+    """The management HTTP API (``kvtier.control``) inside the engine worker."""
 
     port: int = 0
     """TCP port on ``host``; 0 leaves the API off. Worker rank r listens on port + r."""
     host: str = "127.0.0.1"
+    """Address to bind. Anything but a loopback address needs ``token`` or ``token_file``."""
+    token: str = field(default="", repr=False)
+    """Bearer token all but ``/health`` need ("": none). vLLM logs its extra config: prefer
+    ``token_file`` or ``KVTIER_CONTROL__TOKEN``."""
+    token_file: str = ""
+    """A file holding the bearer token (surrounding whitespace ignored)."""
+    max_body_bytes: int = 64 * 1024**2
+    """Largest request body (admit carries whole chunks, base64); larger answers 413."""
+    max_concurrency: int = 16
+    """Connections and requests served at once; more are answered 503."""
+    workers: int = 2
+    """Threads that run operations on the store (the engine thread never waits on them)."""
+    request_timeout_s: float = 30.0
+    """Bound on each wait: for a body (408), a free worker (503), the operation (504)."""
+
+    def resolve_token(self) -> str:
+        """The configured token (from ``token`` or the file ``token_file``); "" if none."""
+        if self.token and self.token_file:
+            raise ConfigError("control.token_file", "give token or token_file, not both")
+        if not self.token_file:
+            return self.token
+        path = Path(self.token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError("control.token_file", f"cannot read {path}: {e.strerror}") from None
+        if not token:
+            raise ConfigError("control.token_file", f"{path} is empty")
+        return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return host.strip().lower() == "localhost"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, for log lines and error messages
+    (``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:  # not parsable as a URL: show nothing of it
+        return "<unparsable url>"
 
 
 @dataclass
@@ -159,6 +215,10 @@ def parse_size(key: str, value: Any) -> int:
 
 
 def _coerce(key: str, ftype: Any, value: Any) -> Any:
+    if key in SECRET_KEYS:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got a {type(value).__name__}")
+        return value
     if key.endswith("bytes"):
         return parse_size(key, value)
     if ftype in ("bool", bool):
@@ -229,7 +289,8 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         # YAML scalars give "true" -> bool, "256" -> int, "[a, b]" -> list.
-        node[path[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        secret = ".".join(path) in SECRET_KEYS
+        node[path[-1]] = raw if secret or not raw.strip() else yaml.safe_load(raw)
     return out
 
 
@@ -243,12 +304,16 @@ def _validate(cfg: KvtierConfig) -> None:
               ("redis.ttl_s", cfg.redis.ttl_s, 0),
               ("redis.max_value_bytes", cfg.redis.max_value_bytes, 1024),
               ("redis.write_queue", cfg.redis.write_queue, 1),
-              ("control.port", cfg.control.port, 0)]
+              ("control.port", cfg.control.port, 0),
+              ("control.max_body_bytes", cfg.control.max_body_bytes, 1024),
+              ("control.max_concurrency", cfg.control.max_concurrency, 1),
+              ("control.workers", cfg.control.workers, 1)]
     for key, value, low in checks:
         if value < low:
             raise ConfigError(key, f"must be >= {low}, got {value}")
     if cfg.control.port > 65535:
         raise ConfigError("control.port", f"must be a TCP port, got {cfg.control.port}")
+    _validate_control(cfg.control)
     if cfg.redis.timeout_s <= 0:
         raise ConfigError("redis.timeout_s", f"must be positive, got {cfg.redis.timeout_s}")
     if cfg.redis.contains_timeout_s <= 0:
@@ -269,6 +334,18 @@ def _validate(cfg: KvtierConfig) -> None:
         raise ConfigError("disk.path", "the disk tier is enabled but has no path")
     if cfg.write_policy is WritePolicy.WRITE_BACK and cfg.tiers[0] is not TierName.MEMORY:
         raise ConfigError("write_policy", "write_back needs the memory tier first in 'tiers'")
+
+
+def _validate_control(ctl: ControlConfig) -> None:
+    if ctl.request_timeout_s <= 0:
+        raise ConfigError("control.request_timeout_s", "must be positive")
+    if not ctl.port:
+        return
+    token = ctl.resolve_token()  # a token file that cannot be read stops start-up here
+    if not token and not is_loopback(ctl.host):
+        raise ConfigError("control.host", f"{ctl.host} is reachable from other machines: "
+                          "set control.token or control.token_file (anyone who reaches the "
+                          "port could clear the cache or admit chunks), or bind 127.0.0.1")
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,

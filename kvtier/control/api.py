@@ -1,71 +1,64 @@
-"""Layer 7: the management API over cached KV, by prompt or by chunk key.
+"""Layer 7: the management operations over cached KV, by prompt or by chunk key.
 
-:class:`CacheAPI` turns requests (plain dicts, as decoded from JSON) into the
-store's management operations: lookup, admit, evict, move, clear, pin, unpin,
-compress, decompress, status. Bad input raises ``ValueError`` naming the
-field; the HTTP layer maps it to a 400.
+:class:`CacheAPI` turns validated requests (:mod:`kvtier.control.models`) into
+the store's management operations (:mod:`kvtier.store.manage`): lookup,
+admit, evict, move, clear, pin, unpin, compress, decompress, status. It knows
+nothing of HTTP; input the models cannot check (a tier this store lacks, a
+chunk that fails admission) raises ``ValueError`` naming the field, which the
+server answers with a 400.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from kvtier.codecs import Codec, decode
-from kvtier.errors import CorruptChunk
-from kvtier.keys import KEY_BYTES, ChunkHasher, ChunkKey
+from kvtier.codecs import Codec
+from kvtier.control import models as m
+from kvtier.control.admission import ChunkShape, admit_chunk, decode_b64
+from kvtier.control.pins import PinLeases
+from kvtier.engine.layout import PagedLayout
+from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store import ChunkStore, lookup_hit, manage
+
+_CODECS = {m.Codec.ZLIB: Codec.ZLIB}
 
 
 class CacheAPI:
-    """Management operations for one store; prompts are hashed in ``hasher``'s namespace."""
+    """Management operations for one store whose chunks have ``layout``; prompts are
+    hashed with ``hasher`` (the engine's own, so every key input it folds in applies)."""
 
-    def __init__(self, store: ChunkStore, hasher: ChunkHasher) -> None:
+    def __init__(self, store: ChunkStore, hasher: ChunkHasher, layout: PagedLayout) -> None:
         self.store = store
         self.hasher = hasher
-        self.routes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "lookup": self.lookup, "evict": self.evict, "move": self.move,
-            "clear": self.clear, "pin": self.pin, "unpin": self.unpin,
-            "compress": self.compress, "decompress": self.decompress, "status": self.status,
-        }
+        self.layout = layout
+        self.pins = PinLeases(store.memory)
+        self.chunk_bytes = layout.chunk_nbytes(hasher.chunk_size // layout.block_size)
 
-    # -- request parsing --------------------------------------------------------
+    def close(self) -> None:
+        """Stop background work (the pin expiry thread)."""
+        self.pins.close()
 
-    def keys(self, req: dict[str, Any]) -> list[ChunkKey]:
-        """Keys named by ``keys`` (hex strings) or ``tokens`` (+ optional ``salt``)."""
-        if "keys" in req:
-            raw = req["keys"]
-            if not isinstance(raw, list):
-                raise ValueError("keys: expected a list of hex strings")
-            try:
-                keys = [ChunkKey(bytes.fromhex(k)) for k in raw]
-            except (TypeError, ValueError):
-                raise ValueError("keys: every key must be a hex string") from None
-            if any(len(k) != KEY_BYTES for k in keys):
-                raise ValueError(f"keys: every key must be {KEY_BYTES} bytes ({2 * KEY_BYTES} hex)")
-            return keys
-        return self._hasher(req).keys(self._tokens(req))
+    # -- addressing -----------------------------------------------------------
 
-    def _tokens(self, req: dict[str, Any]) -> list[int]:
-        tokens = req.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("tokens: expected a list of token ids (or give 'keys')")
-        return tokens
+    def keys(self, req: m.Chunks) -> list[ChunkKey]:
+        """Keys named by ``keys`` or by ``tokens`` (+ ``salt``)."""
+        if req.keys is not None:
+            return [ChunkKey(bytes.fromhex(k)) for k in req.keys]
+        assert req.tokens is not None
+        return self._hasher(req.salt).keys(req.tokens)
 
-    def _hasher(self, req: dict[str, Any]) -> ChunkHasher:
-        return self.hasher.with_salt(str(req["salt"])) if req.get("salt") else self.hasher
+    def _hasher(self, salt: str | None) -> ChunkHasher:
+        return self.hasher.with_salt(salt) if salt else self.hasher
 
-    def _tier(self, req: dict[str, Any], field: str, required: bool = True) -> str | None:
-        name = req.get(field)
-        if name is None and not required:
+    def _tier(self, field: str, name: str | None) -> str | None:
+        if name is None:
             return None
         names = [t.name for t in self.store.tiers]
         if name not in names:
             raise ValueError(f"{field}: unknown tier {name!r} (have: {', '.join(names)})")
         return name
 
-    # -- operations ---------------------------------------------------------------
+    # -- operations -------------------------------------------------------------
 
-    def lookup(self, req: dict[str, Any]) -> dict[str, Any]:
+    def lookup(self, req: m.Chunks) -> m.LookupResult:
         """How much of a prompt is cached, and where each chunk lives.
 
         By ``tokens``, ``hit_tokens`` is what a load would give the engine: the
@@ -73,83 +66,89 @@ class CacheAPI:
         stored head of the next chunk, whose key is the last of ``hit_keys``.
         """
         keys = self.keys(req)
-        out: dict[str, Any] = {"chunks": len(keys), "keys": [k.hex() for k in keys],
-                               "tiers": manage.locate(self.store, keys)}
-        if "keys" in req:
-            out.update(hit_chunks=self.store.lookup(keys), hit_tokens=None)
-        else:
-            found = lookup_hit(self.store.tiers, self._hasher(req), self._tokens(req), keys)
-            out.update(hit_chunks=found.chunks, hit_tokens=found.tokens,
-                       hit_keys=[k.hex() for k in found.keys])
-        return out
+        where = manage.locate(self.store, keys)
+        hex_keys = [k.hex() for k in keys]
+        if req.tokens is None:
+            return m.LookupResult(chunks=len(keys), keys=hex_keys, tiers=where,
+                                  hit_chunks=self.store.lookup(keys), hit_tokens=None)
+        found = lookup_hit(self.store.tiers, self._hasher(req.salt), req.tokens, keys)
+        return m.LookupResult(chunks=len(keys), keys=hex_keys, tiers=where,
+                              hit_chunks=found.chunks, hit_tokens=found.tokens,
+                              hit_keys=[k.hex() for k in found.keys])
 
-    def evict(self, req: dict[str, Any]) -> dict[str, Any]:
+    def evict(self, req: m.InTier) -> m.Removed:
         """Remove chunks from one tier (``tier``) or all; pinned chunks stay."""
-        return {"removed": manage.evict(self.store, self.keys(req),
-                                        self._tier(req, "tier", required=False))}
+        tier = self._tier("tier", req.tier)
+        return m.Removed(removed=manage.evict(self.store, self.keys(req), tier))
 
-    def move(self, req: dict[str, Any]) -> dict[str, Any]:
+    def move(self, req: m.MoveRequest) -> m.Moved:
         """Move chunks from tier ``from`` to tier ``to``."""
-        src, dst = self._tier(req, "from"), self._tier(req, "to")
+        src, dst = self._tier("from", req.from_), self._tier("to", req.to)
         assert src is not None and dst is not None
-        return {"moved": manage.move(self.store, self.keys(req), src, dst)}
+        if src == dst:
+            raise ValueError("to: the same tier as 'from'")
+        moved = manage.move(self.store, self.keys(req), src, dst)
+        self.pins.prune()
+        return m.Moved(moved=moved)
 
-    def clear(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Delete everything in one tier (``tier``) or all."""
-        return {"removed": manage.clear(self.store, self._tier(req, "tier", required=False))}
+    def clear(self, req: m.ClearRequest) -> m.Removed:
+        """Delete everything in one tier (``tier``) or in all, pinned chunks too."""
+        removed = manage.clear(self.store, self._tier("tier", req.tier))
+        self.pins.prune()
+        return m.Removed(removed=removed)
 
-    def pin(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Protect memory-tier chunks from eviction."""
-        return {"pinned": manage.pin(self.store, self.keys(req))}
+    def pin(self, req: m.PinRequest) -> m.Pinned:
+        """Protect memory-tier chunks from eviction, for ever or for ``ttl_s``."""
+        return m.Pinned(pinned=self.pins.pin(self.keys(req), req.ttl_s), expires_in_s=req.ttl_s)
 
-    def unpin(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Undo pin."""
-        manage.unpin(self.store, self.keys(req))
-        return {"ok": True}
+    def unpin(self, req: m.Chunks) -> m.Unpinned:
+        """Release one pin this API took per key (a load's own pins are never touched)."""
+        return m.Unpinned(unpinned=self.pins.unpin(self.keys(req)))
 
-    def compress(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Re-encode chunks in ``tier`` with a lossless codec (``codec``: zlib)."""
-        name = str(req.get("codec", "zlib")).upper()
-        if name not in Codec.__members__ or name == "RAW":
-            raise ValueError(f"codec: unknown lossless codec {req.get('codec')!r} (have: zlib)")
-        tier = self._tier(req, "tier")
-        assert tier is not None
-        return {"recoded": manage.recode(self.store, self.keys(req), tier, Codec[name])}
+    def compress(self, req: m.CompressRequest) -> m.Recoded:
+        """Re-encode chunks of ``tier`` with a lossless codec (reads decode them)."""
+        return self._recode(req, _CODECS[req.codec])
 
-    def decompress(self, req: dict[str, Any]) -> dict[str, Any]:
+    def decompress(self, req: m.RecodeRequest) -> m.Recoded:
         """Store chunks of ``tier`` raw again."""
-        tier = self._tier(req, "tier")
+        return self._recode(req, Codec.RAW)
+
+    def _recode(self, req: m.RecodeRequest, codec: Codec) -> m.Recoded:
+        tier = self._tier("tier", req.tier)
         assert tier is not None
-        return {"recoded": manage.recode(self.store, self.keys(req), tier, Codec.RAW)}
+        keys = self.keys(req)
+        recoded = manage.recode(self.store, keys, tier, codec)
+        if self.store.memory is not None and tier == self.store.memory.name:
+            self.pins.reapply(keys)  # a re-encoded chunk is a new memory entry, unpinned
+        return m.Recoded(recoded=recoded)
 
-    def admit(self, key_hex: str, blob: bytes, tier: str | None) -> dict[str, Any]:
-        """Admit one encoded chunk (header + payload, as the disk tier writes it)."""
-        try:
-            key = ChunkKey(bytes.fromhex(key_hex))
-        except ValueError:
-            raise ValueError("key: not a hex string") from None
-        try:
-            chunk = decode(key, blob)
-        except CorruptChunk as exc:
-            raise ValueError(f"body: {exc}") from None
-        if tier is not None:
-            self._tier({"tier": tier}, "tier")
-        return {"admitted": manage.admit(self.store, [(key, chunk)], tier)}
+    def admit(self, req: m.AdmitRequest) -> m.Admitted:
+        """Store chunks of a prompt computed elsewhere, each checked against this
+        instance's keys and layout first (:mod:`kvtier.control.admission`).
+        All or nothing: one refused chunk stores none."""
+        tier = self._tier("tier", req.tier)
+        keys = self._hasher(req.salt).keys(req.tokens)
+        items, seen = [], set()
+        for i, c in enumerate(req.chunks):
+            field = f"chunks[{i}]"
+            if c.index >= len(keys):
+                raise ValueError(f"{field}.index: the prompt has {len(keys)} chunks")
+            if c.index in seen:
+                raise ValueError(f"{field}.index: chunk {c.index} given twice")
+            seen.add(c.index)
+            blob = decode_b64(f"{field}.data", c.data, self.chunk_bytes + 128)
+            want = ChunkShape.expected(self.layout, self.hasher, c.index, len(req.tokens))
+            items.append((keys[c.index], admit_chunk(f"{field}.data", keys[c.index], blob, want)))
+        return m.Admitted(admitted=manage.admit(self.store, items, tier))
 
-    def status(self, req: dict[str, Any]) -> dict[str, Any]:
+    def status(self) -> m.Status:
         """Usage and counters of every tier."""
-        out = {}
+        queues = {w.tier.name: w.pending for w in self.store.writers}
+        tiers = {}
         for t in self.store.tiers:
             u = t.usage()
-            out[t.name] = {"used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes,
-                           "num_chunks": u.num_chunks, **t.stats.as_dict()}
-        return {"namespace": self.hasher.namespace.layout, "chunk_size": self.hasher.chunk_size,
-                "tiers": out}
-
-    def metrics(self) -> str:
-        """Prometheus text exposition of every tier's counters and usage."""
-        lines = []
-        for tier, values in self.status({})["tiers"].items():
-            for name, value in values.items():
-                lines.append(f'kvtier_{name}{{tier="{tier}"}} {value}')
-        return "\n".join(lines) + "\n"
+            tiers[t.name] = m.TierStatus(used_bytes=u.used_bytes, capacity_bytes=u.capacity_bytes,
+                                         num_chunks=u.num_chunks, write_queue=queues.get(t.name),
+                                         **t.stats.as_dict())
+        return m.Status(namespace=self.hasher.namespace.layout, chunk_size=self.hasher.chunk_size,
+                        pinned_chunks=self.pins.count(), tiers=tiers)

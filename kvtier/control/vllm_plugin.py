@@ -1,4 +1,4 @@
-"""Layer 7: starts the management HTTP API inside vLLM's workers.
+"""Layer 7: starts the management API inside vLLM's workers.
 
 Registered as a vLLM general plugin (entry point ``vllm.general_plugins`` in
 pyproject.toml), which vLLM loads in every process it starts. It only adds a
@@ -12,7 +12,7 @@ import logging
 
 from kvtier.config import KvtierConfig
 from kvtier.control.api import CacheAPI
-from kvtier.control.http import ControlServer
+from kvtier.control.server import ControlServer
 from kvtier.engine.cache_engine import CacheEngine
 
 log = logging.getLogger(__name__)
@@ -23,10 +23,15 @@ def start_control_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> N
     """Engine-ready hook: serve the management API on ``control.port + rank``."""
     if not cfg.control.port:
         return
-    server = ControlServer(CacheAPI(engine.store, engine.hasher), cfg.control.host,
-                           cfg.control.port + rank)
+    api = CacheAPI(engine.store, engine.hasher, engine.layout)
+    try:
+        server = ControlServer(api, cfg.control, cfg.control.port + rank)
+    except BaseException:
+        api.close()
+        raise
     _servers.append(server)
-    log.info("kvtier: management API on %s", server.url)
+    log.info("kvtier: management API on %s (token %s)", server.url,
+             "required" if cfg.control.resolve_token() else "off")
 
 
 def register() -> None:

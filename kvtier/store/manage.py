@@ -12,6 +12,7 @@ from typing import Sequence
 from kvtier.codecs import ChunkData, Codec, compress, decompress
 from kvtier.keys import ChunkKey
 from kvtier.store.hierarchy import ChunkStore
+from kvtier.tiers.base import Tier
 
 
 def locate(store: ChunkStore, keys: Sequence[ChunkKey]) -> dict[str, list[bool]]:
@@ -27,7 +28,10 @@ def admit(store: ChunkStore, items: Sequence[tuple[ChunkKey, ChunkData]],
         store.put_many(items)
         return sum(store.memory.contains_many([k for k, _ in items])) if store.memory \
             else len(items)
-    return sum(store.tier(tier).put_many(items))
+    target = store.tier(tier)
+    stored = target.put_many(items)
+    _note(store, target, stored=[k for (k, _), ok in zip(items, stored) if ok])
+    return sum(stored)
 
 
 def evict(store: ChunkStore, keys: Sequence[ChunkKey], tier: str | None = None) -> int:
@@ -49,14 +53,16 @@ def move(store: ChunkStore, keys: Sequence[ChunkKey], src: str, dst: str) -> int
         for c in chunks:
             if c is not None:
                 c.release()
+    _note(store, target, stored=done)
     source.delete_many(done)
+    _note(store, source, evicted=done)
     return len(done)
 
 
 def clear(store: ChunkStore, tier: str | None = None) -> int:
     """Delete every chunk of one tier or of all; returns how many were deleted."""
     tiers = [store.tier(tier)] if tier else store.tiers
-    return sum(t.clear() for t in tiers)
+    return sum(store.delete(list(t.iter_keys()), t.name) for t in tiers)
 
 
 def pin(store: ChunkStore, keys: Sequence[ChunkKey]) -> int:
@@ -92,4 +98,14 @@ def recode(store: ChunkStore, keys: Sequence[ChunkKey], tier: str, codec: Codec)
             if c is not None:
                 c.release()
     t.delete_many([k for k, _ in items])
-    return sum(t.put_many(items))
+    stored = t.put_many(items)
+    _note(store, t, evicted=[k for (k, _), ok in zip(items, stored) if not ok])
+    return sum(stored)
+
+
+def _note(store: ChunkStore, tier: Tier, stored: Sequence[ChunkKey] = (),
+          evicted: Sequence[ChunkKey] = ()) -> None:
+    """Report memory-tier changes made here as store events, so another process's
+    index of this memory tier (vLLM's scheduler) learns of them too."""
+    if store.memory is not None and tier is store.memory:
+        store._record(stored=stored, evicted=evicted)

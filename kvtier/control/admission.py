@@ -1,0 +1,102 @@
+"""Layer 7: what ``admit`` checks before a chunk from outside is stored.
+
+A chunk is admitted under a key derived *here*, from the prompt's tokens and
+salt with this instance's hasher, so it can only land in this instance's
+namespace. Before anything is stored, each chunk must:
+
+- have a valid header (magic, version, header checksum) naming that key: a
+  chunk made in another namespace (model, layout, salt, TP rank...) names
+  another key and is refused;
+- be of this engine's KV dtype and of the chunk shape the layout gives for
+  that chunk of the prompt (a partial last chunk has fewer blocks);
+- have a payload whose checksum matches and whose decoded size is exactly
+  the layout's: a compressed payload is decoded with a bound on its output,
+  so a decompression bomb stops at the expected size plus one byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta, Codec, parse_header, verify_payload
+from kvtier.engine.layout import PagedLayout
+from kvtier.errors import CorruptChunk
+from kvtier.keys import ChunkHasher, ChunkKey
+
+
+class Refused(ValueError):
+    """A chunk that must not be stored; the message names the field and the reason."""
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    """What this instance's chunk number ``index`` of a prompt must look like."""
+
+    meta: ChunkMeta
+
+    @classmethod
+    def expected(cls, layout: PagedLayout, hasher: ChunkHasher, index: int,
+                 num_tokens: int) -> ChunkShape:
+        """Shape of chunk ``index`` of a ``num_tokens`` prompt in ``layout``."""
+        tokens = hasher.chunk_tokens(index, num_tokens)
+        blocks = -(-tokens // layout.block_size)
+        return cls(ChunkMeta(layout.dtype, layout.chunk_shape(blocks)))
+
+
+def decode_b64(field: str, data: str, max_bytes: int) -> bytes:
+    """Strict base64 (no stray characters) of at most ``max_bytes`` decoded bytes."""
+    if len(data) > 4 * (-(-max_bytes // 3)):
+        raise Refused(f"{field}: larger than a chunk of this instance ({max_bytes} bytes)")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refused(f"{field}: not base64") from None
+
+
+def admit_chunk(field: str, key: ChunkKey, blob: bytes, want: ChunkShape) -> ChunkData:
+    """The checked chunk (payload as given: raw or compressed), or :class:`Refused`."""
+    try:
+        header = parse_header(key, blob)
+    except CorruptChunk as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        if "names key" in reason:
+            reason = "made for another namespace, prompt or chunk (its header names " \
+                     "another key)"
+        raise Refused(f"{field}: {reason}") from None
+    meta = header.meta
+    if (meta.dtype, meta.shape) != (want.meta.dtype, want.meta.shape):
+        raise Refused(f"{field}: {meta.dtype} {list(meta.shape)} does not match this "
+                      f"instance's layout ({want.meta.dtype} {list(want.meta.shape)})")
+    payload = np.frombuffer(blob, dtype=np.uint8)[HEADER_SIZE:]
+    try:
+        verify_payload(key, header, payload)
+    except CorruptChunk as exc:
+        raise Refused(f"{field}: {str(exc).split(': ', 1)[-1]}") from None
+    if meta.codec is Codec.ZLIB:
+        bounded_inflate(field, payload, want.meta.raw_nbytes)
+    elif meta.codec is not Codec.RAW:
+        raise Refused(f"{field}: codec {meta.codec.name} is not accepted")
+    return ChunkData(meta, payload.copy())
+
+
+def bounded_inflate(field: str, payload: np.ndarray, raw_nbytes: int) -> bytes:
+    """zlib-decode at most ``raw_nbytes + 1`` bytes; :class:`Refused` unless the stream
+    ends there with exactly ``raw_nbytes`` bytes (a bomb never expands past that)."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(memoryview(payload), raw_nbytes + 1)
+    except zlib.error:
+        raise Refused(f"{field}: not a valid zlib stream") from None
+    if len(out) > raw_nbytes or (not inflater.eof and len(out) == raw_nbytes):
+        raise Refused(f"{field}: decodes to more than the {raw_nbytes} bytes the layout says")
+    if len(out) < raw_nbytes or not inflater.eof:
+        raise Refused(f"{field}: decodes to {len(out)} bytes, not the {raw_nbytes} the "
+                      "layout says")
+    if inflater.unused_data:
+        raise Refused(f"{field}: bytes after the end of the zlib stream")
+    return out

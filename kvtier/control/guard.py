@@ -1,0 +1,120 @@
+"""Layer 7: what every request passes before FastAPI sees it (a plain ASGI wrapper).
+
+- **Access**: with a token configured, every path but ``/health`` needs
+  ``Authorization: Bearer <token>``, compared in constant time; a request
+  without it is answered 401 before its body is read.
+- **Body size**: a ``Content-Length`` that is not a plain non-negative number
+  is a 400, one over ``max_body_bytes`` a 413, before anything is read; a
+  body without a length (chunked) is counted as it arrives and cut off with
+  a 413 at the limit.
+- **Slow bodies**: each read of the body waits at most ``timeout_s`` (408).
+- **Metrics**: each answered request is counted by operation and status.
+
+Nothing here logs or echoes a header's value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from typing import Any, Awaitable, Callable
+
+from fastapi import HTTPException
+
+from kvtier.control.metrics import ControlMetrics
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/health"})
+KNOWN_OPS = frozenset({"lookup", "admit", "evict", "move", "clear", "pin", "unpin", "compress",
+                       "decompress", "status", "health", "metrics", "docs", "openapi.json"})
+
+
+def op_of(path: str) -> str:
+    """A bounded label for a path (unknown paths are all ``other``)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name if name in KNOWN_OPS else "other"
+
+
+class Guard:
+    """Wraps the ASGI app with access control, body limits and request metrics."""
+
+    def __init__(self, app: ASGIApp, token: str, max_body_bytes: int, timeout_s: float,
+                 metrics: ControlMetrics) -> None:
+        self.app = app
+        self._token = token.encode()
+        self.max_body_bytes = max_body_bytes
+        self.timeout_s = timeout_s
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await _answer(send_counted, *refusal)
+                return
+            await self.app(scope, self._limited(receive), send_counted)
+        finally:
+            self.metrics.observe(op_of(scope.get("path", "")), status[0],
+                                 time.perf_counter() - t0)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:
+        """(status, error, headers) to answer at once, or None to go on."""
+        headers = scope.get("headers") or []
+        if self._token and scope.get("path") not in OPEN_PATHS:
+            given = [v for k, v in headers if k == b"authorization"]
+            scheme, _, presented = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
+            # compare_digest takes as long whatever the presented token is (no timing oracle)
+            if not (hmac.compare_digest(presented.strip(), self._token)
+                    and scheme.lower() == b"bearer"):
+                return 401, "authorization: a valid bearer token is required", \
+                    {"www-authenticate": "Bearer"}
+        lengths = [v for k, v in headers if k == b"content-length"]
+        if lengths:
+            if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 19:
+                return 400, "content-length: not a non-negative integer", {}
+            if int(lengths[0]) > self.max_body_bytes:
+                return 413, f"body: over the {self.max_body_bytes}-byte limit", {}
+        return None
+
+    def _limited(self, receive: Receive) -> Receive:
+        """``receive`` that bounds the body's size and each wait for it."""
+        seen = 0
+
+        async def limited() -> dict[str, Any]:
+            nonlocal seen
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, "body: not received in time") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise HTTPException(413, f"body: over the {self.max_body_bytes}-byte limit")
+            return message
+
+        return limited
+
+
+async def _answer(send: Send, status: int, error: str, headers: dict[str, str]) -> None:
+    body = json.dumps({"error": error}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+           *((k.encode(), v.encode()) for k, v in headers.items())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
