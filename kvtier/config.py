@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from kvtier.config_values import is_loopback, parse_enum, parse_size, redact_url
 from kvtier.errors import ConfigError
+
+__all__ = ["ControlConfig", "DiskConfig", "KvtierConfig", "MemoryConfig", "RedisConfig",
+           "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size", "redact_url"]
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
@@ -34,13 +35,6 @@ NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
 # Keys whose values are secrets: never shown in an error message, and taken from the
 # environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
 SECRET_KEYS = frozenset({"control.token", "redis.url"})
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-               "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
-               "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
-
 
 class TierName(str, enum.Enum):
     """The tiers kvtier knows, fastest first."""
@@ -85,7 +79,7 @@ class DiskConfig:
 class RedisConfig:
     """A Redis / Valkey server or cluster shared by many instances."""
 
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     cluster: bool = False
     key_prefix: str = "kvtier:"
     ttl_s: int = 0
@@ -145,27 +139,6 @@ class ControlConfig:
         return token
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name other than localhost may resolve anywhere
-        return host.strip().lower() == "localhost"
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for log lines and error messages
-    (``redis://:secret@host:6379/0`` -> ``redis://:***@host:6379/0``)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:  # not parsable as a URL: show nothing of it
-        return "<unparsable url>"
-
-
 @dataclass
 class KvtierConfig:
     """All of kvtier's settings; see README "Configuration"."""
@@ -202,18 +175,6 @@ class KvtierConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
-def parse_size(key: str, value: Any) -> int:
-    """``4096``, ``"4KiB"``, ``"2 GB"`` -> bytes."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a size in bytes, got {value!r}")
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = _SIZE_RE.match(str(value))
-    if not m:
-        raise ConfigError(key, f"expected a size such as 4096 or '2GiB', got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
-
-
 def _coerce(key: str, ftype: Any, value: Any) -> Any:
     if key in SECRET_KEYS:
         if not isinstance(value, str):
@@ -238,25 +199,17 @@ def _coerce(key: str, ftype: Any, value: Any) -> Any:
             raise ConfigError(key, f"expected a string, got {value!r}")
         return str(value)
     if ftype == "WritePolicy":
-        return _enum(key, WritePolicy, value)
+        return parse_enum(key, WritePolicy, value)
     if ftype == "list[TierName]":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list of tier names, got {value!r}")
-        tiers = [_enum(f"{key}[{i}]", TierName, v) for i, v in enumerate(value)]
+        tiers = [parse_enum(f"{key}[{i}]", TierName, v) for i, v in enumerate(value)]
         if len(set(tiers)) != len(tiers):
             raise ConfigError(key, f"a tier is listed twice: {value!r}")
         return tiers
     raise AssertionError(f"no coercion for {key}: {ftype}")
-
-
-def _enum(key: str, cls: type[enum.Enum], value: Any) -> Any:
-    try:
-        return cls(str(value).strip().lower())
-    except ValueError:
-        names = ", ".join(m.value for m in cls)
-        raise ConfigError(key, f"unknown value {value!r} (known: {names})") from None
 
 
 def _apply(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:

@@ -115,7 +115,7 @@ class ChunkStore:
         """Copy lower-tier hits into memory; hand out the memory copies where that worked."""
         assert self.memory is not None
         self.memory.put_many([(k, c) for k, (_, c) in zip(keys, hits)])
-        promoted = self.memory.get_many(keys)
+        promoted = self.memory.refs_many(keys)
         out = []
         for (i, lower_chunk), mem_chunk in zip(hits, promoted):
             if mem_chunk is not None:
@@ -138,7 +138,7 @@ class ChunkStore:
         self.memory.commit([(k, s, m, m.raw_nbytes) for k, s, m in zip(keys, slots, metas)])
         if self.write_policy is WritePolicy.WRITE_THROUGH:
             for writer in self.writers:
-                chunks = self.memory.get_many(keys)  # one reference per writer
+                chunks = self.memory.refs_many(keys)  # one reference per writer
                 writer.submit([(k, c) for k, c in zip(keys, chunks) if c is not None])
 
     def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> int:
@@ -153,7 +153,7 @@ class ChunkStore:
         held = self.memory.put_many(items) if self.memory is not None else [False] * len(keys)
         queued = [False] * len(keys)
         for writer in self.writers:
-            refs = self.memory.get_many(keys) if self.memory is not None else [None] * len(keys)
+            refs = self.memory.refs_many(keys) if self.memory is not None else [None] * len(keys)
             batch, where = [], []
             for j, ((key, chunk), ref) in enumerate(zip(items, refs)):
                 if ref is not None and self.write_policy is WritePolicy.WRITE_BACK:

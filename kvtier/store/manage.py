@@ -12,7 +12,6 @@ from typing import Sequence
 from kvtier.codecs import ChunkData, Codec, compress, decompress
 from kvtier.keys import ChunkKey
 from kvtier.store.hierarchy import ChunkStore
-from kvtier.tiers.base import Tier
 
 
 def locate(store: ChunkStore, keys: Sequence[ChunkKey]) -> dict[str, list[bool]]:
@@ -30,7 +29,6 @@ def admit(store: ChunkStore, items: Sequence[tuple[ChunkKey, ChunkData]],
             else len(items)
     target = store.tier(tier)
     stored = target.put_many(items)
-    _note(store, target, stored=[k for (k, _), ok in zip(items, stored) if ok])
     return sum(stored)
 
 
@@ -53,9 +51,7 @@ def move(store: ChunkStore, keys: Sequence[ChunkKey], src: str, dst: str) -> int
         for c in chunks:
             if c is not None:
                 c.release()
-    _note(store, target, stored=done)
     source.delete_many(done)
-    _note(store, source, evicted=done)
     return len(done)
 
 
@@ -99,13 +95,5 @@ def recode(store: ChunkStore, keys: Sequence[ChunkKey], tier: str, codec: Codec)
                 c.release()
     t.delete_many([k for k, _ in items])
     stored = t.put_many(items)
-    _note(store, t, evicted=[k for (k, _), ok in zip(items, stored) if not ok])
     return sum(stored)
 
-
-def _note(store: ChunkStore, tier: Tier, stored: Sequence[ChunkKey] = (),
-          evicted: Sequence[ChunkKey] = ()) -> None:
-    """Report memory-tier changes made here as store events, so another process's
-    index of this memory tier (vLLM's scheduler) learns of them too."""
-    if store.memory is not None and tier is store.memory:
-        store._record(stored=stored, evicted=evicted)

@@ -169,6 +169,15 @@ class MemoryTier(Tier):
         return self.contains_many([k for k, _ in items])
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
+        out = self.refs_many(keys)
+        hits = sum(c is not None for c in out)
+        self.stats.add(hits=hits, misses=len(out) - hits,
+                       get_bytes=sum(c.payload.nbytes for c in out if c is not None))
+        return out
+
+    def refs_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
+        """Like :meth:`get_many` (references to release), but not counted as reads:
+        the store hands these to its background writers."""
         out: list[ChunkData | None] = []
         with self._lock:
             for key in keys:
@@ -180,9 +189,6 @@ class MemoryTier(Tier):
                 entry.refs += 1
                 view = self.arena.view(entry.slot, entry.nbytes)
                 out.append(ChunkData(entry.meta, view, _Unref(self, entry)))
-        hits = sum(c is not None for c in out)
-        self.stats.add(hits=hits, misses=len(out) - hits,
-                       get_bytes=sum(c.payload.nbytes for c in out if c is not None))
         return out
 
     def delete_many(self, keys: Sequence[ChunkKey]) -> int:

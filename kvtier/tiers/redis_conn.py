@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
-from kvtier.config import RedisConfig
+from kvtier.config import RedisConfig, redact_url
 from kvtier.tiers.base import TierStats
 from kvtier.tiers.resp import RespPacker, packing_connection
 
@@ -97,7 +97,7 @@ class RedisConnection:
         except self.down_errors as exc:
             wait = self.backoff.failed()
             log.warning("redis tier: %s unreachable (%s); retrying in %.2f s",
-                        self.cfg.url, exc, wait)
+                        redact_url(self.cfg.url), exc, wait)
             self.stats.add(errors=1)
             if self.cfg.cluster:  # rediscover the nodes from scratch next time
                 self.close()
