@@ -144,7 +144,7 @@ class KvtierConfig:
     """All of kvtier's settings; see README "Configuration"."""
 
     chunk_size: int = 256
-    store_partial_chunks: bool = False
+    store_partial_chunks: bool = True
     """Also store a prompt's last, partial chunk, in whole engine blocks (lookups then
     find the first blocks of a chunk where two prompts part)."""
     tiers: list[TierName] = field(default_factory=lambda: [TierName.MEMORY])

@@ -225,7 +225,8 @@ def test_status_and_prometheus_metrics(setup: Setup) -> None:
     assert code == 200 and status["tiers"]["memory"]["num_chunks"] == 4
     assert status["tiers"]["disk"]["write_queue"] == 0
     assert status["tiers"]["memory"]["write_queue"] is None
-    hits = status["tiers"]["memory"]["hits"]  # (the writers' references count as hits too)
+    hits = status["tiers"]["memory"]["hits"]
+    assert hits == 0  # the store's own references (for its writers) are not reads
     setup.store.get_many(setup.engine.hasher.keys(setup.tokens)[:1])[0].release()
     code, text = get(setup.url, "/metrics")
     lines = text.decode().splitlines()
@@ -238,9 +239,18 @@ def test_status_and_prometheus_metrics(setup: Setup) -> None:
     assert f'kvtier_tier_hits_total{{tier="memory"}} {hits + 1:.1f}' in lines
     assert 'kvtier_tier_chunks{tier="disk"} 4.0' in lines
     assert f'kvtier_tier_capacity_bytes{{tier="memory"}} {32 * 256 * 8:.1f}' in lines
+
     assert 'kvtier_tier_failures_total{cause="corrupt",tier="disk"} 0.0' in lines
     assert 'kvtier_writer_queue_capacity_chunks{tier="disk"} 256.0' in lines
     assert 'kvtier_control_requests_total{code="200",op="status"} 1.0' in lines
+
+
+def test_snapshot_lists_what_each_tier_holds(setup: Setup) -> None:
+    code, body = get(setup.url, "/v1/snapshot")
+    snap = json.loads(body)
+    keys = sorted(k.hex() for k in setup.engine.hasher.keys(setup.tokens))
+    assert code == 200 and sorted(snap["tiers"]["memory"]) == keys
+    assert sorted(snap["tiers"]["disk"]) == keys
 
 
 def test_health_and_openapi(setup: Setup) -> None:

@@ -116,8 +116,8 @@ def _serve_section(w: str, res: dict[str, Any], cmd: str) -> list[str]:
         f"({s['engine_kv_blocks']} blocks of 128) so vLLM's own prefix cache overflows; every KV "
         f"layer gets {s['kv_budget_bytes'] / 2**30:.1f} GiB of CPU memory; vLLM threads pinned "
         f"to cores {s['threads_bind']} in every configuration; greedy decoding; concurrency "
-        f"{s['concurrency'] or 'one per user'}; kvtier keeps partial last chunks in whole "
-        f"blocks (`store_partial_chunks: true`). "
+        f"{s['concurrency'] or 'one per user'}; kvtier on its defaults (partial last chunks "
+        f"kept in whole blocks), only its tiers and memory budget set. "
         + ("Measured: the question rounds after the warm-up round that reads every document "
            "once (its TTFT is the cold column)." if w == "long-doc-qa" else
            "Measured: every turn; QPS at the same user load, with TTFT p90 against vLLM "

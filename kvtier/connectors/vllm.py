@@ -18,6 +18,7 @@ why: :mod:`kvtier.connectors.vllm_plan`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -30,6 +31,7 @@ from kvtier.connectors.vllm_keys import (all_shards, check_supported, engine_lay
                                          shard_namespace, worker_shard)
 from kvtier.connectors.vllm_plan import (KvtierMetadata, KvtierWorkerMeta, LoadSpec,
                                          SchedulerPlanner)
+from kvtier.connectors.vllm_surfaces import KvtierPromMetrics, KvtierStats
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.engine.layout import detect_layout
 from kvtier.errors import LayoutMismatch
@@ -75,6 +77,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._failed: list[tuple[str, int, ChunkKey]] = []
         self._finished_saving: set[str] = set()
+        self._stats = KvtierStats()
         if role == KVConnectorRole.SCHEDULER:
             self._recompute_on_load_failure()
             shared = build_store(self.config, None, shared_only=True)
@@ -132,6 +135,7 @@ class KvtierConnector(KVConnectorBase_V1):
         """Load this step's hits into paged KV: all chunks and layers, batched, before
         the forward pass. A chunk that cannot be read is reported for recompute."""
         meta = self._meta()
+        self._reset_if_asked(meta)
         if meta is None or not meta.loads or self.engine is None:
             return
         # Every chunk promised this step is pinned before any load runs: a promotion
@@ -151,6 +155,7 @@ class KvtierConnector(KVConnectorBase_V1):
     def _load(self, load: LoadSpec) -> None:
         assert self.engine is not None
         keys = load.keys[self.shard]
+        t0 = time.perf_counter()
         try:
             res = self.engine.retrieve_kv(load.token_ids, load.block_ids, load.end_token,
                                           load.start_token, keys=keys)
@@ -158,6 +163,12 @@ class KvtierConnector(KVConnectorBase_V1):
         except Exception:  # never fail the request: recompute instead
             log.exception("kvtier: load of %s failed", load.req_id)
             loaded = load.start_token
+        bs = self.layout.block_size
+        blocks = -(-loaded // bs) - load.start_token // bs
+        self._stats.add(load_seconds=time.perf_counter() - t0,
+                        loaded_bytes=max(0, blocks) * self.layout.num_layers
+                        * self.layout.page_nbytes,
+                        load_failures=int(loaded < load.end_token))
         if loaded >= load.end_token:
             return
         bs, cs = self.layout.block_size, self.config.chunk_size
@@ -183,17 +194,28 @@ class KvtierConnector(KVConnectorBase_V1):
         load under them) into the memory tier: one batched copy per run and layer;
         lower tiers are written by background threads."""
         meta = self._meta()
+        self._reset_if_asked(meta)
         if meta is None or self.engine is None:
             return
+        chunk_bytes = self.layout.chunk_nbytes(self.config.chunk_size // self.layout.block_size)
         for save in meta.saves:
+            t0 = time.perf_counter()
             try:
-                self.engine.store_kv(save.token_ids, save.block_ids, start_chunk=save.start_chunk,
-                                     keys=save.keys[self.shard])
+                n = self.engine.store_kv(save.token_ids, save.block_ids,
+                                         start_chunk=save.start_chunk, keys=save.keys[self.shard])
+                self._stats.add(stored_chunks=n, stored_bytes=n * chunk_bytes,
+                                store_seconds=time.perf_counter() - t0)
             except Exception:  # a failed save is a later miss, never a failed request
                 log.exception("kvtier: save of %s failed", save.req_id)
             if save.release:
                 self._finished_saving.add(save.req_id)
         self._finished_saving.update(meta.releases)
+
+    def _reset_if_asked(self, meta: KvtierMetadata | None) -> None:
+        if meta is not None and meta.reset and self.engine is not None:
+            meta.reset = False  # once per step, whichever hook runs first
+            if self.engine.store.memory is not None:
+                self.engine.store.memory.clear()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
         """Finished requests whose held save is done: vLLM may free their blocks."""
@@ -211,9 +233,37 @@ class KvtierConnector(KVConnectorBase_V1):
             return None
         events = self.engine.store.drain_events()
         failed, self._failed = self._failed, []
-        if not events.stored and not events.evicted and not failed:
+        if not any(s or r for s, r in events.tiers.values()) and not failed:
             return None
-        return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed)
+        return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed, events.tiers)
+
+    # ------------------------------------------------------ vLLM's own surfaces
+
+    def get_kv_connector_stats(self) -> KvtierStats | None:
+        """This interval's counters (vLLM's stats log line and /metrics)."""
+        return self.planner.stats.take() if self.planner is not None else self._stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvtierStats:
+        """Rebuild stats from their dict (in vLLM's logger process)."""
+        return KvtierStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict,
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KvtierPromMetrics:
+        """``vllm:kvtier_*_total`` counters on ``vllm serve``'s /metrics."""
+        return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def take_events(self) -> list[Any]:
+        """kvtier's stores and removals per tier, for vLLM's KV events stream."""
+        return self.planner.events.take() if self.planner is not None else []
+
+    def reset_cache(self) -> bool:
+        """``reset_prefix_cache(reset_connector=True)``: empty every kvtier tier."""
+        if self.planner is not None:
+            self.planner.reset()
+        return True
 
     def shutdown(self) -> None:
         """Finish background writes (bounded) and close the tiers."""

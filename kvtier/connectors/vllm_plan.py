@@ -27,6 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorMetada
 
 from kvtier.config import KvtierConfig
 from kvtier.connectors.vllm_keys import Bypass, request_inputs
+from kvtier.connectors.vllm_surfaces import EventLog, KvtierStats
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
 from kvtier.store import ChunkStore, KeyIndex, PrefixHit, lookup_hit
 
@@ -77,6 +78,8 @@ class KvtierMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     releases: list[str] = field(default_factory=list)
     """Finished requests whose held saves were dropped: report them done, save nothing."""
+    reset: bool = False
+    """Empty the memory tier first (``reset_prefix_cache(reset_connector=True)``)."""
 
 
 @dataclass
@@ -87,12 +90,18 @@ class KvtierWorkerMeta(KVConnectorWorkerMetadata):
     evicted: list[ChunkKey] = field(default_factory=list)
     failed: list[tuple[str, int, ChunkKey]] = field(default_factory=list)
     """(request id, tokens loaded before the failure, key of the chunk that failed)."""
+    tiers: dict[str, tuple[list[ChunkKey], list[ChunkKey]]] = field(default_factory=dict)
+    """Per tier: (keys stored, keys removed) by the worker, for vLLM's KV events."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         """Merge the reports of several workers."""
         assert isinstance(other, KvtierWorkerMeta)
+        tiers = dict(self.tiers)
+        for name, (stored, removed) in other.tiers.items():
+            mine = tiers.get(name, ([], []))
+            tiers[name] = (mine[0] + stored, mine[1] + removed)
         return KvtierWorkerMeta(self.stored + other.stored, self.evicted + other.evicted,
-                                self.failed + other.failed)
+                                self.failed + other.failed, tiers)
 
 
 @dataclass
@@ -123,9 +132,10 @@ class SchedulerPlanner:
         self._held: dict[str, SaveSpec] = {}  # planned this step, saved next step
         self._ready: list[SaveSpec] = []  # held saves whose step had no failure
         self._releases: list[str] = []
-        self.num_lookups = 0
-        self.num_hit_tokens = 0
+        self._reset = False
         self.bypasses: Counter[str] = Counter()
+        self.stats = KvtierStats()
+        self.events = EventLog(cfg.chunk_size)
 
     # -- lookup ---------------------------------------------------------------
 
@@ -140,10 +150,10 @@ class SchedulerPlanner:
         st.hit = _common_hit([lookup_hit(sources, h, st.prompt, k)
                               for h, k in zip(st.hashers, st.keys)], st.hashers[0], st.prompt)
         hit = min(st.hit[0].tokens, len(st.prompt) - 1)  # vLLM must compute the last token
-        self.num_lookups += 1
+        self.stats.add(lookups=1)
         if hit <= num_computed_tokens:
             return 0
-        self.num_hit_tokens += hit - num_computed_tokens
+        self.stats.add(hit_tokens=hit - num_computed_tokens)
         return hit - num_computed_tokens
 
     def accept_load(self, request: Request, num_external_tokens: int) -> None:
@@ -160,8 +170,8 @@ class SchedulerPlanner:
         the last step that turned out safe."""
         for req_id in getattr(out, "preempted_req_ids", None) or ():
             self._drop_held(req_id, reason="preempted")
-        meta = KvtierMetadata(saves=self._ready, releases=self._releases)
-        self._ready, self._releases = [], []
+        meta = KvtierMetadata(saves=self._ready, releases=self._releases, reset=self._reset)
+        self._ready, self._releases, self._reset = [], [], False
         for new in out.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is None:
@@ -196,6 +206,7 @@ class SchedulerPlanner:
             meta.loads.append(LoadSpec(req_id, st.prompt[:st.hit[0].tokens],
                                        [h.keys[:n] for h in st.hit], list(st.block_ids),
                                        start, end))
+            self.events.know(st.hit[0].keys[:n], st.prompt)
             # A head of a chunk (another prompt's partial chunk) is not this
             # prompt's chunk: that one is still to be saved.
             st.saved_chunks = max(st.saved_chunks, min(n, st.hit[0].chunks))
@@ -209,6 +220,7 @@ class SchedulerPlanner:
             self._held[req_id] = SaveSpec(req_id, st.prompt[:n_save * cs],
                                           [k[:n_save] for k in st.keys], list(st.block_ids),
                                           start)
+            self.events.know(st.keys[0][:n_save], st.prompt)
             st.saved_chunks = n_save
 
     def step_done(self, output: KVConnectorOutput) -> None:
@@ -219,6 +231,8 @@ class SchedulerPlanner:
         if isinstance(meta, KvtierWorkerMeta):
             self.index.update(meta.stored, meta.evicted)
             self.index.update(evicted=[key for _, _, key in meta.failed])
+            for tier, (stored, removed) in meta.tiers.items():
+                self.events.report(tier, stored, removed)
             for req_id, loaded, _ in meta.failed:
                 failed[req_id] = min(loaded, failed.get(req_id, loaded))
         invalid = set(output.invalid_block_ids or ())
@@ -230,6 +244,7 @@ class SchedulerPlanner:
                 continue
             log.info("kvtier: %s: a load of its step failed; its chunks are saved after "
                      "vLLM recomputes them", req_id)
+            self.stats.add(saves_dropped=1)
             st = self._reqs.get(req_id)
             if st is not None:
                 st.saved_chunks = min(st.saved_chunks, first_bad // self.cfg.chunk_size)
@@ -262,6 +277,14 @@ class SchedulerPlanner:
             st.saved_chunks = min(st.saved_chunks, save.start_chunk)
             log.debug("kvtier: %s %s: its held save is dropped", req_id, reason)
 
+    def reset(self) -> None:
+        """Empty kvtier: the shared tiers now, the workers' memory with the next step."""
+        for tier in self.shared.tiers if self.shared is not None else []:
+            tier.clear()
+        self.index = KeyIndex()
+        self._reset = True  # (between steps: no load of this step is planned yet)
+        self.events.cleared()
+
     def close(self) -> None:
         """Close the shared tiers this process opened."""
         if self.shared is not None:
@@ -290,6 +313,7 @@ class SchedulerPlanner:
             log.warning("kvtier: requests with %s bypass kvtier (their KV depends on more "
                         "than the prompt's tokens); counted in bypasses", reason.value)
         self.bypasses[reason.value] += 1
+        self.stats.add(bypassed=1)
         if len(self._bypassed) > 100_000:
             self._bypassed.clear()
         self._bypassed.add(req_id)

@@ -141,6 +141,13 @@ class CacheAPI:
             items.append((keys[c.index], admit_chunk(f"{field}.data", keys[c.index], blob, want)))
         return m.Admitted(admitted=manage.admit(self.store, items, tier))
 
+    def snapshot(self) -> m.Snapshot:
+        """Every key each tier holds now (shared tiers: other instances' chunks too)."""
+        return m.Snapshot(namespace=self.hasher.namespace.layout,
+                          chunk_size=self.hasher.chunk_size,
+                          tiers={t.name: [k.hex() for k in t.iter_keys()]
+                                 for t in self.store.tiers})
+
     def status(self) -> m.Status:
         """Usage and counters of every tier."""
         queues = {w.tier.name: w.pending for w in self.store.writers}

@@ -104,6 +104,10 @@ def build_app(api: CacheAPI, metrics: ControlMetrics, runner: OpRunner) -> FastA
     async def status() -> m.Status:
         return await runner.run(api.status)
 
+    @app.get("/v1/snapshot", dependencies=auth, response_model=m.Snapshot)
+    async def snapshot() -> m.Snapshot:
+        return await runner.run(api.snapshot)
+
     def op(name: str, body: type, result: type, fn: Callable[[Any], Any],
            optional: bool = False) -> None:
         async def endpoint(req: Any) -> Any:

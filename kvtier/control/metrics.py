@@ -29,7 +29,8 @@ _COUNTERS = [
     ("kvtier_tier_evictions", "evictions", "Chunks evicted to make room."),
 ]
 # failures by cause: TierStats field -> cause label
-_FAILURES = {"corrupt": "corrupt", "errors": "error", "dropped": "dropped"}
+_FAILURES = {"corrupt": "corrupt", "errors": "error", "dropped": "dropped",
+             "foreign": "foreign"}
 
 
 class StoreCollector(Collector):
@@ -49,7 +50,7 @@ class StoreCollector(Collector):
         fail = CounterMetricFamily(
             "kvtier_tier_failures", "Reads and writes that failed, by cause: corrupt (header or "
             "checksum, served as a miss), error (I/O, connection), dropped (a full queue or "
-            "tier: the write was skipped).", labels=["tier", "cause"])
+            "tier: the write was skipped), foreign (another format version: a miss, kept).", labels=["tier", "cause"])
         for tier, values in stats.items():
             for field, cause in _FAILURES.items():
                 fail.add_metric([tier, cause], values[field])

@@ -179,6 +179,7 @@ class TierStatus(BaseModel):
     corrupt: int
     errors: int
     dropped: int
+    foreign: int = Field(0, description="chunks of another format version (misses, kept)")
     write_queue: Optional[int] = Field(None, description="chunks waiting for its writer")
 
 
@@ -189,6 +190,15 @@ class Status(BaseModel):
     chunk_size: int
     pinned_chunks: int
     tiers: dict[str, TierStatus]
+
+
+class Snapshot(BaseModel):
+    """Every chunk each tier holds now (hex keys): a KV-event consumer that missed
+    events resyncs from this, then follows the stream again."""
+
+    namespace: str
+    chunk_size: int
+    tiers: dict[str, list[str]]
 
 
 class Health(BaseModel):

@@ -39,6 +39,8 @@ class StoreEvents:
 
     stored: list[ChunkKey] = field(default_factory=list)
     evicted: list[ChunkKey] = field(default_factory=list)
+    tiers: dict[str, tuple[list[ChunkKey], list[ChunkKey]]] = field(default_factory=dict)
+    """Per tier (memory too): (keys stored, keys removed) by this process."""
 
 
 class _EventLog:
@@ -61,6 +63,9 @@ class _EventLog:
         return StoreEvents([k for k, there in state.items() if there],
                            [k for k, there in state.items() if not there])
 
+    def stored(self, keys: Sequence[ChunkKey]) -> None:
+        self.record(keys, ())
+
 
 class ChunkStore:
     """Tiers in order, fastest first; ``tiers[0]`` may be a :class:`MemoryTier`."""
@@ -74,8 +79,11 @@ class ChunkStore:
         self.lower = self.tiers[1:] if self.memory else self.tiers
         self.write_policy = write_policy
         sizes = list(queue_sizes or [256] * len(self.lower))
-        self.writers = [BackgroundWriter(t, q) for t, q in zip(self.lower, sizes)]
         self._events = _EventLog() if track_events else None
+        self._tier_events = {t.name: _EventLog() for t in self.lower} if track_events else {}
+        self.writers = [BackgroundWriter(t, q, on_written=self._tier_events[t.name].stored
+                                         if track_events else None)
+                        for t, q in zip(self.lower, sizes)]
         if self.memory is not None:
             self.memory.on_evict = self._on_memory_evict
             if self._events is not None:
@@ -186,6 +194,9 @@ class ChunkStore:
     def delete(self, keys: Sequence[ChunkKey], tier: str | None = None) -> int:
         """Remove keys from one tier or all; returns how many copies were removed."""
         tiers = [self.tier(tier)] if tier else self.tiers
+        for t in tiers:
+            if t.name in self._tier_events:
+                self._tier_events[t.name].record((), keys)
         return sum(t.delete_many(keys) for t in tiers)
 
     def drain_events(self) -> StoreEvents:
@@ -193,7 +204,14 @@ class ChunkStore:
 
         Fed by the memory tier itself, so every path that changes it (stores,
         promotions, evictions, management operations) is reported."""
-        return self._events.drain() if self._events is not None else StoreEvents()
+        if self._events is None:
+            return StoreEvents()
+        events = self._events.drain()
+        events.tiers = {"memory": (events.stored, events.evicted)} if self.memory else {}
+        for name, log_ in self._tier_events.items():
+            lower = log_.drain()
+            events.tiers[name] = (lower.stored, lower.evicted)
+        return events
 
     def flush(self, timeout_s: float = 30.0) -> bool:
         """Wait for background writes; False if some did not finish in time."""

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kvtier.codecs import ChunkData
 from kvtier.keys import ChunkKey
@@ -27,8 +27,11 @@ _STOP = object()
 class BackgroundWriter:
     """Writes batches to ``tier`` on ``num_threads`` threads, ``max_pending`` chunks queued."""
 
-    def __init__(self, tier: Tier, max_pending: int = 256, num_threads: int = 1) -> None:
+    def __init__(self, tier: Tier, max_pending: int = 256, num_threads: int = 1,
+                 on_written: Callable[[list[ChunkKey]], None] | None = None) -> None:
         self.tier = tier
+        self.on_written = on_written
+        """Called (on the writer thread) with the keys each batch newly stored."""
         self.max_pending = max_pending
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0  # chunks queued or being written
@@ -92,7 +95,9 @@ class BackgroundWriter:
                 present = self.tier.contains_many([k for k, _ in batch])
                 todo = [item for item, there in zip(batch, present) if not there]
                 if todo:
-                    self.tier.put_many(todo)
+                    done = self.tier.put_many(todo)
+                    if self.on_written is not None:
+                        self.on_written([k for (k, _), ok in zip(todo, done) if ok])
             except Exception:  # a tier bug must not kill the writer thread
                 log.exception("kvtier: background write to %s failed", self.tier.name)
                 self.tier.stats.add(errors=1)

@@ -11,8 +11,8 @@ purpose), greedy decoding. What differs is only the KV layer behind vLLM:
 
 - ``vllm``: vLLM alone, its own prefix cache on (the baseline);
 - ``kvtier-memory``, ``kvtier-disk``: kvtier's connector, memory tier alone,
-  or memory plus a disk tier in a scratch folder; partial last chunks kept
-  in whole blocks (``store_partial_chunks``);
+  or memory plus a disk tier in a scratch folder, on kvtier's defaults
+  (partial last chunks kept in whole blocks);
 - ``native``: vLLM's own ``OffloadingConnector``; stock, it does not run on
   the CPU platform, so it runs with :mod:`kvtier.bench.peers.vllm_native_cpu`
   (a CPU copy spec) and is labelled so;
@@ -95,10 +95,9 @@ def make_config(name: str, eng: EngineSettings, scratch: Path) -> ServeConfig:
     if name == "vllm":
         return ServeConfig(name, py)
     if name in ("kvtier-memory", "kvtier-disk"):
-        # Also keep each prompt's partial last chunk, in whole blocks (off by
-        # default), as vLLM's native offloading keeps every whole block.
-        extra: dict[str, Any] = {"tiers": ["memory"], "memory.max_bytes": budget,
-                                 "store_partial_chunks": True}
+        # kvtier's defaults (partial last chunks kept in whole blocks, as vLLM's
+        # native offloading keeps every whole block); only the tiers and budget differ.
+        extra: dict[str, Any] = {"tiers": ["memory"], "memory.max_bytes": budget}
         if name == "kvtier-disk":
             extra.update({"tiers": ["memory", "disk"], "disk.path": str(scratch / "kvtier-disk")})
         return ServeConfig(name, py, {"kv_connector": "KvtierConnector",
