@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,13 @@ from typing import Any, Mapping
 
 import yaml
 
-from kvtier.config_values import is_loopback, parse_enum, parse_size, redact_url
+from kvtier.config_values import (CODEC_MODULES, CodecName, TierName, WritePolicy, is_loopback,
+                                  parse_enum, parse_size, redact_url)
 from kvtier.errors import ConfigError
 
-__all__ = ["ControlConfig", "DiskConfig", "KvtierConfig", "MemoryConfig", "RedisConfig",
-           "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size", "redact_url"]
+__all__ = ["CodecName", "ControlConfig", "DiskConfig", "KvtierConfig", "MemoryConfig",
+           "RedisConfig", "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size",
+           "redact_url"]
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
@@ -35,23 +38,6 @@ NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
 # Keys whose values are secrets: never shown in an error message, and taken from the
 # environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
 SECRET_KEYS = frozenset({"control.token", "redis.url"})
-
-class TierName(str, enum.Enum):
-    """The tiers kvtier knows, fastest first."""
-
-    MEMORY = "memory"
-    DISK = "disk"
-    REDIS = "redis"
-
-
-class WritePolicy(str, enum.Enum):
-    """How stores reach the tiers below memory."""
-
-    WRITE_THROUGH = "write_through"
-    """Every chunk stored in memory is also written below, in the background."""
-    WRITE_BACK = "write_back"
-    """Chunks go below only when memory evicts them (demotion)."""
-
 
 @dataclass
 class MemoryConfig:
@@ -73,6 +59,9 @@ class DiskConfig:
     """fsync each chunk file before its rename (durable across power loss, slower)."""
     read_pool_bytes: int = 256 * 1024**2
     """Released read buffers kept for reuse, so reads skip page faults; 0 keeps none."""
+    codec: CodecName = CodecName.RAW
+    """How chunks are encoded in files (see :class:`CodecName`); encoding runs on the
+    writer threads, decoding on reads. q8 / q4 change outputs: opt in knowingly."""
 
 
 @dataclass
@@ -99,6 +88,8 @@ class RedisConfig:
     """After a failure the server is not asked for this long, doubling on each failed
     retry up to ``reconnect_backoff_max_s`` (jittered); a success resets it."""
     reconnect_backoff_max_s: float = 30.0
+    codec: CodecName = CodecName.RAW
+    """How chunks are encoded in Redis values (see :class:`CodecName`)."""
 
 
 @dataclass
@@ -200,6 +191,8 @@ def _coerce(key: str, ftype: Any, value: Any) -> Any:
         return str(value)
     if ftype == "WritePolicy":
         return parse_enum(key, WritePolicy, value)
+    if ftype == "CodecName":
+        return parse_enum(key, CodecName, value)
     if ftype == "list[TierName]":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -287,6 +280,11 @@ def _validate(cfg: KvtierConfig) -> None:
         raise ConfigError("disk.path", "the disk tier is enabled but has no path")
     if cfg.write_policy is WritePolicy.WRITE_BACK and cfg.tiers[0] is not TierName.MEMORY:
         raise ConfigError("write_policy", "write_back needs the memory tier first in 'tiers'")
+    for key, codec in (("disk.codec", cfg.disk.codec), ("redis.codec", cfg.redis.codec)):
+        module = CODEC_MODULES.get(codec)
+        if module and importlib.util.find_spec(module) is None:
+            raise ConfigError(key, f"{codec.value} needs the {module} package: "
+                              "install kvtier[codecs]")
 
 
 def _validate_control(ctl: ControlConfig) -> None:

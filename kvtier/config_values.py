@@ -1,4 +1,5 @@
-"""Layer 0: parsing single configuration values (sizes, enums, hosts, URLs), no I/O."""
+"""Layer 0: single configuration values: the closed sets (tiers, write policy, codecs)
+and parsing of sizes, enums, hosts and URLs. No I/O."""
 
 from __future__ import annotations
 
@@ -9,6 +10,54 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kvtier.errors import ConfigError
+
+
+class TierName(str, enum.Enum):
+    """The tiers kvtier knows, fastest first."""
+
+    MEMORY = "memory"
+    DISK = "disk"
+    REDIS = "redis"
+
+
+class WritePolicy(str, enum.Enum):
+    """How stores reach the tiers below memory."""
+
+    WRITE_THROUGH = "write_through"
+    """Every chunk stored in memory is also written below, in the background."""
+    WRITE_BACK = "write_back"
+    """Chunks go below only when memory evicts them (demotion)."""
+
+
+class CodecName(str, enum.Enum):
+    """How a lower tier encodes the chunks it stores (``kvtier.codecs.compress``).
+
+    Any reader decodes any chunk (the codec is in each chunk's header); this
+    only chooses what a tier writes. The memory tier always holds raw chunks.
+    """
+
+    RAW = "raw"
+    """The engine's bytes as they are."""
+    ZLIB = "zlib"
+    """zlib level 1, lossless (slow; kept for chunks the first release wrote)."""
+    ZSTD = "zstd"
+    """Byte shuffle + zstd, lossless: ~1.5x smaller on real KV. Needs zstandard."""
+    LZ4 = "lz4"
+    """Byte shuffle + lz4, lossless: ~1.2x, the fastest. Needs lz4."""
+    Q8 = "q8"
+    """Lossy, opt-in: 8-bit K per channel / V per token + zstd: ~2x. vLLM CPU layout only."""
+    Q4 = "q4"
+    """Lossy, opt-in: 4 bits, as q8: ~4x. vLLM CPU layout only."""
+
+    @property
+    def lossless(self) -> bool:
+        """Whether a chunk read back is bitwise the chunk written."""
+        return self not in (CodecName.Q8, CodecName.Q4)
+
+
+# The module each codec needs beyond kvtier's core dependencies (pip extra "codecs").
+CODEC_MODULES = {CodecName.ZSTD: "zstandard", CodecName.LZ4: "lz4",
+                 CodecName.Q8: "zstandard", CodecName.Q4: "zstandard"}
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,

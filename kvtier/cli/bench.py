@@ -1,4 +1,4 @@
-"""``kvtier bench engine|tiers|serve|report``: arguments and printing.
+"""``kvtier bench engine|tiers|codecs|serve|report``: arguments and printing.
 
 The benchmarks themselves live in :mod:`kvtier.bench`; each runs its baseline
 in the same run and reports medians and ratios.
@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``kvtier bench`` and its subcommands."""
     bench = subparsers.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
     sub = bench.add_subparsers(dest="bench", required=True)
-    for add in (_add_engine, _add_tiers, _add_serve, _add_report):
+    for add in (_add_engine, _add_tiers, _add_codecs, _add_serve, _add_report):
         add(sub)
 
 
@@ -101,6 +101,56 @@ def _tiers(args: argparse.Namespace) -> int:
                   f"{res[f'{name}_tier_{op}_gbps']:10.2f} {res[f'{name}_{op}_ratio']:9.2f}")
     if "redis_server" in res:
         print(f"  redis: {res['redis_server']}, {res['redis_client']}")
+    return 0
+
+
+# -- codecs -------------------------------------------------------------------
+
+def _add_codecs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("codecs", help="chunk codecs on real vLLM KV: size, speed, outputs vs raw")
+    p.add_argument("--model", default="small", choices=["tiny", "small"],
+                   help="local random-weight model shape (kvtier model build)")
+    p.add_argument("--codecs", default="zlib,zstd,lz4,q8,q4",
+                   help="comma list of raw, zlib, zstd, lz4, q8, q4 (raw always runs)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=1100,
+                   help="tokens per prompt (whole 256-token chunks hit, the rest is computed)")
+    p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per request")
+    p.add_argument("--repeats", type=int, default=5, help="encode/decode passes (median)")
+    p.add_argument("--quick", action="store_true",
+                   help="toy size for CI: tiny model, 3 prompts of 600 tokens, 8 tokens, 2 passes")
+    p.add_argument("--work-dir", default=None, help="scratch folder parent (default: $TMPDIR)")
+    p.add_argument("--timeout-s", type=float, default=1800, help="bound on each vLLM instance")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_codecs)
+
+
+def _codecs(args: argparse.Namespace) -> int:
+    from kvtier.bench import codecs
+
+    if args.quick:
+        args.model, args.prompts, args.prompt_tokens = "tiny", 3, 600
+        args.max_tokens, args.repeats = 8, 2
+    res = codecs.run(args)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    s = res["setup"]
+    print(f"kvtier bench codecs: model {s['model']}, {s['prompts']} prompts x "
+          f"{s['prompt_tokens']} tokens, {s['max_tokens']} greedy tokens each; "
+          f"{s['chunks']} chunks ({s['raw_bytes'] / 2**20:.0f} MiB, {s['chunk_meta']})")
+    print(f"  speed: one thread, median of {s['repeats']}; outputs: every request hits its "
+          f"whole chunks from disk; baseline: {s['baseline']}")
+    print(f"  {'codec':8} {'kind':8} {'ratio':>6} {'enc GB/s':>9} {'dec GB/s':>9} "
+          f"{'tokens':>7} {'max|dlp|':>9} {'mean|dlp|':>10} {'bitwise':>8} {'hit tok':>8}")
+    for r in res["codecs"]:
+        kind = "lossless" if r["lossless"] else f"{r['bits']}-bit" if r["bits"] else "noise"
+        speed = [f"{x:9.3f}" if x is not None else f"{'-':>9}"
+                 for x in (r["encode_gbps"], r["decode_gbps"])]
+        print(f"  {r['codec']:8} {kind:8} {r['ratio']:6.2f} {speed[0]} {speed[1]} "
+              f"{r['token_agreement']:7.1%} "
+              f"{r['max_abs_logprob_diff']:9.2g} {r['mean_abs_logprob_diff']:10.2g} "
+              f"{str(r['bitwise_equal']):>8} {r['hit_tokens']:>4}/{s['hit_tokens_expected']}")
     return 0
 
 

@@ -14,7 +14,9 @@ Every format version keeps the magic and the version (u16) in its first six
 bytes, whatever follows. A header with our magic and another version is a
 :class:`ForeignChunk` (a miss that is left in place: another kvtier release
 wrote it), unless it is one of ours with a damaged version field (the header
-checksum matches with our version put back), which is corruption.
+checksum matches with our version put back), which is corruption. A
+well-formed header naming a codec id this release does not know is foreign
+too: adding a codec needs no new format version.
 """
 
 from __future__ import annotations
@@ -48,10 +50,27 @@ _DTYPE_BY_ID = {wire: name for name, (wire, _) in DTYPES.items()}
 
 
 class Codec(enum.IntEnum):
-    """How a payload's bytes encode the tensor. All of these are lossless."""
+    """How a payload's bytes encode the tensor (see :mod:`kvtier.codecs.compress`).
+
+    Ids are never reused. A reader meeting an id it does not know (a later
+    release's codec) treats the chunk as foreign: a miss left in place.
+    """
 
     RAW = 0
     ZLIB = 1
+    ZSTD = 2
+    """Lossless: bytes shuffled by significance (all high bytes, then ...), then zstd."""
+    LZ4 = 3
+    """Lossless: bytes shuffled as for ZSTD, then an lz4 block (faster, larger)."""
+    Q8 = 4
+    """Lossy: K per channel, V per token, 8-bit min/step quantization, then zstd."""
+    Q4 = 5
+    """Lossy: as Q8 with 4 bits."""
+
+    @property
+    def lossless(self) -> bool:
+        """Whether decoding gives back the exact bytes that were encoded."""
+        return self not in (Codec.Q8, Codec.Q4)
 
 
 @dataclass(frozen=True)
@@ -140,8 +159,10 @@ def parse_header(key: ChunkKey, buf: bytes | memoryview | np.ndarray) -> Header:
     magic, version, codec, dtype_id, ndim, plen, csum, hkey, *shape = _FIXED.unpack(fixed)
     if hkey != key:
         raise CorruptChunk(f"chunk {key.hex()}: header names key {hkey.hex()}")
-    if dtype_id not in _DTYPE_BY_ID or ndim > MAX_DIMS or codec not in Codec._value2member_map_:
-        raise CorruptChunk(f"chunk {key.hex()}: unknown dtype, codec or rank")
+    if dtype_id not in _DTYPE_BY_ID or ndim > MAX_DIMS:
+        raise CorruptChunk(f"chunk {key.hex()}: unknown dtype or rank")
+    if codec not in Codec._value2member_map_:  # checksum good: a later release's codec
+        raise ForeignChunk(f"chunk {key.hex()}: codec id {codec}, unknown to this release")
     meta = ChunkMeta(_DTYPE_BY_ID[dtype_id], tuple(shape[:ndim]), Codec(codec))
     if meta.codec is Codec.RAW and plen != meta.raw_nbytes:
         raise CorruptChunk(f"chunk {key.hex()}: payload length {plen} != shape size")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kvtier.config import KvtierConfig, TierName
+from kvtier.codecs import Codec
+from kvtier.config import CodecName, KvtierConfig, TierName
 from kvtier.store.hierarchy import ChunkStore
 from kvtier.tiers import Tier, tier_class
 from kvtier.tiers.memory import MemoryTier
@@ -34,5 +35,12 @@ def build_store(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = 
     if not tiers:
         return None
     sizes = {TierName.DISK: cfg.disk.write_queue, TierName.REDIS: cfg.redis.write_queue}
+    codecs = {TierName.DISK: cfg.disk.codec, TierName.REDIS: cfg.redis.codec}
     lower = [n for n in cfg.tiers if n is not TierName.MEMORY]
-    return ChunkStore(tiers, cfg.write_policy, [sizes[n] for n in lower], track_events)
+    return ChunkStore(tiers, cfg.write_policy, [sizes[n] for n in lower], track_events,
+                      [codec(codecs[n]) for n in lower])
+
+
+def codec(name: CodecName) -> Codec:
+    """The codec a configured name stands for."""
+    return Codec[name.name]

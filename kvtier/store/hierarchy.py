@@ -7,6 +7,10 @@
 - put: into memory at once; to lower tiers by background writers
   (write-through), or only when memory evicts them (write-back).
 - Each chunk is written to a tier at most once (writers skip present keys).
+- codecs: each lower tier writes with its own codec (encoded on the writer
+  thread); reads decode whatever codec a chunk's header names, bounded by the
+  size of a memory slot, so a chunk that does not decode is a counted,
+  deleted miss, never an exception or a large allocation.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
-from kvtier.codecs import ChunkData, ChunkMeta, Codec, decompress
+from kvtier.codecs import ChunkData, ChunkMeta, Codec, check_codec, decompress
 from kvtier.config import WritePolicy
+from kvtier.errors import ConfigError, CorruptChunk
 from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.writer import BackgroundWriter
 from kvtier.tiers.base import Tier
@@ -71,7 +76,8 @@ class ChunkStore:
     """Tiers in order, fastest first; ``tiers[0]`` may be a :class:`MemoryTier`."""
 
     def __init__(self, tiers: Sequence[Tier], write_policy: WritePolicy = WritePolicy.WRITE_THROUGH,
-                 queue_sizes: Sequence[int] | None = None, track_events: bool = False) -> None:
+                 queue_sizes: Sequence[int] | None = None, track_events: bool = False,
+                 codecs: Sequence[Codec] | None = None) -> None:
         if not tiers:
             raise ValueError("a ChunkStore needs at least one tier")
         self.tiers = list(tiers)
@@ -79,11 +85,14 @@ class ChunkStore:
         self.lower = self.tiers[1:] if self.memory else self.tiers
         self.write_policy = write_policy
         sizes = list(queue_sizes or [256] * len(self.lower))
+        self.codecs = list(codecs or [Codec.RAW] * len(self.lower))
+        # No decoded chunk may be larger than a memory slot (the engine's chunk).
+        self.max_decoded_bytes = self.memory.arena.slot_bytes if self.memory else None
         self._events = _EventLog() if track_events else None
         self._tier_events = {t.name: _EventLog() for t in self.lower} if track_events else {}
-        self.writers = [BackgroundWriter(t, q, on_written=self._tier_events[t.name].stored
+        self.writers = [BackgroundWriter(t, q, codec=c, on_written=self._tier_events[t.name].stored
                                          if track_events else None)
-                        for t, q in zip(self.lower, sizes)]
+                        for t, q, c in zip(self.lower, sizes, self.codecs)]
         if self.memory is not None:
             self.memory.on_evict = self._on_memory_evict
             if self._events is not None:
@@ -104,19 +113,45 @@ class ChunkStore:
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
         """Chunks for the keys (None = miss). Release every returned chunk."""
         found: list[ChunkData | None] = [None] * len(keys)
-        if self.memory is not None:
-            found = self.memory.get_many(keys)
+        if self.memory is not None:  # raw, unless the management API compressed it
+            found = [None if c is None else self._raw(self.memory, k, c)
+                     for k, c in zip(keys, self.memory.get_many(keys))]
         for tier in self.lower:
             missing = [i for i, c in enumerate(found) if c is None]
             if not missing:
                 break
             got = tier.get_many([keys[i] for i in missing])
-            hits = [(i, _raw(c)) for i, c in zip(missing, got) if c is not None]
+            raw = [(i, self._raw(tier, keys[i], c)) for i, c in zip(missing, got) if c is not None]
+            hits = [(i, c) for i, c in raw if c is not None]
             if hits and self.memory is not None:
                 hits = self._promote([keys[i] for i, _ in hits], hits)
             for i, chunk in hits:
                 found[i] = chunk
-        return [None if c is None else _raw(c) for c in found]
+        return found
+
+    def _raw(self, tier: Tier, key: ChunkKey, chunk: ChunkData) -> ChunkData | None:
+        """The chunk decoded to RAW (a private copy; the tier's buffer is released),
+        or None when it does not decode: counted ``corrupt`` and deleted from the tier."""
+        if chunk.meta.codec is Codec.RAW:
+            return chunk
+        try:
+            bound = self.max_decoded_bytes
+            if bound is not None and chunk.meta.raw_nbytes > bound:
+                raise CorruptChunk(f"decodes to {chunk.meta.raw_nbytes} bytes, a chunk "
+                                   f"here is at most {bound}")
+            return decompress(chunk)
+        except CorruptChunk as exc:
+            log.warning("kvtier: %s chunk %s does not decode (%s); deleted, a miss",
+                        tier.name, key.hex(), exc)
+            tier.stats.add(corrupt=1)
+            tier.delete_many([key])
+            return None
+        except ImportError as exc:  # written by a process that had the codec's package
+            log.warning("kvtier: %s chunk %s: %s; a miss", tier.name, key.hex(), exc)
+            tier.stats.add(errors=1)
+            return None
+        finally:
+            chunk.release()
 
     def _promote(self, keys: list[ChunkKey], hits: list[tuple[int, ChunkData]]
                  ) -> list[tuple[int, ChunkData]]:
@@ -134,6 +169,15 @@ class ChunkStore:
         return out
 
     # -- writes ---------------------------------------------------------------
+
+    def check_codecs(self, meta: ChunkMeta) -> None:
+        """Raise ConfigError (naming ``<tier>.codec``) if a tier's codec cannot encode
+        the engine's chunks, described by ``meta``; for the engine to call at start-up."""
+        for tier, codec in zip(self.lower, self.codecs):
+            try:
+                check_codec(codec, meta)
+            except ValueError as exc:
+                raise ConfigError(f"{tier.name}.codec", str(exc)) from None
 
     def reserve(self, n: int) -> list[Slot] | None:
         """Memory slots to gather ``n`` chunks into (None: no memory tier or no room)."""
@@ -277,16 +321,6 @@ def lookup_hit(sources: Sequence[_HasContains], hasher: ChunkHasher, token_ids: 
         if lookup_prefix(sources, [key]):
             return PrefixHit(hit.keys + [key], h * cs + t, h)
     return hit
-
-
-def _raw(chunk: ChunkData) -> ChunkData:
-    """The chunk with a RAW payload (compressed chunks are decoded into a private copy)."""
-    if chunk.meta.codec is Codec.RAW:
-        return chunk
-    try:
-        return decompress(chunk)
-    finally:
-        chunk.release()
 
 
 def _first_false(flags: Sequence[bool]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from kvtier.codecs import ChunkData, Codec, compress, decompress
+from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkKey
 from kvtier.store.hierarchy import ChunkStore
 
@@ -73,10 +74,14 @@ def unpin(store: ChunkStore, keys: Sequence[ChunkKey]) -> None:
 
 
 def recode(store: ChunkStore, keys: Sequence[ChunkKey], tier: str, codec: Codec) -> int:
-    """Re-encode chunks of one tier with ``codec`` (RAW = decompress); lossless.
+    """Re-encode chunks of one tier with ``codec`` (RAW = decompress).
 
-    Returns how many chunks were rewritten. Reads of compressed chunks decode
-    them transparently (see ChunkStore.get_many)."""
+    Lossless unless ``codec`` is lossy (Q8, Q4): then the tier serves the
+    quantized values from now on. A chunk that does not decode is skipped and
+    counted ``corrupt``. Raises ValueError when a lossy codec cannot encode the
+    chunks' layout (nothing is rewritten then). Returns how many chunks were
+    rewritten. Reads decode any codec transparently (see ChunkStore.get_many).
+    """
     t = store.tier(tier)
     chunks = t.get_many(keys)
     items = []
@@ -84,7 +89,11 @@ def recode(store: ChunkStore, keys: Sequence[ChunkKey], tier: str, codec: Codec)
         for key, chunk in zip(keys, chunks):
             if chunk is None or chunk.meta.codec is codec:
                 continue
-            raw = decompress(chunk)
+            try:
+                raw = decompress(chunk)
+            except CorruptChunk:
+                t.stats.add(corrupt=1)
+                continue
             new = raw if codec is Codec.RAW else compress(raw, codec)
             if new is chunk:  # decompress returned the tier's own buffer: copy it out
                 new = ChunkData(chunk.meta, chunk.payload.copy())

@@ -5,6 +5,10 @@ holding a reference on its buffer) to :meth:`BackgroundWriter.submit`, which
 returns at once; worker threads write them and release the references. When
 the queue is full the new batch is dropped and counted: a later request
 recomputes it, nothing waits.
+
+A writer may encode what it writes (the tier's configured codec): the work
+runs on its threads, after the check for chunks already present, never on
+the engine's.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from kvtier.codecs import ChunkData
+from kvtier.codecs import ChunkData, Codec, compress
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
 
@@ -25,11 +29,15 @@ _STOP = object()
 
 
 class BackgroundWriter:
-    """Writes batches to ``tier`` on ``num_threads`` threads, ``max_pending`` chunks queued."""
+    """Writes batches to ``tier`` on ``num_threads`` threads, ``max_pending`` chunks queued,
+    each RAW chunk encoded with ``codec`` first."""
 
     def __init__(self, tier: Tier, max_pending: int = 256, num_threads: int = 1,
+                 codec: Codec = Codec.RAW,
                  on_written: Callable[[list[ChunkKey]], None] | None = None) -> None:
         self.tier = tier
+        self.codec = codec
+        self._refused_logged = False
         self.on_written = on_written
         """Called (on the writer thread) with the keys each batch newly stored."""
         self.max_pending = max_pending
@@ -94,6 +102,7 @@ class BackgroundWriter:
             try:
                 present = self.tier.contains_many([k for k, _ in batch])
                 todo = [item for item, there in zip(batch, present) if not there]
+                todo = self._encode(todo)
                 if todo:
                     done = self.tier.put_many(todo)
                     if self.on_written is not None:
@@ -107,3 +116,26 @@ class BackgroundWriter:
                 with self._cond:
                     self._pending -= len(batch)
                     self._cond.notify_all()
+
+    def _encode(self, items: list[tuple[ChunkKey, ChunkData]]
+                ) -> list[tuple[ChunkKey, ChunkData]]:
+        """Items encoded with the codec (private copies; the originals are released by
+        the caller). A chunk the codec refuses is not written: counted, logged once."""
+        if self.codec is Codec.RAW:
+            return items
+        out = []
+        for key, chunk in items:
+            if chunk.meta.codec is not Codec.RAW:
+                out.append((key, chunk))
+                continue
+            try:
+                out.append((key, compress(chunk, self.codec)))
+            except ValueError as exc:
+                self.tier.stats.add(errors=1)
+                if not self._refused_logged:
+                    self._refused_logged = True
+                    log.error("kvtier: %s.codec %s refuses a chunk %s: %s; such chunks are not "
+                              "written to %s (further ones only counted as errors)",
+                              self.tier.name, self.codec.name.lower(), chunk.meta.shape, exc,
+                              self.tier.name)
+        return out

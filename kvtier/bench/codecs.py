@@ -1,0 +1,181 @@
+"""``kvtier bench codecs``: every chunk codec on KV from real vLLM runs, beside raw.
+
+Setup, all in one run:
+
+1. **capture**: a fresh vLLM instance (a local random-weight model, ``--model``)
+   with the kvtier connector on a disk tier (raw) prefills ``--prompts``
+   documents of ``--prompt-tokens`` tokens; its chunk files are real KV.
+2. **size and speed**: each codec encodes and decodes every captured chunk
+   (median of ``--repeats`` passes, one thread): ratio = raw bytes / encoded
+   bytes (payloads; the 128-byte header is the same for all), GB/s of raw bytes.
+   Lossless codecs must give back the exact bytes.
+3. **outputs**: each codec's encoded chunks are written to the folder under
+   the keys of a per-codec tenant salt (``codec-<name>``); a second, fresh
+   vLLM instance then asks every prompt once per codec (salted, one request at
+   a time), so every request hits its whole chunks from disk, decoded by the
+   store's read path. Each codec's greedy tokens and logprobs are compared with
+   the raw codec's (the baseline: the same hit, undecoded): token agreement =
+   share of generated positions with the same token; logprob differences over
+   the positions before a prompt's first differing token (after it the
+   contexts differ). Lossless codecs must be bitwise equal.
+
+   A last row, ``raw+1ulp``, is the model's own sensitivity: the raw chunks
+   with the lowest mantissa bit of half the values flipped at random (about
+   the size of the rounding differences between two vLLM CPU code paths).
+   Lossy codecs cannot be expected to agree more than this does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from kvtier.codecs import ChunkData, Codec, compress, decompress
+from kvtier.config import DiskConfig
+from kvtier.keys import ChunkHasher, ChunkKey, Namespace
+from kvtier.testing.models import SHAPES, build_model, make_document
+from kvtier.testing.offline import run_instance
+from kvtier.tiers.disk import DiskTier
+
+MODEL_ID = "kvtier-bench-codecs"
+CHUNK = 256
+BITS = {Codec.Q8: 8, Codec.Q4: 4}
+NOISE = "noise-1ulp"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; see the module docstring. Returns the result dict."""
+    codecs = [Codec[c.strip().upper()] for c in args.codecs.split(",") if c.strip()]
+    codecs = [Codec.RAW] + [c for c in codecs if c is not Codec.RAW]
+    model = str(build_model(args.model))
+    prompts = [make_document(model, args.prompt_tokens, seed) for seed in range(args.prompts)]
+    work = Path(tempfile.mkdtemp(prefix="kvtier-bench-codecs-", dir=args.work_dir))
+    try:
+        cfg = {"tiers": ["disk"], "disk.path": str(work / "chunks"), "model_id": MODEL_ID,
+               "chunk_size": CHUNK}
+        t0 = time.perf_counter()
+        # A save runs in the engine step after the one that computed it: the short
+        # last request gives the last prompt's saves that step.
+        tail = _req(make_document(model, 16, 10_000), None, 1)
+        run_instance({"model": model, "kvtier": cfg, "sequential": True,
+                      "rounds": [[_req(p, None, 1) for p in prompts] + [tail]]},
+                     timeout_s=args.timeout_s)
+        capture_s = time.perf_counter() - t0
+        tier = DiskTier(DiskConfig(path=str(work / "chunks")))
+        hasher, keys, chunks = _captured(tier, prompts)
+        sizes = [_size_and_speed(chunks, c, args.repeats) for c in codecs]
+        variants = {_salt(c): (lambda ch, c=c: compress(ch, c)) for c in codecs}
+        variants[NOISE] = _one_ulp_noise
+        for salt, encode in variants.items():
+            salted = hasher.with_salt(salt)
+            tier.put_many([(k, encode(chunks[key])) for p in prompts
+                           for k, key in zip(salted.keys(p), hasher.keys(p))])
+        tier.close()
+        t0 = time.perf_counter()
+        rounds = [[_req(p, salt, args.max_tokens) for p in prompts] for salt in variants]
+        outs = run_instance({"model": model, "kvtier": cfg, "sequential": True, "rounds": rounds},
+                            timeout_s=args.timeout_s)["rounds"]
+        hits_s = time.perf_counter() - t0
+        rows = []
+        for codec, size, out in zip(codecs, sizes, outs):
+            rows.append({"codec": codec.name.lower(), "lossless": codec.lossless,
+                         "bits": BITS.get(codec), **size, **_agreement(out, outs[0]),
+                         "hit_tokens": sum(r["num_cached_tokens"] for r in out)})
+        rows.append({"codec": "raw+1ulp", "lossless": False, "bits": None, "ratio": 1.0,
+                     "encode_gbps": None, "decode_gbps": None, "bytes_exact": False,
+                     **_agreement(outs[-1], outs[0]),
+                     "hit_tokens": sum(r["num_cached_tokens"] for r in outs[-1])})
+        full = sum(len(p) // CHUNK * CHUNK for p in prompts)
+        setup = {"model": args.model, "shape": vars(SHAPES[args.model]), "prompts": len(prompts),
+                 "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                 "chunks": len(keys), "chunk_meta": str(next(iter(chunks.values())).meta),
+                 "raw_bytes": sum(c.payload.nbytes for c in chunks.values()),
+                 "hit_tokens_expected": full, "repeats": args.repeats,
+                 "capture_s": round(capture_s, 1), "hits_s": round(hits_s, 1),
+                 "baseline": "raw (same run, same hits)"}
+        return {"setup": setup, "codecs": rows}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _req(prompt: list[int], salt: str | None, max_tokens: int) -> dict[str, Any]:
+    return {"prompt": prompt, "salt": salt, "max_tokens": max_tokens}
+
+
+def _salt(codec: Codec) -> str:
+    return f"codec-{codec.name.lower()}"
+
+
+def _captured(tier: DiskTier, prompts: Sequence[list[int]]
+              ) -> tuple[ChunkHasher, list[ChunkKey], dict[ChunkKey, ChunkData]]:
+    """The capture's chunks, by key (private copies), and the hasher that named them."""
+    from kvtier.engine.layout import LayoutKind, PagedLayout
+
+    any_key = next(iter(tier.iter_keys()), None)
+    if any_key is None:
+        raise RuntimeError("the capture instance stored no chunk (see its log)")
+    first = tier.get_many([any_key])[0]
+    assert first is not None
+    b, layers, heads, block, d2 = first.meta.shape
+    layout = PagedLayout(LayoutKind.VLLM_CPU, layers, heads, d2 // 2, block, first.meta.dtype)
+    first.release()
+    hasher = ChunkHasher(Namespace(MODEL_ID, layout.signature(), CHUNK))
+    keys = [k for p in prompts for k in hasher.keys(p)]
+    chunks: dict[ChunkKey, ChunkData] = {}
+    for key, chunk in zip(keys, tier.get_many(keys)):
+        if chunk is None:
+            raise RuntimeError(f"chunk {key.hex()} was not stored by the capture instance")
+        chunks[key] = ChunkData(chunk.meta, chunk.payload.copy())
+        chunk.release()
+    return hasher, keys, chunks
+
+
+def _one_ulp_noise(chunk: ChunkData) -> ChunkData:
+    """The raw chunk with the lowest bit of half its (2-byte) values flipped, at random."""
+    values = chunk.payload.copy().view(np.uint16)
+    flip = np.random.default_rng(0).integers(0, 2, values.size, dtype=np.uint16)
+    return ChunkData(chunk.meta, (values ^ flip).view(np.uint8))
+
+
+def _size_and_speed(chunks: dict[ChunkKey, ChunkData], codec: Codec, repeats: int
+                    ) -> dict[str, Any]:
+    raw = list(chunks.values())
+    nbytes = sum(c.payload.nbytes for c in raw)
+    enc_t, dec_t = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        enc = [compress(c, codec) for c in raw]
+        enc_t.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        dec = [decompress(e) for e in enc]
+        dec_t.append(time.perf_counter() - t0)
+    exact = all(bytes(d.payload) == bytes(c.payload) for d, c in zip(dec, raw))
+    if codec.lossless and not exact:
+        raise AssertionError(f"{codec.name}: lossless codec did not give the bytes back")
+    return {"ratio": round(nbytes / sum(e.payload.nbytes for e in enc), 3),
+            "encode_gbps": round(nbytes / statistics.median(enc_t) / 1e9, 3),
+            "decode_gbps": round(nbytes / statistics.median(dec_t) / 1e9, 3),
+            "bytes_exact": exact}
+
+
+def _agreement(out: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+    same = total = 0
+    diffs: list[float] = []
+    for a, b in zip(out, base):
+        ta, tb = a["token_ids"], b["token_ids"]
+        same += sum(x == y for x, y in zip(ta, tb))
+        total += len(tb)
+        first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(tb))
+        diffs += [abs(x - y) for x, y in zip(a["logprobs"][:first], b["logprobs"][:first])]
+    return {"token_agreement": round(same / max(1, total), 4),
+            "max_abs_logprob_diff": max(diffs, default=0.0),
+            "mean_abs_logprob_diff": statistics.fmean(diffs) if diffs else 0.0,
+            "bitwise_equal": all(a["token_ids"] == b["token_ids"] and a["logprobs"] == b["logprobs"]
+                                 for a, b in zip(out, base))}
