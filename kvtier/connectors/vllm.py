@@ -26,6 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvtier.codecs import ChunkMeta
 from kvtier.config import KvtierConfig, load_config
 from kvtier.connectors.vllm_keys import (all_shards, check_supported, engine_layout,
                                          shard_namespace, worker_shard)
@@ -119,6 +120,8 @@ class KvtierConnector(KVConnectorBase_V1):
         chunk_bytes = self.layout.chunk_nbytes(self.config.chunk_size // self.layout.block_size)
         store = build_store(self.config, chunk_bytes, track_events=True)
         assert store is not None
+        store.check_codecs(ChunkMeta(self.layout.dtype, self.layout.chunk_shape(
+            self.config.chunk_size // self.layout.block_size)))  # refused at start-up
         shard = worker_shard(self._vllm_config)
         self.shard = all_shards(self._vllm_config).index(shard)
         namespace = shard_namespace(self._vllm_config, self.config, shard)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta, Codec, parse_header, verify_payload
+from kvtier.codecs import (HEADER_SIZE, ChunkData, ChunkMeta, Codec, decompress, parse_header,
+                           verify_payload)
 from kvtier.engine.layout import PagedLayout
 from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkHasher, ChunkKey
@@ -77,26 +77,14 @@ def admit_chunk(field: str, key: ChunkKey, blob: bytes, want: ChunkShape) -> Chu
         verify_payload(key, header, payload)
     except CorruptChunk as exc:
         raise Refused(f"{field}: {str(exc).split(': ', 1)[-1]}") from None
-    if meta.codec is Codec.ZLIB:
-        bounded_inflate(field, payload, want.meta.raw_nbytes)
-    elif meta.codec is not Codec.RAW:
-        raise Refused(f"{field}: codec {meta.codec.name} is not accepted")
+    if meta.codec is not Codec.RAW:
+        # Decoded once here, bounded by the header's shape (checked above against the
+        # layout): a bomb never expands past it, and garbage is refused now, not at load.
+        try:
+            decompress(ChunkData(meta, payload))
+        except CorruptChunk as exc:
+            raise Refused(f"{field}: {str(exc).split(': ', 1)[-1]}") from None
+        except (ImportError, ValueError) as exc:
+            raise Refused(f"{field}: codec {meta.codec.name.lower()} cannot be decoded "
+                          f"here ({exc})") from None
     return ChunkData(meta, payload.copy())
-
-
-def bounded_inflate(field: str, payload: np.ndarray, raw_nbytes: int) -> bytes:
-    """zlib-decode at most ``raw_nbytes + 1`` bytes; :class:`Refused` unless the stream
-    ends there with exactly ``raw_nbytes`` bytes (a bomb never expands past that)."""
-    inflater = zlib.decompressobj()
-    try:
-        out = inflater.decompress(memoryview(payload), raw_nbytes + 1)
-    except zlib.error:
-        raise Refused(f"{field}: not a valid zlib stream") from None
-    if len(out) > raw_nbytes or (not inflater.eof and len(out) == raw_nbytes):
-        raise Refused(f"{field}: decodes to more than the {raw_nbytes} bytes the layout says")
-    if len(out) < raw_nbytes or not inflater.eof:
-        raise Refused(f"{field}: decodes to {len(out)} bytes, not the {raw_nbytes} the "
-                      "layout says")
-    if inflater.unused_data:
-        raise Refused(f"{field}: bytes after the end of the zlib stream")
-    return out

@@ -18,7 +18,9 @@ from kvtier.engine.layout import PagedLayout
 from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store import ChunkStore, lookup_hit, manage
 
-_CODECS = {m.Codec.ZLIB: Codec.ZLIB}
+_CODECS = {m.Codec.ZSTD: Codec.ZSTD, m.Codec.LZ4: Codec.LZ4, m.Codec.ZLIB: Codec.ZLIB,
+           m.Codec.Q8: Codec.Q8, m.Codec.Q4: Codec.Q4}
+_LOSSY = {m.Codec.Q8, m.Codec.Q4}
 
 
 class CacheAPI:
@@ -106,7 +108,11 @@ class CacheAPI:
         return m.Unpinned(unpinned=self.pins.unpin(self.keys(req)))
 
     def compress(self, req: m.CompressRequest) -> m.Recoded:
-        """Re-encode chunks of ``tier`` with a lossless codec (reads decode them)."""
+        """Re-encode chunks of ``tier`` with a codec (reads decode them); a lossy one
+        only with ``lossy: true``."""
+        if req.codec in _LOSSY and not req.lossy:
+            raise ValueError(f"codec: {req.codec.value} is lossy (hits then differ from the "
+                             f"engine's own KV); send lossy: true to accept that")
         return self._recode(req, _CODECS[req.codec])
 
     def decompress(self, req: m.RecodeRequest) -> m.Recoded:
@@ -117,7 +123,10 @@ class CacheAPI:
         tier = self._tier("tier", req.tier)
         assert tier is not None
         keys = self.keys(req)
-        recoded = manage.recode(self.store, keys, tier, codec)
+        try:
+            recoded = manage.recode(self.store, keys, tier, codec)
+        except ImportError as exc:  # the codec's package is not installed
+            raise ValueError(f"codec: {codec.name.lower()} needs kvtier[codecs] ({exc})") from None
         if self.store.memory is not None and tier == self.store.memory.name:
             self.pins.reapply(keys)  # a re-encoded chunk is a new memory entry, unpinned
         return m.Recoded(recoded=recoded)

@@ -30,9 +30,15 @@ TierField = Annotated[Optional[str], Field(
 
 
 class Codec(str, enum.Enum):
-    """Lossless codecs ``compress`` can apply."""
+    """Codecs ``compress`` can apply: lossless ones, and lossy ones on request."""
 
+    ZSTD = "zstd"
+    LZ4 = "lz4"
     ZLIB = "zlib"
+    Q8 = "q8"
+    """lossy: needs ``lossy: true``"""
+    Q4 = "q4"
+    """lossy: needs ``lossy: true``"""
 
 
 class _Strict(BaseModel):
@@ -83,9 +89,10 @@ class RecodeRequest(Chunks):
 
 
 class CompressRequest(RecodeRequest):
-    """Compress the chunks of one tier with a lossless codec."""
+    """Compress the chunks of one tier (lossless by default)."""
 
-    codec: Codec = Codec.ZLIB
+    codec: Codec = Codec.ZSTD
+    lossy: bool = Field(False, description="accept a lossy codec (q8, q4): outputs change")
 
 
 class ClearRequest(_Strict):

@@ -51,18 +51,9 @@ class PinLeases:
 
     def unpin(self, keys: Sequence[ChunkKey]) -> int:
         """Release one API pin per key (the latest taken); returns how many were released."""
-        released = []
         with self._cond:
-            for key in keys:
-                held = self._leases.get(key)
-                if held:
-                    held.pop()
-                    released.append(key)
-                    if not held:
-                        del self._leases[key]
-        if self.memory is not None and released:
-            self.memory.unpin_many(released)
-        return len(released)
+            released = [key for key in keys if self._drop_lease(key, None)]
+        return self._release(released)
 
     def prune(self) -> int:
         """Forget the pins of chunks memory no longer holds (cleared or moved away), so
@@ -98,15 +89,29 @@ class PinLeases:
         with self._cond:
             while self._expiries and self._expiries[0][0] <= now:
                 expiry, _, key = heapq.heappop(self._expiries)
-                held = self._leases.get(key)
-                if held and expiry in held:  # an unpin may have released it already
-                    held.remove(expiry)
+                if self._drop_lease(key, expiry):  # an unpin may have released it already
                     released.append(key)
-                    if not held:
-                        del self._leases[key]
-        if self.memory is not None and released:
-            self.memory.unpin_many(released)
-        return len(released)
+        return self._release(released)
+
+    def _drop_lease(self, key: ChunkKey, expiry: float | None) -> bool:
+        """Forget one lease of ``key`` (the latest, or the one ending at ``expiry``); under
+        the lock. False if there was none."""
+        held = self._leases.get(key)
+        if not held or (expiry is not None and expiry not in held):
+            return False
+        if expiry is None:
+            held.pop()
+        else:
+            held.remove(expiry)
+        if not held:
+            del self._leases[key]
+        return True
+
+    def _release(self, keys: list[ChunkKey]) -> int:
+        """Unpin in memory the chunks whose leases were just dropped."""
+        if self.memory is not None and keys:
+            self.memory.unpin_many(keys)
+        return len(keys)
 
     def close(self) -> None:
         """Stop the expiry thread (pins stay as they are)."""
