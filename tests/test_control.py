@@ -245,6 +245,16 @@ def test_status_and_prometheus_metrics(setup: Setup) -> None:
     assert 'kvtier_control_requests_total{code="200",op="status"} 1.0' in lines
 
 
+def test_load_and_store_latency_histograms(setup: Setup) -> None:
+    setup.engine.retrieve_kv(setup.tokens, list(range(8, 16)), len(setup.tokens))
+    lines = get(setup.url, "/metrics")[1].decode().splitlines()
+    assert "# TYPE kvtier_load_seconds histogram" in lines
+    assert "# TYPE kvtier_store_seconds histogram" in lines
+    assert 'kvtier_load_seconds_bucket{le="+Inf"} 1.0' in lines  # one batch each
+    assert 'kvtier_store_seconds_bucket{le="+Inf"} 1.0' in lines
+    assert any(line.startswith("kvtier_load_seconds_sum ") for line in lines)
+
+
 def test_snapshot_lists_what_each_tier_holds(setup: Setup) -> None:
     code, body = get(setup.url, "/v1/snapshot")
     snap = json.loads(body)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily, Metric)
 from prometheus_client.registry import Collector
 
 from kvtier.control.api import CacheAPI
@@ -50,13 +51,21 @@ class StoreCollector(Collector):
         fail = CounterMetricFamily(
             "kvtier_tier_failures", "Reads and writes that failed, by cause: corrupt (header or "
             "checksum, served as a miss), error (I/O, connection), dropped (a full queue or "
-            "tier: the write was skipped), foreign (another format version: a miss, kept).", labels=["tier", "cause"])
+            "tier: the write was skipped), foreign (another format version: a miss, kept).",
+            labels=["tier", "cause"])
         for tier, values in stats.items():
             for field, cause in _FAILURES.items():
                 fail.add_metric([tier, cause], values[field])
         yield fail
         yield from self._usage()
         yield from self._queues()
+        for op, doc in (("load", "Seconds per batch of chunks loaded into the engine's KV "
+                         "(lower-tier reads and decoding included)."),
+                        ("store", "Seconds per batch of chunks gathered out of the engine's KV "
+                         "(lower-tier writes run in the background and are not included).")):
+            buckets, total = store.latency[op].snapshot()
+            yield HistogramMetricFamily(f"kvtier_{op}_seconds", doc, buckets=buckets,
+                                        sum_value=total)
         pins = GaugeMetricFamily("kvtier_pinned_chunks", "Memory-tier chunks pinned through "
                                  "the management API.")
         pins.add_metric([], self.api.pins.count())

@@ -7,6 +7,7 @@ engine. Token ``i`` of a request lives in block ``block_ids[i // block_size]``.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -81,6 +82,15 @@ class CacheEngine:
         Chunks already in memory are skipped. One batched copy per layer for
         all new chunks; lower tiers are written in the background.
         """
+        t0 = time.perf_counter()
+        n = self._store_kv(token_ids, block_ids, kv_caches, start_chunk, keys)
+        if n:
+            self.store.latency["store"].observe(time.perf_counter() - t0)
+        return n
+
+    def _store_kv(self, token_ids: Sequence[int], block_ids: Sequence[int],
+                  kv_caches: Sequence[torch.Tensor] | None, start_chunk: int,
+                  keys: Sequence[ChunkKey] | None) -> int:
         transfer = self._bound(kv_caches)
         keys = list(self.hasher.keys(token_ids) if keys is None else keys)
         n_tok = len(token_ids)
@@ -137,6 +147,15 @@ class CacheEngine:
         own and are not touched). Stops at the first chunk that cannot be read;
         the result says how far it got, so the engine recomputes the rest.
         """
+        t0 = time.perf_counter()
+        res = self._retrieve_kv(token_ids, block_ids, end_token, start_token, kv_caches, keys)
+        if res.end > res.start:
+            self.store.latency["load"].observe(time.perf_counter() - t0)
+        return res
+
+    def _retrieve_kv(self, token_ids: Sequence[int], block_ids: Sequence[int], end_token: int,
+                     start_token: int, kv_caches: Sequence[torch.Tensor] | None,
+                     keys: Sequence[ChunkKey] | None) -> RetrieveResult:
         transfer = self._bound(kv_caches)
         bs, cs = self.layout.block_size, self.hasher.chunk_size
         if start_token % bs:

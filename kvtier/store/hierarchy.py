@@ -26,6 +26,7 @@ from kvtier.codecs import ChunkData, ChunkMeta, Codec, check_codec, decompress
 from kvtier.config import WritePolicy
 from kvtier.errors import ConfigError, CorruptChunk
 from kvtier.keys import ChunkHasher, ChunkKey
+from kvtier.store.latency import LatencyHistogram
 from kvtier.store.writer import BackgroundWriter
 from kvtier.tiers.base import Tier
 from kvtier.tiers.memory import MemoryTier, Slot
@@ -88,6 +89,8 @@ class ChunkStore:
         self.codecs = list(codecs or [Codec.RAW] * len(self.lower))
         # No decoded chunk may be larger than a memory slot (the engine's chunk).
         self.max_decoded_bytes = self.memory.arena.slot_bytes if self.memory else None
+        self.latency = {"load": LatencyHistogram(), "store": LatencyHistogram()}
+        """Seconds an engine spent per batch loaded / stored (fed by the cache engine)."""
         self._events = _EventLog() if track_events else None
         self._tier_events = {t.name: _EventLog() for t in self.lower} if track_events else {}
         self.writers = [BackgroundWriter(t, q, codec=c, on_written=self._tier_events[t.name].stored
