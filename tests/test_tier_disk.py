@@ -244,3 +244,23 @@ def test_released_read_buffers_are_reused_within_the_pool_budget(tmp_path: Path)
     c.release()
     c.release()  # idempotent: given back once
     assert tier.pool.nbytes == PAYLOAD
+
+
+def test_a_write_landing_during_a_rescan_stays_counted(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder rescan that lists a shard before a write's rename lands must not lose
+    that write (seen under load in CI: a put reported its own fresh chunk absent)."""
+    from kvtier.tiers import folder_index
+
+    tier, (key,) = disk(tmp_path), new_keys(1)
+    real_scan = folder_index.folder.scan
+
+    def scan_then_write(root: str) -> object:
+        listed = real_scan(root)  # the folder as it was: without ``key``
+        monkeypatch.setattr(folder_index.folder, "scan", real_scan)
+        assert tier.put_many([(key, chunk(1))]) == [True]
+        return listed
+
+    monkeypatch.setattr(folder_index.folder, "scan", scan_then_write)
+    tier._index.rescan()
+    assert tier.usage().num_chunks == 1 and tier.contains_many([key]) == [True]

@@ -115,8 +115,10 @@ class DiskTier(Tier):
                 new.append(i)
         for i in new:
             done[i] = self._put_new(*items[i])
-        # A later chunk of the batch may have evicted an earlier one.
-        return [ok and key in self._index for ok, (key, _) in zip(done, items)]
+        # A later chunk of the batch (or another process) may have evicted an earlier
+        # one. Asked of the file system, not the index: a concurrent rescan of the
+        # folder may have missed a file renamed into place while it listed the shard.
+        return [ok and self._present(key) for ok, (key, _) in zip(done, items)]
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
         out = [self._get(key) for key in keys]

@@ -48,6 +48,7 @@ class FolderIndex:
         self._stamps: dict[ChunkKey, int] = {}  # last use known per file, to spot others' use
         self._local_uses: dict[ChunkKey, int] = {}  # reads that could not stamp their file
         self._since_scan = 0  # bytes this tier wrote since its last scan
+        self._landed: dict[ChunkKey, int] | None = None  # writes landed during a scan
         self._scan_at = 0.0
         self._lock = threading.Lock()
         self.rescan()
@@ -122,12 +123,16 @@ class FolderIndex:
         with self._lock:
             self._index.commit(key, size)
             self._stamps[key] = time.time_ns()  # at or after the file's mtime
+            if self._landed is not None:
+                self._landed[key] = size
 
     # -- the folder -----------------------------------------------------------
 
     def rescan(self) -> None:
         """Learn the folder as it is now (see the module docstring for the order)."""
         self.folder.refresh()
+        with self._lock:
+            self._landed = {}
         found, ok = folder.scan(self.root)
         if not ok:
             self.stats.add(errors=1)
@@ -137,6 +142,10 @@ class FolderIndex:
             last = {f.key: max(f.stamp_ns, local.get(f.key, 0)) for f in found}
             found.sort(key=lambda f: (last[f.key], old.get(f.key, -1)))
             self._index.replace((f.key, f.size) for f in found)
+            # A file renamed into place after the scan listed its shard is still there.
+            for key, size in (self._landed or {}).items():
+                self._index.add(key, size)
+            self._landed = None
             self._stamps = {f.key: f.stamp_ns for f in found}
             self._local_uses = {k: t for k, t in local.items() if k in last}
             self._since_scan = 0
