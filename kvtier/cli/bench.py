@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import Any, Callable
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +17,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = bench.add_subparsers(dest="bench", required=True)
     for add in (_add_engine, _add_tiers, _add_codecs, _add_serve, _add_report):
         add(sub)
+
+
+def _json_or_table(args: argparse.Namespace, res: dict[str, Any],
+                   table: Callable[[dict[str, Any]], None]) -> int:
+    """Print a benchmark's result: one JSON object with ``--json``, else its table."""
+    if args.json:
+        print(json.dumps(res))
+    else:
+        table(res)
+    return 0
 
 
 # -- engine -------------------------------------------------------------------
@@ -40,10 +50,10 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
 def _engine(args: argparse.Namespace) -> int:
     from kvtier.bench import engine
 
-    res = engine.run(args)
-    if args.json:
-        print(json.dumps(res))
-        return 0
+    return _json_or_table(args, engine.run(args), _engine_table)
+
+
+def _engine_table(res: dict[str, Any]) -> None:
     s = res["setup"]
     print(f"kvtier bench engine: {s['layout']}, {s['tokens']} tokens = {s['chunks']} chunks "
           f"({s['bytes'] / 2**20:.0f} MiB), {s['path']}, torch threads {s['torch_threads']}, "
@@ -54,7 +64,6 @@ def _engine(args: argparse.Namespace) -> int:
         print(f"  {op:10} {res[f'{op}_gbps']:8.2f} {res[f'{op}_ms']:8.2f} "
               f"{res[f'{op}_ratio']:8.2f}")
     print(f"  retrieved KV bitwise equal to stored: {res['bitwise_equal']}")
-    return 0
 
 
 # -- tiers --------------------------------------------------------------------
@@ -81,10 +90,10 @@ def _add_tiers(sub: argparse._SubParsersAction) -> None:
 def _tiers(args: argparse.Namespace) -> int:
     from kvtier.bench import tiers
 
-    res = tiers.run(args)
-    if args.json:
-        print(json.dumps(res))
-        return 0
+    return _json_or_table(args, tiers.run(args), _tiers_table)
+
+
+def _tiers_table(res: dict[str, Any]) -> None:
     s = res["setup"]
     print(f"kvtier bench tiers: {s['chunks']} chunks of {s['chunk_bytes'] / 2**20:g} MiB "
           f"({s['chunk_meta']}), one batch, median of {s['repeats']}")
@@ -101,7 +110,6 @@ def _tiers(args: argparse.Namespace) -> int:
                   f"{res[f'{name}_tier_{op}_gbps']:10.2f} {res[f'{name}_{op}_ratio']:9.2f}")
     if "redis_server" in res:
         print(f"  redis: {res['redis_server']}, {res['redis_client']}")
-    return 0
 
 
 # -- codecs -------------------------------------------------------------------
@@ -131,10 +139,10 @@ def _codecs(args: argparse.Namespace) -> int:
     if args.quick:
         args.model, args.prompts, args.prompt_tokens = "tiny", 3, 600
         args.max_tokens, args.repeats = 8, 2
-    res = codecs.run(args)
-    if args.json:
-        print(json.dumps(res))
-        return 0
+    return _json_or_table(args, codecs.run(args), _codecs_table)
+
+
+def _codecs_table(res: dict[str, Any]) -> None:
     s = res["setup"]
     print(f"kvtier bench codecs: model {s['model']}, {s['prompts']} prompts x "
           f"{s['prompt_tokens']} tokens, {s['max_tokens']} greedy tokens each; "
@@ -151,7 +159,6 @@ def _codecs(args: argparse.Namespace) -> int:
               f"{r['token_agreement']:7.1%} "
               f"{r['max_abs_logprob_diff']:9.2g} {r['mean_abs_logprob_diff']:10.2g} "
               f"{str(r['bitwise_equal']):>8} {r['hit_tokens']:>4}/{s['hit_tokens_expected']}")
-    return 0
 
 
 # -- serve --------------------------------------------------------------------
