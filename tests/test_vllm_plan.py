@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from kvtier.config import load_config
-from kvtier.connectors.vllm_keys import Bypass, check_supported, lora_identity, request_inputs
+from kvtier.connectors.vllm_keys import (Bypass, check_supported, lora_identity,
+                                         model_identity, request_inputs)
 from kvtier.connectors.vllm_plan import KvtierWorkerMeta, SchedulerPlanner
 from kvtier.errors import UnsupportedConfig
 from kvtier.keys import Namespace
@@ -242,3 +243,16 @@ def test_configurations_kvtier_cannot_serve_are_refused_at_start_up() -> None:
         check_supported(*_config([_group("FullAttentionSpec", sliding_window=4096)]))
     with pytest.raises(UnsupportedConfig, match="eagle3"):
         check_supported(*_config([_group("FullAttentionSpec")], method="eagle3"))
+
+
+def test_weights_revision_and_quantization_are_part_of_the_model_identity() -> None:
+    def cfg(**model: Any) -> Any:
+        return SimpleNamespace(model_config=SimpleNamespace(model="/m/llama", **model))
+    plain = load_config()
+    assert model_identity(cfg(revision=None, quantization=None), plain) == "/m/llama"
+    names = {model_identity(cfg(revision=r, quantization=q), plain)
+             for r in (None, "v2") for q in (None, "fp8")}
+    assert len(names) == 4  # each changes the KV of the same tokens: never shared
+    renamed = load_config(engine={"model_id": "llama"})
+    assert model_identity(cfg(revision="v2", quantization="fp8"), renamed) == \
+        "llama@v2|quantization=fp8"

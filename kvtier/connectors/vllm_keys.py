@@ -3,7 +3,7 @@
 Every input that changes a prompt's KV is in its keys, or the request bypasses
 kvtier; a configuration that cannot be served correctly is refused at start-up:
 
-- the engine: model, KV layout (the pipeline stage's layers, KV heads per
+- the engine: model (with its revision and quantization), KV layout (the pipeline stage's layers, KV heads per
   rank, head size, dtype, block size) and chunk size form the namespace;
 - the shard: each tensor-parallel rank and pipeline stage stores its own KV
   under its own keys, and a chunk is a hit only when every shard holds it;
@@ -107,10 +107,21 @@ def worker_shard(vllm_config: VllmConfig) -> Shard:
                      (rank // pc.tensor_parallel_size) % pc.pipeline_parallel_size)
 
 
+def model_identity(vllm_config: Any, cfg: KvtierConfig) -> str:
+    """The model as far as its KV goes: ``model_id`` (default: vLLM's model name or path),
+    plus the weights' revision and quantization when set (both change the KV of the
+    same tokens; ``model_id`` only renames the model, so they are kept with it too)."""
+    mc = vllm_config.model_config
+    name = cfg.model_id or str(mc.model)
+    revision, quant = getattr(mc, "revision", None), getattr(mc, "quantization", None)
+    return name + (f"@{revision}" if revision else "") + (f"|quantization={quant}"
+                                                           if quant else "")
+
+
 def shard_namespace(vllm_config: VllmConfig, cfg: KvtierConfig, shard: Shard) -> Namespace:
     """The key namespace of one shard: same model, layout, stage, rank, chunking => same KV."""
     pc = vllm_config.parallel_config
-    return Namespace(model_id=cfg.model_id or str(vllm_config.model_config.model),
+    return Namespace(model_id=model_identity(vllm_config, cfg),
                      layout=engine_layout(vllm_config, shard.pp_rank).signature(),
                      chunk_size=cfg.chunk_size, tp_rank=shard.tp_rank,
                      tp_size=pc.tensor_parallel_size, salt=cfg.salt,
