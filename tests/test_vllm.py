@@ -27,9 +27,11 @@ from typing import Any
 
 import pytest
 
+from kvtier.config import DiskConfig
 from kvtier.keys import ChunkHasher, Namespace
 from kvtier.testing.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE
 from kvtier.testing.vllm_cpu import vllm_env
+from kvtier.tiers.disk import DiskTier
 from tests.vllm_run import CHUNK, doc, kvtier_cfg, model, own_hit, req, run, same_output  # noqa: F401
 
 pytestmark = pytest.mark.vllm
@@ -121,9 +123,17 @@ def test_corrupt_chunk_on_disk_is_detected_and_recomputed(model: str, tmp_path: 
     # the failed blocks runs steps of another shape than either a cold run or its
     # own 512-token hit (see the module docstring on AVX2-only CPUs).
     assert warm["token_ids"] == cold["token_ids"]
-    # The disk tier found the checksum mismatch and dropped the file (vLLM
-    # recomputed those blocks; its num_cached_tokens counts the promise).
-    assert not files[0].exists()
+    # The disk tier found the checksum mismatch and dropped the file; vLLM recomputed
+    # those blocks (its num_cached_tokens counts the promise) and kvtier saved the
+    # recomputed chunk again, so the folder holds a valid chunk 2, not the bad bytes.
+    assert files[0].read_bytes() != bytes(data)
+    tier = DiskTier(DiskConfig(path=str(tmp_path / "chunks")))
+    try:
+        (chunk,) = tier.get_many([keys[2]])
+        assert chunk is not None and tier.stats.corrupt == 0
+        chunk.release()
+    finally:
+        tier.close()
 
 
 def _free_port() -> int:
