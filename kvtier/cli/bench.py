@@ -171,7 +171,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serving workloads vs vLLM alone and the peers",
                        description=run.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["long-doc-qa", "multi-round-qa"], required=True)
+    p.add_argument("--workload", choices=["long-doc-qa", "multi-round-qa", "redis-hit"],
+                   required=True, help="redis-hit: a large Redis-only hit while other "
+                   "requests decode, in-step vs background loads vs a codec (own configs)")
     p.add_argument("--configs", default="all",
                    help=f"comma list of {', '.join(CONFIG_NAMES)} (default all; vllm always)")
     p.add_argument("--quick", action="store_true",
@@ -203,6 +205,9 @@ def _serve(args: argparse.Namespace) -> int:
     from kvtier.bench.serve import analysis, run
     from kvtier.bench.serve.servers import LABELS
 
+    if args.workload == "redis-hit":
+        from kvtier.bench.serve import slow_hit
+        return _json_or_table(args, slow_hit.run(args), lambda r: print(slow_hit.table(r)))
     if args.concurrency is None and args.workload == "long-doc-qa" and not args.request_rate:
         args.concurrency = 1
     res: dict[str, Any] = run.run(args)
