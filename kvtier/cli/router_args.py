@@ -35,6 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _router(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from kvtier.cluster.router import Router
@@ -61,6 +63,7 @@ def _router(args: argparse.Namespace) -> int:
             token = open(os.path.expanduser(args.controller_token_file)).read().strip()
         except OSError as e:
             sys.exit(f"kvtier router: --controller-token-file: {e.strerror}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the router logs its own line
     tokens = PromptTokens(args.model_path or None)
     tokens.load()
     router = Router(args.instance, args.controller, token, args.prefill, args.decode,

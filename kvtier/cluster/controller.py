@@ -76,7 +76,7 @@ class Controller:
             self._topics[topic] = reg
             self._seq.pop(topic, None)
         self.observe("register", "ok")
-        log.info("kvtier controller: %s registered (model %s, url %s, transfer %s)",
+        log.info("%s registered (model %s, url %s, transfer %s)",
                  reg.instance, reg.model, reg.url, reg.transfer)
         self.queue_resync(reg.instance, "register")
         return m.Registered(instance=reg.instance, ttl_s=self.state.ttl_s,
@@ -156,7 +156,7 @@ class Controller:
                 snap = json.loads(resp.read())
             tiers = {t: [bytes.fromhex(k) for k in keys] for t, keys in snap["tiers"].items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("kvtier controller: resync of %s from %s failed: %s", instance,
+            log.warning("resync of %s from %s failed: %s", instance,
                         rec["control"], e)
             self.observe("resync", "failed")
             return False
@@ -173,16 +173,16 @@ class Controller:
             try:
                 self.resync(instance)
             except Exception:
-                log.exception("kvtier controller: resync of %s failed", instance)
+                log.exception("resync of %s failed", instance)
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(min(1.0, self.state.ttl_s / 4)):
             try:
                 for gone in self.state.expire():
-                    log.info("kvtier controller: %s stopped heartbeating; dropped", gone)
+                    log.info("%s stopped heartbeating; dropped", gone)
                     self.observe("expired", "ttl")
             except Exception:  # Redis away: try again next round
-                log.warning("kvtier controller: sweeping expired instances failed",
+                log.warning("sweeping expired instances failed",
                             exc_info=True)
 
     # -- lookups

@@ -109,17 +109,17 @@ class EventFollower:
             except zmq.ZMQError:
                 if self._stop.is_set():
                     return
-                log.exception("kvtier controller: KV events socket failed")
+                log.exception("KV events socket failed")
                 continue
             if len(frames) != 3 or len(frames[1]) != 8:
-                log.debug("kvtier controller: skipped a message of %d frames", len(frames))
+                log.debug("skipped a message of %d frames", len(frames))
                 continue
             topic, seq, payload = frames
             try:
                 self.on_message(topic.decode("utf-8", "replace"), int.from_bytes(seq, "big"),
                                 payload)
             except Exception:  # one bad message never stops the thread
-                log.exception("kvtier controller: a KV event batch could not be applied")
+                log.exception("a KV event batch could not be applied")
 
     def close(self) -> None:
         self._stop.set()

@@ -114,7 +114,7 @@ class Router:
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
             self._controller_down_until = time.monotonic() + self.controller_backoff_s
             self.metrics.lookups.labels("failed").inc()
-            log.warning("kvtier router: controller lookup failed (%s: %s); routing by load "
+            log.warning("controller lookup failed (%s: %s); routing by load "
                         "for %.0f s", type(e).__name__, e, self.controller_backoff_s)
             return None
         self.metrics.phase.labels("lookup").observe(time.perf_counter() - t0)
@@ -135,12 +135,12 @@ class Router:
                         if i.get("url")}
                 for url, name in seen.items():
                     if url not in self.backends:
-                        log.info("kvtier router: %s (%s) joins from the controller", name, url)
+                        log.info("%s (%s) joins from the controller", name, url)
                         self.backends[url] = Backend(url, name, static=False)
                     self.backends[url].name = name
                 for url, b in list(self.backends.items()):
                     if not b.static and url not in seen and not b.inflight:
-                        log.info("kvtier router: %s left the controller", b.name)
+                        log.info("%s left the controller", b.name)
                         del self.backends[url]
             except (httpx.HTTPError, ValueError, KeyError, TypeError):
                 pass  # keep what we know
@@ -168,7 +168,7 @@ class Router:
     def cool(self, b: Backend, why: str) -> None:
         b.cool_until = time.monotonic() + self.cooldown_s
         self.metrics.failures.labels(b.name).inc()
-        log.warning("kvtier router: %s failed (%s); out for %.0f s", b.name, why,
+        log.warning("%s failed (%s); out for %.0f s", b.name, why,
                     self.cooldown_s)
 
     def started(self, b: Backend) -> None:

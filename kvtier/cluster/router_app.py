@@ -127,13 +127,13 @@ async def _dispatch(router: Router, request: Request, path: str, body: dict[str,
         try:
             b, choice = router.pick(role, n, hits, tried, policy)
         except NoInstance as e:
-            log.warning("kvtier router: %s %s: %s", request.method, path, e)
+            log.warning("%s %s: %s", request.method, path, e)
             return error(503, f"kvtier router: {e}", "service_unavailable")
         reason = "retry" if tried else ("decode" if role == "decode" else choice.reason)
         tried.add(b.url)
         headers = {"x-kvtier-instance": b.name, "x-kvtier-cached-tokens":
                    str(choice.cached_tokens), "x-kvtier-reason": reason, **extra}
-        log.info("kvtier router: %s %s", path, describe(b, choice, ids and n, extra))
+        log.info("%s %s", path, describe(b, choice, ids and n, extra))
         try:
             resp = await _attempt(router, b, request, path, body, headers)
         except _Retry as e:
@@ -217,7 +217,7 @@ async def _prefill(router: Router, request: Request, path: str, body: dict[str, 
         try:
             b, choice = router.pick("prefill", len(ids or ()), hits, tried)
         except NoInstance as e:
-            log.warning("kvtier router: prefill skipped: %s", e)
+            log.warning("prefill skipped: %s", e)
             return {"x-kvtier-prefill-instance": "none"}
         tried.add(b.url)
         t0 = time.perf_counter()
