@@ -227,3 +227,18 @@ def test_a_redis_index_answers_the_same_lookup_from_a_second_replica(tmp_path: P
             assert c2.call("/v1/heartbeat", {"instance": "r1"})[0] == 200
     finally:
         server.close()
+
+
+def test_controller_config_is_validated() -> None:
+    from kvtier.config import ConfigError, load_config
+
+    cfg = load_config(env={}, engine={"controller.url": "http://127.0.0.1:8800",
+                                      "controller.instance_id": "a"})
+    assert cfg.controller.url and cfg.controller.heartbeat_s == 2.0
+    for bad, key in (({"controller.url": "127.0.0.1:8800"}, "controller.url"),
+                     ({"controller.heartbeat_s": 0}, "controller.heartbeat_s"),
+                     ({"controller.url": "http://x", "controller.token": "t",
+                       "controller.token_file": "/f"}, "controller.token_file"),
+                     ({"controller.nope": 1}, "controller.nope")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(env={}, engine=bad)
