@@ -134,6 +134,20 @@ def test_a_repeated_prefix_goes_to_the_instance_that_holds_it(cluster: Cluster,
     assert f'kvtier_router_requests_total{{instance="{holder}",reason="cache_hit"}}' in text
 
 
+def test_prompts_are_counted_as_vllm_counts_them(cluster: Cluster) -> None:
+    status, out, h = cluster.ask(cluster.rtr.url, "The router tokenizes this string prompt.")
+    assert status == 200 and int(h["x-kvtier-prompt-tokens"]) == out["usage"]["prompt_tokens"]
+    body = {"model": cluster.model, "max_tokens": 3, "temperature": 0,
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Which instance answers?"}]}
+    status, out, h = cluster.rtr.call("/v1/chat/completions", body)
+    assert status == 200 and h["x-kvtier-instance"] in NAMES
+    assert int(h["x-kvtier-prompt-tokens"]) == out["usage"]["prompt_tokens"]
+    # the controller answers a string prompt too (with the tokenizer the instances registered)
+    status, out, _ = cluster.ctl.call("/v1/lookup", {"model": cluster.model, "prompt": "hi"})
+    assert status == 200 and {i["instance"] for i in out["instances"]} == set(NAMES)
+
+
 def test_streaming_through_the_router(cluster: Cluster, model: str) -> None:
     prompt = doc(model, 802, 600)
     _, plain, _ = cluster.ask(cluster.rtr.url, prompt)

@@ -189,7 +189,8 @@ class Router:
         await self.client.aclose()
 
 
-def describe(b: Backend, c: Choice, prompt_tokens: int | None, extra: dict[str, Any]) -> str:
+def describe(b: Backend, c: Choice, reason: str, prompt_tokens: int | None,
+             extra: dict[str, Any]) -> str:
     more = " ".join(f"{k}={v}" for k, v in extra.items())
-    return (f"-> {b.name} ({c.reason}, cached {c.cached_tokens}/{prompt_tokens or '?'} tokens, "
+    return (f"-> {b.name} ({reason}, cached {c.cached_tokens}/{prompt_tokens or '?'} tokens, "
             f"inflight {b.inflight}) {more}").rstrip()

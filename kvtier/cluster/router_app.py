@@ -5,7 +5,8 @@ the server-sent events through as they come), ``GET /v1/models``,
 ``/metrics``, ``/health``. Each request: its prompt tokens
 (:mod:`kvtier.cluster.tokens`), the controller's lookup, the choice
 (:mod:`kvtier.cluster.choice`), then the forward. Visible decisions: headers
-``x-kvtier-instance``, ``x-kvtier-cached-tokens``, ``x-kvtier-reason``, one
+``x-kvtier-instance``, ``x-kvtier-cached-tokens``, ``x-kvtier-reason``,
+``x-kvtier-prompt-tokens`` (as the router counted them), one
 log line per request, ``kvtier_router_*`` metrics.
 
 Failures: an instance that refuses the connection or answers 5xx before any
@@ -132,8 +133,9 @@ async def _dispatch(router: Router, request: Request, path: str, body: dict[str,
         reason = "retry" if tried else ("decode" if role == "decode" else choice.reason)
         tried.add(b.url)
         headers = {"x-kvtier-instance": b.name, "x-kvtier-cached-tokens":
-                   str(choice.cached_tokens), "x-kvtier-reason": reason, **extra}
-        log.info("%s %s", path, describe(b, choice, ids and n, extra))
+                   str(choice.cached_tokens), "x-kvtier-reason": reason,
+                   "x-kvtier-prompt-tokens": str(n) if ids is not None else "unknown", **extra}
+        log.info("%s %s", path, describe(b, choice, reason, ids and n, extra))
         try:
             resp = await _attempt(router, b, request, path, body, headers)
         except _Retry as e:
