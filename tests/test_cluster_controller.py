@@ -202,8 +202,9 @@ def test_an_instance_that_stops_heartbeating_leaves_the_index(ctl: KvtierProcess
     assert "quiet" in names()
     wait_until(lambda: "quiet" not in names(), 15, "expiry after the 3 s TTL")
     assert ctl.call("/v1/heartbeat", {"instance": "quiet"})[0] == 404
-    _, text, _ = ctl.call("/metrics")
-    assert 'kvtier_controller_events_total{label="ttl",what="expired"}' in text
+    expired = 'kvtier_controller_events_total{label="ttl",what="expired"}'
+    wait_until(lambda: expired in ctl.call("/metrics")[1], 10, "the sweeper")  # reads hid it
+    assert 'kvtier_controller_requests_total{code="404",op="heartbeat"}' in ctl.call("/metrics")[1]
 
 
 @pytest.mark.redis

@@ -146,6 +146,16 @@ def test_prompts_are_counted_as_vllm_counts_them(cluster: Cluster) -> None:
     # the controller answers a string prompt too (with the tokenizer the instances registered)
     status, out, _ = cluster.ctl.call("/v1/lookup", {"model": cluster.model, "prompt": "hi"})
     assert status == 200 and {i["instance"] for i in out["instances"]} == set(NAMES)
+    assert cluster.rtr.call("/v1/models")[1]["data"][0]["id"] == cluster.model
+
+
+def test_a_router_finds_the_instances_through_the_controller(cluster: Cluster, model: str,
+                                                             tmp_path: Path) -> None:
+    with router(tmp_path / "router.log", ["--controller", cluster.ctl.url,
+                                          "--model-path", model]) as rtr:
+        wait_until(lambda: rtr.call("/health")[1]["instances"] == 2, 30, "discovery")
+        status, _, h = cluster.ask(rtr.url, doc(model, 810, 300))
+        assert status == 200 and h["x-kvtier-instance"] in NAMES
 
 
 def test_streaming_through_the_router(cluster: Cluster, model: str) -> None:

@@ -52,12 +52,16 @@ class ControllerMetrics:
         self.chunks = Gauge("kvtier_controller_indexed_chunks", "Chunks indexed, per tier.",
                             ["tier"], registry=self.registry)
 
+    @staticmethod
+    def label(path: str) -> str:
+        """A bounded label for a path (unknown paths are all ``other``)."""
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        return name if name in _OPS else "other"
+
     def observe(self, op: str, code: int, seconds: float) -> None:
-        """The Guard's hook: one answered request (``op`` is the path)."""
-        name = op.rstrip("/").rsplit("/", 1)[-1]
-        name = name if name in _OPS else "other"
-        self.requests.labels(name, str(code)).inc()
-        self.duration.labels(name).observe(seconds)
+        """The Guard's hook: one answered request."""
+        self.requests.labels(op, str(code)).inc()
+        self.duration.labels(op).observe(seconds)
 
     def count(self, what: str, label: str) -> None:
         self.things.labels(what, label).inc()
@@ -129,7 +133,8 @@ def build_app(ctl: Controller, metrics: ControllerMetrics) -> FastAPI:
 def serve(ctl: Controller, metrics: ControllerMetrics, host: str, port: int, token: str,
           max_body_bytes: int = 64 << 20, timeout_s: float = 30.0) -> uvicorn.Server:
     """A uvicorn server for the controller (call ``.run()``; blocks until stopped)."""
-    app = Guard(build_app(ctl, metrics), token, max_body_bytes, timeout_s, metrics)  # type: ignore[arg-type]
+    app = Guard(build_app(ctl, metrics), token, max_body_bytes, timeout_s,
+                metrics, metrics.label)  # type: ignore[arg-type]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off", timeout_keep_alive=5, server_header=False)
     return uvicorn.Server(config)

@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import threading
+import time
 import urllib.request
 from typing import Any, Callable
 
@@ -87,8 +88,6 @@ class Controller:
         return self.state.touch(instance)
 
     def instances(self) -> list[m.Instance]:
-        import time
-
         now = time.time()
         return [m.Instance(age_s=round(now - r["last_seen"], 3),
                            chunks=self.state.counts(r["instance"]),
