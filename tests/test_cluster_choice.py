@@ -45,6 +45,7 @@ class FakeOpenAI:
 
     def __init__(self, name: str, fail: bool = False) -> None:
         self.name, self.fail, self.bodies = name, fail, []
+        self.break_stream = False
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -59,6 +60,16 @@ class FakeOpenAI:
                     self.end_headers()
                     return
                 text = {"choices": [{"text": outer.name}], "max_tokens": body.get("max_tokens")}
+                if body.get("stream") and outer.break_stream:  # one event, then the line drops
+                    data = f"data: {json.dumps(text)}\n\n".encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Content-Length", str(10 * len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 if body.get("stream"):
                     data = (f"data: {json.dumps(text)}\n\ndata: [DONE]\n\n").encode()
                     ctype = "text/event-stream"
@@ -107,6 +118,13 @@ def test_router_fails_over_streams_and_says_when_none_is_left(
         assert out.startswith("data: ") and out.rstrip().endswith("data: [DONE]")
         status, out, _ = post(r, {"model": "m", "prompt": [1]})
         assert status == 200
+        a.break_stream = True
+        status, out, _ = post(r, {"model": "m", "prompt": [1], "stream": True})
+        events = [line[6:] for line in out.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[0])["choices"][0]["text"] == "a"  # what came, came
+        assert "failed mid-stream" in json.loads(events[1])["error"]["message"]
+        assert events[-1] == "[DONE]"
+        a.break_stream = False
         a.fail = True
         status, out, _ = post(r, {"model": "m", "prompt": [1]})
         assert status == 503 and "no instance available" in out["error"]["message"]
@@ -131,3 +149,29 @@ def test_pd_mode_prefills_one_token_then_decodes(fakes: tuple[FakeOpenAI, FakeOp
         status, out, headers = post(r, {"model": "m", "prompt": [5, 6]})
         assert status == 200 and out["choices"][0]["text"] == "b"
         assert headers["x-kvtier-prefill-instance"] == "none"
+
+
+def test_bench_cluster_dispatches_parts_and_prints_its_table(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtier.bench.cluster import routing
+    from kvtier.cli.main import main
+
+    with pytest.raises(SystemExit, match="not built yet"):
+        main(["bench", "cluster", "--part", "pd"])
+    summary = {p: {"hit_rate": h, "ttft_p50_s": 0.2, "ttft_p90_s": 1.0, "qps": 2.0,
+                   "decisions": {"instance=inst-0,reason=cache_hit": 3.0}}
+               for p, h in (("round_robin", 0.5), ("kv", 0.75))}
+    text = routing.table({"summary": summary})
+    assert "round_robin" in text and "75.0%" in text and "inst-0" in text
+
+
+def test_router_and_controller_refuse_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtier.cli.main import main
+
+    for argv, msg in ((["router", "--prefill", "http://a"], "both --prefill and --decode"),
+                      (["router"], "give --instance"),
+                      (["router", "--instance", "localhost:1"], "not an http:// URL"),
+                      (["controller", "--host", "0.0.0.0"], "without a token"),
+                      (["controller", "--ttl-s", "1", "--heartbeat-s", "2"], "--heartbeat-s")):
+        with pytest.raises(SystemExit, match=msg):
+            main(argv)
