@@ -160,13 +160,13 @@ class Snapshots:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
-                outer.calls += 1
                 data = json.dumps({"namespace": NS.layout, "chunk_size": 256,
                                    "tiers": {"memory": [x.hex() for x in outer.keys]}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                outer.calls += 1  # counted once answered
 
             def log_message(self, *a: Any) -> None:
                 pass
@@ -181,12 +181,13 @@ def test_registration_and_a_sequence_gap_resync_from_the_snapshot(ctl: KvtierPro
     try:
         assert ctl.call("/v1/register", body("rs1", control=snap.url))[0] == 200
         wait_until(lambda: cached(ctl, "rs1") == 512, 10, "the resync after registering")
-        snap.keys = k  # the instance stored more while its events were lost
         pub = Publisher(ctl.events, "rs1")  # type: ignore[attr-defined]
         try:
             before = stored_batches(ctl)
             wait_until(lambda: pub.send(batch(stored(k[:1]))) or stored_batches(ctl) > before,
-                       30, "the events connection")  # contiguous numbers: no resync
+                       30, "the events connection")  # contiguous numbers: no gap
+            wait_until(lambda: snap.calls >= 2, 10, "the resync of a first message")
+            snap.keys = k  # the instance stored more, and the events of it are lost
             assert cached(ctl, "rs1") == 512
             pub.send(batch(), pub.seq + 50)  # 50 batches lost
             wait_until(lambda: cached(ctl, "rs1") == 1024, 10, "a resync after the gap")

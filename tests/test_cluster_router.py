@@ -2,8 +2,9 @@
 
 Two instances (tiny model, kvtier memory tier, vLLM's own prefix cache off,
 ``controller.url`` set, KV events published to the controller under their
-instance ids, management API on for resyncs), one controller, one router,
-all on 127.0.0.1, started once for the module. The tests run in order: the
+instance ids, management API on for resyncs), one controller with its index
+in a real redis-server plus a second controller replica on the same Redis,
+one router, all on 127.0.0.1, started once for the module. The tests run in order: the
 last ones kill the controller, then the instances.
 """
 
@@ -24,16 +25,19 @@ import pytest
 from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers
 from kvtier.testing.cluster import KvtierProcess, controller, router
 from kvtier.testing.procs import free_port, wait_until
+from kvtier.testing.redis_proc import RedisProcess
+from tests.redis_server import require_redis
 from tests.vllm_run import doc, model  # noqa: F401
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.redis]
 NAMES = ("inst-a", "inst-b")
 
 
 class Cluster:
-    def __init__(self, ctl: KvtierProcess, rtr: KvtierProcess, servers: dict[str, Servers],
-                 model: str) -> None:
-        self.ctl, self.rtr, self.servers, self.model = ctl, rtr, servers, model
+    def __init__(self, ctl: KvtierProcess, replica: KvtierProcess, rtr: KvtierProcess,
+                 servers: dict[str, Servers], model: str) -> None:
+        self.ctl, self.replica, self.rtr, self.servers, self.model = ctl, replica, rtr, servers, \
+            model
 
     def ask(self, base: str, prompt: Any, max_tokens: int = 4, **more: Any
             ) -> tuple[int, Any, dict[str, str]]:
@@ -50,8 +54,9 @@ class Cluster:
         return status, (json.loads(text) if not more.get("stream") else text), \
             {k.lower(): v for k, v in headers.items()}
 
-    def cached_at(self, name: str, prompt: list[int]) -> int:
-        _, out, _ = self.ctl.call("/v1/lookup", {"model": self.model, "token_ids": prompt})
+    def cached_at(self, name: str, prompt: list[int], at: KvtierProcess | None = None) -> int:
+        _, out, _ = (at or self.ctl).call("/v1/lookup", {"model": self.model,
+                                                         "token_ids": prompt})
         return next((i["cached_tokens"] for i in out.get("instances", [])
                      if i["instance"] == name), 0)
 
@@ -83,7 +88,11 @@ def _server(name: str, model: str, root: Path, ctl: KvtierProcess) -> Servers:
 def cluster(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
     os.environ["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  # vLLM imports this tree
-    ctl = controller(root / "controller.log", ttl_s=4.0).start()
+    require_redis()
+    redis = RedisProcess(root / "redis")
+    redis.start()
+    ctl = controller(root / "controller.log", redis_url=redis.url, ttl_s=4.0).start()
+    replica = controller(root / "replica.log", redis_url=redis.url, ttl_s=4.0).start()
     servers = {n: _server(n, model, root, ctl) for n in NAMES}
     errors: list[BaseException] = []
 
@@ -103,7 +112,7 @@ def cluster(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
         rtr = router(root / "router.log", ["--controller", ctl.url, "--model-path", model,
                                            *(a for s in servers.values()
                                              for a in ("--instance", s.base_url))]).start()
-        c = Cluster(ctl, rtr, servers, "tiny")
+        c = Cluster(ctl, replica, rtr, servers, "tiny")
         wait_until(lambda: c.registered() == set(NAMES), 60, "both instances registered")
         yield c
     finally:
@@ -113,6 +122,8 @@ def cluster(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
             if s.procs:
                 s.__exit__()
         ctl.stop()
+        replica.stop()
+        redis.close()
 
 
 def test_a_repeated_prefix_goes_to_the_instance_that_holds_it(cluster: Cluster,
@@ -132,6 +143,11 @@ def test_a_repeated_prefix_goes_to_the_instance_that_holds_it(cluster: Cluster,
         first["choices"][0]["text"]
     _, text, _ = cluster.rtr.call("/metrics")
     assert f'kvtier_router_requests_total{{instance="{holder}",reason="cache_hit"}}' in text
+    # the second controller replica answers the same from the shared Redis index
+    lookup = {"model": cluster.model, "token_ids": prompt}
+    assert cluster.replica.call("/v1/lookup", lookup)[1] == cluster.ctl.call("/v1/lookup",
+                                                                             lookup)[1]
+    assert cluster.cached_at(holder, prompt, at=cluster.replica) >= 1024
 
 
 def test_prompts_are_counted_as_vllm_counts_them(cluster: Cluster) -> None:
@@ -181,8 +197,10 @@ def test_a_dead_controller_costs_no_request_and_instances_come_back(cluster: Clu
         assert status == 200 and out["choices"][0]["text"] is not None
         assert h["x-kvtier-reason"] == "least_loaded"
     cluster.ctl.start()  # same ports: vLLM's publishers reconnect, instances re-register
-    wait_until(lambda: cluster.registered() == set(NAMES), 60, "re-registration")
-    # the fresh controller learnt what the instances hold from their snapshots
+    registrations = 'kvtier_controller_events_total{label="ok",what="register"} 2.0'
+    wait_until(lambda: registrations in cluster.ctl.call("/metrics")[1], 60, "re-registration")
+    assert cluster.registered() == set(NAMES)
+    # the fresh process resynced the instances from their snapshots into the shared index
     wait_until(lambda: cluster.cached_at(holder, prompt) >= 1024, 60, "a resync")
 
 

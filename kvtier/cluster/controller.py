@@ -7,7 +7,9 @@
 - **Events**: each message's topic names its instance (the topic the instance
   registered, by default its id). Sequence numbers are checked per topic: a
   gap (missed messages) or a smaller number (the engine restarted), a
-  registration and ``AllBlocksCleared`` queue a **resync**: the instance's
+  registration, the first message this process sees on a topic (a restarted
+  replica whose Redis state outlived it) and ``AllBlocksCleared`` queue a
+  **resync**: the instance's
   management API ``/v1/snapshot`` replaces what the index holds for it (on a
   background thread, bounded). Without a management API the index follows
   the events alone.
@@ -108,7 +110,9 @@ class Controller:
                 self.observe("event", "unknown_topic")
                 return
         change = parse_batch(payload, reg.chunk_size)
-        if last is not None and seq != last + 1:
+        if last is None:  # this process starts following the topic: what came before?
+            self.queue_resync(reg.instance, "first")
+        elif seq != last + 1:
             self.queue_resync(reg.instance, "restart" if seq <= last else "gap")
         if change.cleared:
             self.state.clear(reg.instance)
