@@ -115,7 +115,7 @@ def test_access_registration_and_bad_input(ctl: KvtierProcess) -> None:
 
 def test_events_feed_lookup_and_locate(ctl: KvtierProcess) -> None:
     assert ctl.call("/v1/register", body("ev1"))[0] == 200
-    pub = Publisher(ctl.events, "ev1")  # type: ignore[attr-defined]
+    pub = Publisher(ctl.events, "ev1")
     k = keys_of()
     try:
         # a subscriber sees only what is sent once the connection is up: repeat
@@ -181,7 +181,7 @@ def test_registration_and_a_sequence_gap_resync_from_the_snapshot(ctl: KvtierPro
     try:
         assert ctl.call("/v1/register", body("rs1", control=snap.url))[0] == 200
         wait_until(lambda: cached(ctl, "rs1") == 512, 10, "the resync after registering")
-        pub = Publisher(ctl.events, "rs1")  # type: ignore[attr-defined]
+        pub = Publisher(ctl.events, "rs1")
         try:
             before = stored_batches(ctl)
             wait_until(lambda: pub.send(batch(stored(k[:1]))) or stored_batches(ctl) > before,
@@ -217,7 +217,7 @@ def test_a_redis_index_answers_the_same_lookup_from_a_second_replica(tmp_path: P
         with controller(tmp_path / "c1.log", redis_url=server.url) as c1, \
                 controller(tmp_path / "c2.log", redis_url=server.url) as c2:
             assert c1.call("/v1/register", body("r1"))[0] == 200
-            pub = Publisher(c1.events, "r1")  # type: ignore[attr-defined]
+            pub = Publisher(c1.events, "r1")
             try:
                 wait_until(lambda: pub.send(batch(stored(keys_of()))) or cached(c1, "r1") == 1024,
                            30, "events at the first replica")

@@ -69,7 +69,7 @@ class Cluster:
 
 def _server(name: str, model: str, root: Path, ctl: KvtierProcess) -> Servers:
     events = {"enable_kv_cache_events": True, "publisher": "zmq",
-              "endpoint": ctl.events, "topic": name}  # type: ignore[attr-defined]
+              "endpoint": ctl.events, "topic": name}
     eng = EngineSettings(model=model, max_model_len=2048, num_gpu_blocks=48,
                          kv_budget_bytes=64 << 20, dtype="bfloat16", threads_bind="0-1",
                          extra_args=("--no-enable-prefix-caching", "--served-model-name",

@@ -25,6 +25,7 @@ Headers ``x-kvtier-prefill-instance`` and ``x-kvtier-prefill-ms`` report it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -52,16 +53,14 @@ def error(status: int, message: str, kind: str) -> JSONResponse:
 
 
 def build_router_app(router: Router, tokens: PromptTokens) -> FastAPI:
-    app = FastAPI(title="kvtier router", version="1")
-
-    @app.on_event("startup")
-    async def _start() -> None:
-        app.state.discover = asyncio.create_task(router.discover_loop())
-
-    @app.on_event("shutdown")
-    async def _stop() -> None:
-        app.state.discover.cancel()
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        discover = asyncio.create_task(router.discover_loop())
+        yield
+        discover.cancel()
         await router.close()
+
+    app = FastAPI(title="kvtier router", version="1", lifespan=lifespan)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -24,6 +24,7 @@ class KvtierProcess:
         self.args, self.port, self.log_path, self.token = args, port, log_path, token
         self.url = f"http://{HOST}:{port}"
         self.env = env or {}
+        self.events = ""  # a controller's KV events endpoint
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen | None = None
 
@@ -98,7 +99,7 @@ def controller(log_path: Path, token: str = "", redis_url: str = "", ttl_s: floa
         args += ["--redis-url", redis_url]
     proc = KvtierProcess(args + list(extra or []), port, log_path, token,
                          {"KVTIER_CONTROLLER_TOKEN": token} if token else {})
-    proc.events = f"tcp://{HOST}:{events_port}"  # type: ignore[attr-defined]
+    proc.events = f"tcp://{HOST}:{events_port}"
     return proc
 
 

@@ -48,7 +48,7 @@ POLICIES = ("round_robin", "kv")
 def _instance(name: str, eng: EngineSettings, ctl: KvtierProcess, out: Path,
               budget: int) -> Servers:
     events = {"enable_kv_cache_events": True, "publisher": "zmq",
-              "endpoint": ctl.events, "topic": name}  # type: ignore[attr-defined]
+              "endpoint": ctl.events, "topic": name}
     eng = replace(eng, extra_args=("--no-enable-prefix-caching", "--kv-events-config",
                                    json.dumps(events)))
     srv = Servers(ServeConfig("kvtier-memory", sys.executable), eng, out / f"{name}.log")
