@@ -149,6 +149,14 @@ class KvtierConfig:
     model_id: str = ""
     """Overrides the engine's model name in the key namespace (e.g. a stable id)."""
     salt: str = ""
+    async_loads: bool = True
+    """A hit that is not all in the memory tier loads in the background (vLLM's
+    asynchronous load API): the engine keeps running other requests meanwhile."""
+    load_timeout_s: float = 10.0
+    """An asynchronous load still running after this long is cut short: what has
+    not arrived is recomputed."""
+    prefetch: bool = True
+    """Promote a new request's hit from lower tiers into memory before it is scheduled."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -268,7 +276,8 @@ def _validate(cfg: KvtierConfig) -> None:
         raise ConfigError("control.port", f"must be a TCP port, got {cfg.control.port}")
     _validate_control(cfg.control)
     _validate_controller(cfg.controller)
-    for key, value in (("redis.timeout_s", cfg.redis.timeout_s),
+    for key, value in (("load_timeout_s", cfg.load_timeout_s),
+                       ("redis.timeout_s", cfg.redis.timeout_s),
                        ("redis.contains_timeout_s", cfg.redis.contains_timeout_s)):
         if value <= 0:
             raise ConfigError(key, f"must be positive, got {value}")

@@ -256,3 +256,69 @@ def test_weights_revision_and_quantization_are_part_of_the_model_identity() -> N
     renamed = load_config(engine={"model_id": "llama"})
     assert model_identity(cfg(revision="v2", quantization="fp8"), renamed) == \
         "llama@v2|quantization=fp8"
+
+
+def lower_tier_planner(**cfg: Any) -> tuple[SchedulerPlanner, Any]:
+    """A planner whose shared tiers are one key set (standing in for disk or Redis)."""
+    from kvtier.store import KeyIndex
+
+    lower = KeyIndex()
+    p = planner(**cfg)
+    p.shared = SimpleNamespace(tiers=[lower])  # type: ignore[assignment]
+    return p, lower
+
+
+def test_a_hit_outside_memory_loads_asynchronously_and_holds_no_saves() -> None:
+    p, lower = lower_tier_planner()
+    hit = request("l", 600)
+    lower.update(p._state(hit).keys[0][:2])
+    p.seen(hit)  # a new request: its lower-tier chunks are prefetched...
+    assert p.num_new_matched_tokens(hit, 0) == 2 * CS
+    assert p.load_is_async(hit, 2 * CS)
+    p.accept_load(hit, 2 * CS, [5, 6, 7, 8])
+    p.num_new_matched_tokens(request("o", 300), 0)
+    meta = p.build(step(new=[("o", [1, 2, 3], 0, 300)]))
+    (load,) = meta.loads
+    assert load.is_async and load.block_ids == [5, 6, 7, 8] and load.end_token == 2 * CS
+    assert meta.prefetch == []  # ...unless it is scheduled in the same step
+    assert [s.req_id for s in meta.saves] == ["o"]  # an async load computes nothing
+
+
+def test_a_hit_all_in_memory_loads_in_the_step_and_async_can_be_turned_off() -> None:
+    p = planner()
+    p.num_new_matched_tokens(request("s", 600), 0)
+    p.build(step(new=[("s", [90, 91, 92, 93, 94], 0, 600)]))
+    stored(p, "s", 2)
+    assert p.num_new_matched_tokens(request("m", 600), 0) == 2 * CS
+    assert not p.load_is_async(request("m", 600), 2 * CS)
+    q, lower = lower_tier_planner(async_loads=False)
+    r = request("l", 600)
+    lower.update(q._state(r).keys[0][:2])
+    assert q.num_new_matched_tokens(r, 0) == 2 * CS and not q.load_is_async(r, 2 * CS)
+
+
+def test_a_failed_async_load_is_saved_again_after_recompute() -> None:
+    p, lower = lower_tier_planner()
+    r = request("l", 600)
+    keys = p._state(r).keys[0]
+    lower.update(keys[:2])
+    p.num_new_matched_tokens(r, 0)
+    p.load_is_async(r, 2 * CS)
+    p.accept_load(r, 2 * CS, [5, 6, 7, 8, 9])
+    p.build(step())
+    done(p, KvtierWorkerMeta(failed=[("l", CS, keys[1])]), invalid={7, 8})
+    (save,) = p.build(step(new=[("l", [5, 6, 7, 8, 9], CS, 600 - CS)])).saves
+    assert save.start_chunk == 1  # chunk 1 did not arrive: saved once recomputed
+
+
+def test_producer_never_loads_and_consumer_never_saves() -> None:
+    p, lower = lower_tier_planner()
+    p.loads = False
+    r = request("l", 600)
+    lower.update(p._state(r).keys[0][:2])
+    assert p.num_new_matched_tokens(r, 0) == 0
+    c = planner()
+    c.saves = False
+    c.num_new_matched_tokens(request("a", 1100), 0)
+    meta = c.build(step(new=[("a", list(range(9)), 0, 1100)]))
+    assert meta.saves == [] and c.finish("a") is False

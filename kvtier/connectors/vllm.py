@@ -28,6 +28,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.codecs import ChunkMeta
 from kvtier.config import KvtierConfig, load_config
+from kvtier.connectors.vllm_async import AsyncLoads
 from kvtier.connectors.vllm_keys import (all_shards, check_supported, engine_layout,
                                          shard_namespace, worker_shard)
 from kvtier.connectors.vllm_plan import (KvtierMetadata, KvtierWorkerMeta, LoadSpec,
@@ -78,14 +79,17 @@ class KvtierConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._failed: list[tuple[str, int, ChunkKey]] = []
         self._finished_saving: set[str] = set()
+        self._async: AsyncLoads | None = None
         self._stats = KvtierStats()
         if role == KVConnectorRole.SCHEDULER:
             self._recompute_on_load_failure()
             shared = build_store(self.config, None, shared_only=True)
             namespaces = [shard_namespace(vllm_config, self.config, s)
                           for s in all_shards(vllm_config)]
+            ktc = self._kv_transfer_config
             self.planner = SchedulerPlanner(self.config, namespaces, self.layout.block_size,
-                                            shared)
+                                            shared, loads=ktc.is_kv_consumer,
+                                            saves=ktc.is_kv_producer)
         log.info("kvtier %s connector: %s, tiers %s", role.name.lower(),
                  self.layout.signature(), [t.value for t in self.config.tiers])
 
@@ -128,6 +132,7 @@ class KvtierConnector(KVConnectorBase_V1):
         hasher = ChunkHasher(namespace, self.config.store_partial_chunks, self.layout.block_size)
         self.engine = CacheEngine(hasher, self.layout, store)
         self.engine.register(tensors)
+        self._async = AsyncLoads(self.engine, self.config.load_timeout_s)
         for hook in ENGINE_READY_HOOKS:
             try:
                 hook(self.config, self.engine, self.shard)
@@ -139,29 +144,39 @@ class KvtierConnector(KVConnectorBase_V1):
         the forward pass. A chunk that cannot be read is reported for recompute."""
         meta = self._meta()
         self._reset_if_asked(meta)
-        if meta is None or not meta.loads or self.engine is None:
+        if meta is None or self.engine is None or self._async is None:
+            return
+        for keys in meta.prefetch:
+            self._async.prefetch(keys[self.shard])
+        for load in meta.loads:  # pins the chunks memory has, reads in the background
+            if load.is_async:
+                first, last = self.engine.chunk_range(load.start_token, load.end_token)
+                self._async.submit(load.req_id, load, load.keys[self.shard][first:last])
+        sync = [load for load in meta.loads if not load.is_async]
+        if not sync:
             return
         # Every chunk promised this step is pinned before any load runs: a promotion
         # from disk for one request must not evict another's promised chunks. The
         # promises were made while this worker was idle (vLLM-CPU schedules
         # synchronously), so nothing was evicted between promise and pin.
         memory = self.engine.store.memory
-        keys = [k for load in meta.loads for k in load.keys[self.shard]]
+        keys = [k for load in sync for k in load.keys[self.shard]]
         pinned = [k for k, ok in zip(keys, memory.pin_many(keys)) if ok] if memory else []
         try:
-            for load in meta.loads:
-                self._load(load)
+            for load in sync:
+                self._load(load, time.perf_counter())
         finally:
             if memory is not None:
                 memory.unpin_many(pinned)  # exactly the pins taken above
 
-    def _load(self, load: LoadSpec) -> None:
+    def _load(self, load: LoadSpec, t0: float, chunks: list | None = None) -> int:
+        """Scatter a load's chunks into its blocks (read now, or ``chunks`` read in
+        the background); report what did not arrive. Returns tokens loaded."""
         assert self.engine is not None
         keys = load.keys[self.shard]
-        t0 = time.perf_counter()
         try:
             res = self.engine.retrieve_kv(load.token_ids, load.block_ids, load.end_token,
-                                          load.start_token, keys=keys)
+                                          load.start_token, keys=keys, chunks=chunks)
             loaded = res.end
         except Exception:  # never fail the request: recompute instead
             log.exception("kvtier: load of %s failed", load.req_id)
@@ -173,7 +188,7 @@ class KvtierConnector(KVConnectorBase_V1):
                         * self.layout.page_nbytes,
                         load_failures=int(loaded < load.end_token))
         if loaded >= load.end_token:
-            return
+            return loaded
         bs, cs = self.layout.block_size, self.config.chunk_size
         bad = load.block_ids[loaded // bs: -(-load.end_token // bs)]
         log.warning("kvtier: %s: loaded %d of %d tokens; %d blocks recomputed",
@@ -184,6 +199,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._failed.append((load.req_id, loaded, key))
         if self.engine.store.memory is not None:  # a bad copy must not be promised again
             self.engine.store.memory.delete_many([key])
+        return loaded
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Loads finish in :meth:`start_load_kv`; nothing to wait for per layer."""
@@ -220,10 +236,20 @@ class KvtierConnector(KVConnectorBase_V1):
             if self.engine.store.memory is not None:
                 self.engine.store.memory.clear()
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, None]:
-        """Finished requests whose held save is done: vLLM may free their blocks."""
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        """Finished requests whose held save is done (vLLM may free their blocks), and
+        asynchronous loads that completed (what did not arrive in time is reported
+        as load errors in the same step, and recomputed)."""
         done, self._finished_saving = self._finished_saving, set()
-        return done or None, None
+        received: set[str] = set()
+        if self._async is not None and len(self._async):
+            for fin in self._async.poll(lambda load, chunks: self._load(
+                    load, time.perf_counter(), chunks)):
+                received.add(fin.req_id)
+                self._stats.add(async_loads=1, async_timeouts=int(fin.timed_out),
+                                async_wait_seconds=fin.seconds)
+        return done or None, received or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks whose promised KV could not be loaded this step (vLLM recomputes them)."""
@@ -270,6 +296,8 @@ class KvtierConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         """Finish background writes (bounded) and close the tiers."""
+        if self._async is not None:
+            self._async.close()
         if self.engine is not None:
             self.engine.store.close()
         if self.planner is not None:
@@ -287,13 +315,19 @@ class KvtierConnector(KVConnectorBase_V1):
                                    ) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` that kvtier can load (whole chunks)."""
         assert self.planner is not None
-        return self.planner.num_new_matched_tokens(request, num_computed_tokens), False
+        n = self.planner.num_new_matched_tokens(request, num_computed_tokens)
+        return n, self.planner.load_is_async(request, n)
+
+    def on_new_request(self, request: Request) -> None:
+        """Prefetch: a hit in lower tiers starts moving into memory now."""
+        if self.planner is not None:
+            self.planner.seen(request)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         """Remember the load vLLM accepted; it is planned in :meth:`build_connector_meta`."""
         assert self.planner is not None
-        self.planner.accept_load(request, num_external_tokens)
+        self.planner.accept_load(request, num_external_tokens, blocks.get_block_ids()[0])
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvtierMetadata:
         """This step's loads, and last step's saves that are safe to run."""

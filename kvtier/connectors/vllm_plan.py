@@ -22,14 +22,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorMetadata,
-                                                               KVConnectorWorkerMetadata)
-
 from kvtier.config import KvtierConfig
 from kvtier.connectors.vllm_keys import Bypass, request_inputs
+from kvtier.connectors.vllm_meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec, SaveSpec
 from kvtier.connectors.vllm_surfaces import EventLog, KvtierStats
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
-from kvtier.store import ChunkStore, KeyIndex, PrefixHit, lookup_hit
+from kvtier.store import ChunkStore, KeyIndex, PrefixHit, lookup_hit, lookup_prefix
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -42,69 +40,6 @@ _MAX_HASHERS = 1024  # one per (tenant salt, LoRA adapter) seen; bounded
 
 
 @dataclass
-class LoadSpec:
-    """Load tokens ``[start_token, end_token)`` of a request into its blocks.
-
-    ``keys[s]`` are shard ``s``'s keys (one list per TP rank and PP stage)."""
-
-    req_id: str
-    token_ids: list[int]
-    keys: list[list[ChunkKey]]
-    block_ids: list[int]
-    start_token: int
-    end_token: int
-
-
-@dataclass
-class SaveSpec:
-    """Store chunks ``[start_chunk, len(keys[s]))`` of a request from its blocks.
-
-    ``release``: the request has finished and holds its blocks for this save;
-    the worker reports it done (``get_finished``) once saved."""
-
-    req_id: str
-    token_ids: list[int]
-    keys: list[list[ChunkKey]]
-    block_ids: list[int]
-    start_chunk: int
-    release: bool = False
-
-
-@dataclass
-class KvtierMetadata(KVConnectorMetadata):
-    """Scheduler -> workers, once per step."""
-
-    loads: list[LoadSpec] = field(default_factory=list)
-    saves: list[SaveSpec] = field(default_factory=list)
-    releases: list[str] = field(default_factory=list)
-    """Finished requests whose held saves were dropped: report them done, save nothing."""
-    reset: bool = False
-    """Empty the memory tier first (``reset_prefix_cache(reset_connector=True)``)."""
-
-
-@dataclass
-class KvtierWorkerMeta(KVConnectorWorkerMetadata):
-    """Workers -> scheduler: memory-tier keys stored and evicted, loads that failed."""
-
-    stored: list[ChunkKey] = field(default_factory=list)
-    evicted: list[ChunkKey] = field(default_factory=list)
-    failed: list[tuple[str, int, ChunkKey]] = field(default_factory=list)
-    """(request id, tokens loaded before the failure, key of the chunk that failed)."""
-    tiers: dict[str, tuple[list[ChunkKey], list[ChunkKey]]] = field(default_factory=dict)
-    """Per tier: (keys stored, keys removed) by the worker, for vLLM's KV events."""
-
-    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        """Merge the reports of several workers."""
-        assert isinstance(other, KvtierWorkerMeta)
-        tiers = dict(self.tiers)
-        for name, (stored, removed) in other.tiers.items():
-            mine = tiers.get(name, ([], []))
-            tiers[name] = (mine[0] + stored, mine[1] + removed)
-        return KvtierWorkerMeta(self.stored + other.stored, self.evicted + other.evicted,
-                                self.failed + other.failed, tiers)
-
-
-@dataclass
 class _Request:
     prompt: list[int]
     hashers: list[ChunkHasher]  # one per shard
@@ -113,6 +48,8 @@ class _Request:
     saved_chunks: int = 0  # chunks [0, saved_chunks) are stored, or planned to be
     local_computed: int = 0  # vLLM's own prefix-cache hit at the last lookup
     hit: list[PrefixHit] | None = None  # per shard, the same length
+    in_memory: int = 0  # leading chunks of the hit the workers' memory tiers hold
+    load_async: bool = False  # the last hit answered needs a lower-tier read
     pending_load: tuple[int, int] | None = None
 
 
@@ -120,9 +57,10 @@ class SchedulerPlanner:
     """Per-request bookkeeping of the scheduler-side connector."""
 
     def __init__(self, cfg: KvtierConfig, namespaces: list[Namespace], block_size: int,
-                 shared: ChunkStore | None) -> None:
+                 shared: ChunkStore | None, loads: bool = True, saves: bool = True) -> None:
         self.cfg = cfg
         self.shared = shared
+        self.loads, self.saves = loads, saves  # vLLM's kv_consumer / kv_producer roles
         self.index = KeyIndex()
         self._base = [ChunkHasher(ns, cfg.store_partial_chunks, block_size) for ns in namespaces]
         self._blocks_per_chunk = cfg.chunk_size // block_size
@@ -133,6 +71,8 @@ class SchedulerPlanner:
         self._ready: list[SaveSpec] = []  # held saves whose step had no failure
         self._releases: list[str] = []
         self._reset = False
+        self._async: list[str] = []  # accepted asynchronous loads, planned next build
+        self._prefetch: dict[str, list[list[ChunkKey]]] = {}  # seen, not yet scheduled
         self.bypasses: Counter[str] = Counter()
         self.stats = KvtierStats()
         self.events = EventLog(cfg.chunk_size)
@@ -143,12 +83,11 @@ class SchedulerPlanner:
         """kvtier's hit beyond vLLM's own (whole chunks, or whole blocks of a partial
         chunk when those are stored, held by every shard), leaving >= 1 token to compute."""
         st = self._state(request)
-        if st is None or not st.keys[0]:
+        if st is None or not st.keys[0] or not self.loads:
             return 0
         st.local_computed = num_computed_tokens
-        sources = [self.index] + (self.shared.tiers if self.shared is not None else [])
-        st.hit = _common_hit([lookup_hit(sources, h, st.prompt, k)
-                              for h, k in zip(st.hashers, st.keys)], st.hashers[0], st.prompt)
+        self._lookup(st)
+        assert st.hit is not None
         hit = min(st.hit[0].tokens, len(st.prompt) - 1)  # vLLM must compute the last token
         self.stats.add(lookups=1)
         if hit <= num_computed_tokens:
@@ -156,12 +95,45 @@ class SchedulerPlanner:
         self.stats.add(hit_tokens=hit - num_computed_tokens)
         return hit - num_computed_tokens
 
-    def accept_load(self, request: Request, num_external_tokens: int) -> None:
-        """vLLM allocated blocks for ``num_external_tokens`` loaded tokens."""
+    def load_is_async(self, request: Request, num_tokens: int) -> bool:
+        """Whether the hit just answered needs a read from a lower tier (then it loads
+        in the background while the engine runs other requests)."""
+        st = self._reqs.get(request.request_id)
+        if not num_tokens or st is None or st.hit is None or not self.cfg.async_loads:
+            return False
+        st.load_async = st.in_memory * self.cfg.chunk_size < st.local_computed + num_tokens
+        return st.load_async
+
+    def _lookup(self, st: _Request) -> None:
+        sources = [self.index] + (self.shared.tiers if self.shared is not None else [])
+        st.hit = _common_hit([lookup_hit(sources, h, st.prompt, k)
+                              for h, k in zip(st.hashers, st.keys)], st.hashers[0], st.prompt)
+        st.in_memory = min(lookup_prefix([self.index], hit.keys) for hit in st.hit)
+
+    def seen(self, request: Request) -> None:
+        """A new request: if its hit lies in lower tiers, have the workers promote it
+        into memory now, before the request is scheduled."""
+        st = self._state(request)
+        if st is None or not st.keys[0] or not self.loads or self.shared is None \
+                or not self.cfg.prefetch:
+            return
+        self._lookup(st)
+        assert st.hit is not None
+        if st.in_memory < len(st.hit[0].keys):
+            self._prefetch[request.request_id] = [h.keys[st.in_memory:] for h in st.hit]
+
+    def accept_load(self, request: Request, num_external_tokens: int,
+                    block_ids: list[int] | None = None) -> None:
+        """vLLM allocated ``block_ids`` for ``num_external_tokens`` loaded tokens; an
+        asynchronous load is planned in the next build (the request is not scheduled)."""
         st = self._reqs.get(request.request_id)
         if st is not None and num_external_tokens > 0:
             start = st.local_computed
             st.pending_load = (start, start + num_external_tokens)
+            if st.load_async:
+                st.load_async = False
+                st.block_ids = list(block_ids or ())
+                self._async.append(request.request_id)
 
     # -- per step -------------------------------------------------------------
 
@@ -172,6 +144,11 @@ class SchedulerPlanner:
             self._drop_held(req_id, reason="preempted")
         meta = KvtierMetadata(saves=self._ready, releases=self._releases, reset=self._reset)
         self._ready, self._releases, self._reset = [], [], False
+        for req_id in self._async:
+            st = self._reqs.get(req_id)
+            if st is not None:
+                self._plan_load(req_id, st, meta, is_async=True)
+        self._async = []
         for new in out.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is None:
@@ -191,25 +168,38 @@ class SchedulerPlanner:
                 st.block_ids.extend(new_ids[0])
             self._plan(req_id, st, cached.num_computed_tokens[i]
                        + out.num_scheduled_tokens.get(req_id, 0), meta)
-        if not meta.loads:  # nothing this step can fail: its saves need not wait
+        for load in meta.loads:  # scheduled already: its load reads what it needs
+            self._prefetch.pop(load.req_id, None)
+        meta.prefetch, self._prefetch = list(self._prefetch.values()), {}
+        if not any(not load.is_async for load in meta.loads):
+            # Nothing this step can fail (an asynchronous load computes nothing in
+            # its step, and its blocks are no one else's): its saves need not wait.
             meta.saves.extend(self._held.values())
             self._held = {}
         return meta
 
+    def _plan_load(self, req_id: str, st: _Request, meta: KvtierMetadata,
+                   is_async: bool = False) -> None:
+        if st.pending_load is None or st.hit is None:
+            return
+        cs = self.cfg.chunk_size
+        start, end = st.pending_load
+        st.pending_load = None
+        n = -(-end // cs)
+        meta.loads.append(LoadSpec(req_id, st.prompt[:st.hit[0].tokens],
+                                   [h.keys[:n] for h in st.hit], list(st.block_ids),
+                                   start, end, is_async))
+        self.events.know(st.hit[0].keys[:n], st.prompt)
+        # A head of a chunk (another prompt's partial chunk) is not this
+        # prompt's chunk: that one is still to be saved.
+        st.saved_chunks = max(st.saved_chunks, min(n, st.hit[0].chunks))
+
     def _plan(self, req_id: str, st: _Request, computed_after: int, meta: KvtierMetadata
               ) -> None:
         cs = self.cfg.chunk_size
-        if st.pending_load is not None and st.hit is not None:
-            start, end = st.pending_load
-            st.pending_load = None
-            n = -(-end // cs)
-            meta.loads.append(LoadSpec(req_id, st.prompt[:st.hit[0].tokens],
-                                       [h.keys[:n] for h in st.hit], list(st.block_ids),
-                                       start, end))
-            self.events.know(st.hit[0].keys[:n], st.prompt)
-            # A head of a chunk (another prompt's partial chunk) is not this
-            # prompt's chunk: that one is still to be saved.
-            st.saved_chunks = max(st.saved_chunks, min(n, st.hit[0].chunks))
+        self._plan_load(req_id, st, meta)
+        if not self.saves:  # kv_consumer: never stores
+            return
         if computed_after >= len(st.prompt):
             n_save = len(st.keys[0])  # includes the partial tail if that is enabled
         else:
@@ -235,6 +225,9 @@ class SchedulerPlanner:
                 self.events.report(tier, stored, removed)
             for req_id, loaded, _ in meta.failed:
                 failed[req_id] = min(loaded, failed.get(req_id, loaded))
+                st = self._reqs.get(req_id)
+                if st is not None:  # saved again once vLLM has recomputed them
+                    st.saved_chunks = min(st.saved_chunks, loaded // self.cfg.chunk_size)
         invalid = set(output.invalid_block_ids or ())
         held, self._held = self._held, {}
         for req_id, save in held.items():

@@ -42,6 +42,9 @@ COUNTERS = {
     "stored_chunks": "Chunks gathered out of vLLM's KV cache into kvtier",
     "stored_bytes": "Bytes gathered out of vLLM's KV cache into kvtier",
     "store_seconds": "Seconds the workers spent gathering",
+    "async_loads": "Loads from lower tiers done in the background (vLLM's asynchronous loads)",
+    "async_timeouts": "Background loads cut short by load_timeout_s (the rest recomputed)",
+    "async_wait_seconds": "Seconds requests waited for their background loads",
 }
 
 
@@ -53,9 +56,11 @@ class KvtierStats(KVConnectorStats):
         self.data = {}
 
     def add(self, **counts: float) -> None:
-        """Add to counters."""
+        """Add to counters (and to :attr:`totals`, which :meth:`take` keeps)."""
+        totals = self.__dict__.setdefault("totals", {})
         for name, value in counts.items():
             self.data[name] = self.data.get(name, 0) + value
+            totals[name] = totals.get(name, 0) + value
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for name, value in (other.data or {}).items():

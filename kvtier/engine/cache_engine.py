@@ -140,29 +140,52 @@ class CacheEngine:
 
     def retrieve_kv(self, token_ids: Sequence[int], block_ids: Sequence[int], end_token: int,
                     start_token: int = 0, kv_caches: Sequence[torch.Tensor] | None = None,
-                    keys: Sequence[ChunkKey] | None = None) -> RetrieveResult:
+                    keys: Sequence[ChunkKey] | None = None,
+                    chunks: Sequence[ChunkData | None] | None = None) -> RetrieveResult:
         """Load tokens ``[start_token, end_token)`` from the store into paged KV.
 
         ``start_token`` must be block aligned (blocks before it are the engine's
         own and are not touched). Stops at the first chunk that cannot be read;
         the result says how far it got, so the engine recomputes the rest.
+        ``chunks``: the chunks :meth:`fetch` brought for this range (consumed
+        and released here); without it they are read from the store now.
         """
         t0 = time.perf_counter()
-        res = self._retrieve_kv(token_ids, block_ids, end_token, start_token, kv_caches, keys)
+        res = self._retrieve_kv(token_ids, block_ids, end_token, start_token, kv_caches, keys,
+                                chunks)
         if res.end > res.start:
             self.store.latency["load"].observe(time.perf_counter() - t0)
         return res
 
+    def chunk_range(self, start_token: int, end_token: int) -> tuple[int, int]:
+        """Indices ``[first, last)`` of the chunks that tokens ``[start, end)`` touch."""
+        cs = self.hasher.chunk_size
+        return start_token // cs, -(-end_token // cs)
+
+    def fetch(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
+        """Read chunks from the store (lower tiers are promoted to memory); no KV
+        tensor is touched, so this may run on any thread. Release every chunk."""
+        return self.store.get_many(keys) if keys else []
+
     def _retrieve_kv(self, token_ids: Sequence[int], block_ids: Sequence[int], end_token: int,
                      start_token: int, kv_caches: Sequence[torch.Tensor] | None,
-                     keys: Sequence[ChunkKey] | None) -> RetrieveResult:
-        transfer = self._bound(kv_caches)
+                     keys: Sequence[ChunkKey] | None,
+                     chunks: Sequence[ChunkData | None] | None) -> RetrieveResult:
         bs, cs = self.layout.block_size, self.hasher.chunk_size
-        if start_token % bs:
-            raise ValueError(f"start_token {start_token} is not a multiple of block size {bs}")
-        keys = list(self.hasher.keys(token_ids) if keys is None else keys)
-        first, last = start_token // cs, -(-end_token // cs)
-        chunks = self.store.get_many(keys[first:last]) if last > first else []
+        try:
+            transfer = self._bound(kv_caches)
+            if start_token % bs:
+                raise ValueError(f"start_token {start_token} is not a multiple of block "
+                                 f"size {bs}")
+        except BaseException:
+            for chunk in chunks or ():
+                if chunk is not None:
+                    chunk.release()
+            raise
+        first, last = self.chunk_range(start_token, end_token)
+        if chunks is None:
+            keys = list(self.hasher.keys(token_ids) if keys is None else keys)
+            chunks = self.fetch(keys[first:last]) if last > first else []
         try:
             loaded = []
             for chunk in chunks:

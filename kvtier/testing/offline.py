@@ -132,10 +132,24 @@ def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool, round_
             ttft = getattr(m, "first_token_latency", 0.0) if m is not None else 0.0
             results.append({"token_ids": list(comp.token_ids), "logprobs": lps,
                             "num_cached_tokens": out.num_cached_tokens or 0,
-                            "ttft_s": ttft or wall, "wall_s": wall})
+                            "ttft_s": ttft or wall, "wall_s": wall,
+                            # engine-core clock (one clock in one-process mode)
+                            "first_token_ts": getattr(m, "first_token_ts", None),
+                            "last_token_ts": getattr(m, "last_token_ts", None)})
         _progress(progress, event="done", round=round_, index=n, wall_s=wall,
                   cached_tokens=sum(r["num_cached_tokens"] for r in results[-len(batch):]))
     return results
+
+
+def _worker_totals() -> dict[str, float] | None:
+    """kvtier's counters since start in this process's worker (one-process mode only)."""
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        stats = getattr(get_kv_transfer_group(), "_stats", None)
+    except Exception:  # no connector here (vLLM alone, or workers in other processes)
+        return None
+    return dict(getattr(stats, "totals", {})) if stats is not None else None
 
 
 def _main() -> int:
@@ -170,7 +184,7 @@ def _main() -> int:
     startup = time.perf_counter() - t0
     rounds = [_generate(llm, reqs, spec.get("sequential", False), i, spec.get("progress", False))
               for i, reqs in enumerate(spec["rounds"])]
-    result = {"startup_s": startup, "rounds": rounds}
+    result = {"startup_s": startup, "rounds": rounds, "kvtier_worker": _worker_totals()}
     del llm  # shuts the engine (and the connector's background writers) down
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -1,0 +1,83 @@
+"""Layer 6: what the connector's two halves tell each other every step.
+
+Scheduler -> workers: :class:`KvtierMetadata` (loads, saves, prefetches);
+workers -> scheduler: :class:`KvtierWorkerMeta` (memory-tier changes, failed
+loads). Plain data; vLLM moves it between processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorMetadata,
+                                                               KVConnectorWorkerMetadata)
+
+from kvtier.keys import ChunkKey
+
+
+@dataclass
+class LoadSpec:
+    """Load tokens ``[start_token, end_token)`` of a request into its blocks.
+
+    ``keys[s]`` are shard ``s``'s keys (one list per TP rank and PP stage)."""
+
+    req_id: str
+    token_ids: list[int]
+    keys: list[list[ChunkKey]]
+    block_ids: list[int]
+    start_token: int
+    end_token: int
+    is_async: bool = False
+    """Read in the background while the engine runs other requests (vLLM's
+    ``WAITING_FOR_REMOTE_KVS``); reported done through ``get_finished``."""
+
+
+@dataclass
+class SaveSpec:
+    """Store chunks ``[start_chunk, len(keys[s]))`` of a request from its blocks.
+
+    ``release``: the request has finished and holds its blocks for this save;
+    the worker reports it done (``get_finished``) once saved."""
+
+    req_id: str
+    token_ids: list[int]
+    keys: list[list[ChunkKey]]
+    block_ids: list[int]
+    start_chunk: int
+    release: bool = False
+
+
+@dataclass
+class KvtierMetadata(KVConnectorMetadata):
+    """Scheduler -> workers, once per step."""
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)
+    """Finished requests whose held saves were dropped: report them done, save nothing."""
+    reset: bool = False
+    """Empty the memory tier first (``reset_prefix_cache(reset_connector=True)``)."""
+    prefetch: list[list[list[ChunkKey]]] = field(default_factory=list)
+    """Per request seen but not yet scheduled, per shard: keys to promote into memory."""
+
+
+@dataclass
+class KvtierWorkerMeta(KVConnectorWorkerMetadata):
+    """Workers -> scheduler: memory-tier keys stored and evicted, loads that failed."""
+
+    stored: list[ChunkKey] = field(default_factory=list)
+    evicted: list[ChunkKey] = field(default_factory=list)
+    failed: list[tuple[str, int, ChunkKey]] = field(default_factory=list)
+    """(request id, tokens loaded before the failure, key of the chunk that failed)."""
+    tiers: dict[str, tuple[list[ChunkKey], list[ChunkKey]]] = field(default_factory=dict)
+    """Per tier: (keys stored, keys removed) by the worker, for vLLM's KV events."""
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        """Merge the reports of several workers."""
+        assert isinstance(other, KvtierWorkerMeta)
+        tiers = dict(self.tiers)
+        for name, (stored, removed) in other.tiers.items():
+            mine = tiers.get(name, ([], []))
+            tiers[name] = (mine[0] + stored, mine[1] + removed)
+        return KvtierWorkerMeta(self.stored + other.stored, self.evicted + other.evicted,
+                                self.failed + other.failed, tiers)

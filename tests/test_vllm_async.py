@@ -1,0 +1,81 @@
+"""Asynchronous loads in real vLLM: a hit that lives on disk is read in the background.
+
+A fresh instance on the folder of a first one has an empty memory tier, so its
+hits are lower-tier reads: they go through vLLM's asynchronous load API
+(``WAITING_FOR_REMOTE_KVS``) while the engine keeps running other requests.
+
+The slow-tier cases need a tier that is slow on purpose. A real disk cannot
+be made slow on demand here, so ``slow_tier/sitecustomize.py`` (put on the
+child's ``PYTHONPATH``) wraps the disk tier's ``get_many`` with a sleep of
+``KVTIER_TEST_DISK_DELAY_S``: a fake delay, everything else is real (vLLM,
+the files, the background thread, the timeout).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vllm_run import (CHUNK, doc, kvtier_cfg, model, own_hit, req,  # noqa: F401
+                            run_instance, same_output)
+
+pytestmark = pytest.mark.vllm
+
+SLOW = Path(__file__).parent / "slow_tier"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(model: str, rounds: list[list[dict]], cfg: dict | None, delay_s: float = 0.0,
+         **spec: Any) -> dict:
+    env = {}
+    if delay_s:
+        env = {"PYTHONPATH": f"{SLOW}{os.pathsep}{ROOT}",
+               "TEST_DISK_DELAY_S": str(delay_s)}
+    return run_instance({"model": model, "kvtier": cfg, "rounds": rounds, "env": env, **spec})
+
+
+def test_a_disk_hit_loads_in_the_background_bitwise_equal(model: str, tmp_path: Path) -> None:
+    prompt = doc(model, 21)
+    cfg = kvtier_cfg(tmp_path)
+    _run(model, [[req(prompt)]], cfg)  # stores 4 chunks (+ the partial tail)
+    warm = _run(model, [[req(prompt)]], cfg)
+    sync = _run(model, [[req(prompt)]], {**cfg, "async_loads": False})
+    (hit,), = warm["rounds"]
+    assert hit["num_cached_tokens"] == 4 * CHUNK
+    assert warm["kvtier_worker"]["async_loads"] == 1
+    assert "async_loads" not in sync["kvtier_worker"]
+    reference = own_hit(model, prompt, 4 * CHUNK)
+    assert same_output(hit, reference)
+    assert same_output(sync["rounds"][0][0], reference)
+
+
+def test_a_background_load_past_its_timeout_is_cut_short_and_recomputed(
+        model: str, tmp_path: Path) -> None:
+    """8 chunks read 4 at a time, 2 s per read, 3 s allowed: the first 4 arrive, the
+    rest is recomputed; the output is vLLM's own with those 4 chunks cached."""
+    prompt = doc(model, 22, 2100)  # 8 whole chunks + 52 tokens
+    cfg = kvtier_cfg(tmp_path, load_timeout_s=3.0, prefetch=False)
+    _run(model, [[req(prompt)]], cfg)
+    late = _run(model, [[req(prompt)]], cfg, delay_s=2.0)
+    (out,), = late["rounds"]
+    assert late["kvtier_worker"]["async_timeouts"] == 1
+    assert late["kvtier_worker"]["load_failures"] == 1
+    assert same_output(out, own_hit(model, prompt, 4 * CHUNK, first=prompt[:4 * CHUNK + 60]))
+
+
+def test_a_slow_tier_does_not_stall_a_request_that_is_decoding(model: str,
+                                                                tmp_path: Path) -> None:
+    """A request decodes while another's hit takes 4 s to read: it finishes before
+    that hit's first token (with loads inside the step it would wait for the read)."""
+    slow_doc, other = doc(model, 23), doc(model, 24, 300)
+    cfg = kvtier_cfg(tmp_path, prefetch=False)
+    _run(model, [[req(slow_doc)]], cfg)
+    res = _run(model, [[req(other, max_tokens=24), req(slow_doc, max_tokens=4)]], cfg,
+               delay_s=4.0)
+    decoding, slow = res["rounds"][0]
+    assert slow["num_cached_tokens"] == 4 * CHUNK
+    assert res["kvtier_worker"]["async_loads"] == 1
+    assert decoding["last_token_ts"] < slow["first_token_ts"]
