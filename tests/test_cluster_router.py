@@ -186,6 +186,20 @@ def test_streaming_through_the_router(cluster: Cluster, model: str) -> None:
     assert text == plain["choices"][0]["text"]
 
 
+def test_pd_mode_prefills_on_one_instance_then_decodes_on_the_other(
+        cluster: Cluster, model: str, tmp_path: Path) -> None:
+    a, b = (cluster.servers[n].base_url for n in NAMES)
+    prompt = doc(model, 811)
+    with router(tmp_path / "pd.log", ["--controller", cluster.ctl.url, "--prefill", a,
+                                      "--decode", b]) as pd:
+        status, out, h = cluster.ask(pd.url, prompt, max_tokens=6)
+        assert status == 200 and h["x-kvtier-prefill-instance"] == "inst-a"
+        assert h["x-kvtier-instance"] == "inst-b" and float(h["x-kvtier-prefill-ms"]) > 0
+    wait_until(lambda: cluster.cached_at("inst-a", prompt) >= 1024, 60, "the prefill's chunks")
+    _, direct, _ = cluster.ask(a, prompt, max_tokens=6)
+    assert out["choices"][0]["text"] == direct["choices"][0]["text"]
+
+
 def test_a_dead_controller_costs_no_request_and_instances_come_back(cluster: Cluster,
                                                                     model: str) -> None:
     prompt = doc(model, 803)
