@@ -23,10 +23,10 @@ from typing import Any, Mapping
 import yaml
 
 from kvtier.config_values import (CODEC_MODULES, CodecName, TierName, WritePolicy, is_loopback,
-                                  parse_enum, parse_size, redact_url)
+                                  parse_enum, parse_size, read_token, redact_url)
 from kvtier.errors import ConfigError
 
-__all__ = ["CodecName", "ControlConfig", "DiskConfig", "KvtierConfig", "MemoryConfig",
+__all__ = ["CodecName", "ControlConfig", "ControllerConfig", "DiskConfig", "KvtierConfig", "MemoryConfig",
            "RedisConfig", "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size",
            "redact_url"]
 
@@ -37,7 +37,7 @@ NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
                             "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL"})
 # Keys whose values are secrets: never shown in an error message, and taken from the
 # environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
-SECRET_KEYS = frozenset({"control.token", "redis.url"})
+SECRET_KEYS = frozenset({"control.token", "controller.token", "redis.url"})
 
 @dataclass
 class MemoryConfig:
@@ -116,18 +116,24 @@ class ControlConfig:
 
     def resolve_token(self) -> str:
         """The configured token (from ``token`` or the file ``token_file``); "" if none."""
-        if self.token and self.token_file:
-            raise ConfigError("control.token_file", "give token or token_file, not both")
-        if not self.token_file:
-            return self.token
-        path = Path(self.token_file).expanduser()
-        try:
-            token = path.read_text().strip()
-        except OSError as e:
-            raise ConfigError("control.token_file", f"cannot read {path}: {e.strerror}") from None
-        if not token:
-            raise ConfigError("control.token_file", f"{path} is empty")
-        return token
+        return read_token("control", self.token, self.token_file)
+
+
+@dataclass
+class ControllerConfig:
+    """Registration with a cluster controller (``kvtier controller``, ``kvtier.cluster``)."""
+
+    url: str = ""  # the controller's base URL; "" leaves registration off
+    token: str = field(default="", repr=False)  # prefer token_file / KVTIER_CONTROLLER__TOKEN
+    token_file: str = ""
+    instance_id: str = ""  # name at the controller ("": host:pid); its KV events topic too
+    instance_url: str = ""  # the ``vllm serve`` base URL advertised to routers
+    heartbeat_s: float = 2.0
+    timeout_s: float = 2.0  # bound on each call to the controller (on a background thread)
+
+    def resolve_token(self) -> str:
+        """The configured token (``token`` or the file ``token_file``); "" if none."""
+        return read_token("controller", self.token, self.token_file)
 
 
 @dataclass
@@ -155,6 +161,7 @@ class KvtierConfig:
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless chunks are whole engine blocks."""
@@ -268,18 +275,16 @@ def _validate(cfg: KvtierConfig) -> None:
     if cfg.control.port > 65535:
         raise ConfigError("control.port", f"must be a TCP port, got {cfg.control.port}")
     _validate_control(cfg.control)
-    if cfg.load_timeout_s <= 0:
-        raise ConfigError("load_timeout_s", f"must be positive, got {cfg.load_timeout_s}")
-    if cfg.redis.timeout_s <= 0:
-        raise ConfigError("redis.timeout_s", f"must be positive, got {cfg.redis.timeout_s}")
-    if cfg.redis.contains_timeout_s <= 0:
-        raise ConfigError("redis.contains_timeout_s",
-                          f"must be positive, got {cfg.redis.contains_timeout_s}")
-    if cfg.redis.orphan_part_ttl_s < 1:
-        raise ConfigError("redis.orphan_part_ttl_s",
-                          f"must be >= 1 (seconds), got {cfg.redis.orphan_part_ttl_s}")
-    if cfg.redis.reconnect_backoff_s < 0:
-        raise ConfigError("redis.reconnect_backoff_s", "must be >= 0")
+    _validate_controller(cfg.controller)
+    for key, value in (("load_timeout_s", cfg.load_timeout_s),
+                       ("redis.timeout_s", cfg.redis.timeout_s),
+                       ("redis.contains_timeout_s", cfg.redis.contains_timeout_s)):
+        if value <= 0:
+            raise ConfigError(key, f"must be positive, got {value}")
+    for key, value, low in (("redis.orphan_part_ttl_s", cfg.redis.orphan_part_ttl_s, 1),
+                            ("redis.reconnect_backoff_s", cfg.redis.reconnect_backoff_s, 0)):
+        if value < low:
+            raise ConfigError(key, f"must be >= {low}, got {value}")
     if cfg.redis.reconnect_backoff_max_s < cfg.redis.reconnect_backoff_s:
         raise ConfigError("redis.reconnect_backoff_max_s", "must be >= redis.reconnect_backoff_s "
                           f"({cfg.redis.reconnect_backoff_s}), got "
@@ -307,6 +312,17 @@ def _validate_control(ctl: ControlConfig) -> None:
         raise ConfigError("control.host", f"{ctl.host} is reachable from other machines: "
                           "set control.token or control.token_file (anyone who reaches the "
                           "port could clear the cache or admit chunks), or bind 127.0.0.1")
+
+
+def _validate_controller(c: ControllerConfig) -> None:
+    if min(c.heartbeat_s, c.timeout_s) <= 0:
+        raise ConfigError("controller.heartbeat_s" if c.heartbeat_s <= 0
+                          else "controller.timeout_s", "must be positive")
+    for key, url in (("url", c.url), ("instance_url", c.instance_url)):
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"controller.{key}", "must be an http:// or https:// URL")
+    if c.url:
+        c.resolve_token()  # a token file that cannot be read stops start-up here
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,

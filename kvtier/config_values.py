@@ -1,11 +1,12 @@
 """Layer 0: single configuration values: the closed sets (tiers, write policy, codecs)
-and parsing of sizes, enums, hosts and URLs. No I/O."""
+and parsing of sizes, enums, hosts and URLs. No I/O but reading a token file."""
 
 from __future__ import annotations
 
 import enum
 import ipaddress
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -106,3 +107,19 @@ def redact_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
     except ValueError:  # not parsable as a URL: show nothing of it
         return "<unparsable url>"
+
+
+def read_token(section: str, token: str, token_file: str) -> str:
+    """A bearer token given as ``token`` or in the file ``token_file``; "" if neither."""
+    if token and token_file:
+        raise ConfigError(f"{section}.token_file", "give token or token_file, not both")
+    if not token_file:
+        return token
+    path = Path(token_file).expanduser()
+    try:
+        text = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{section}.token_file", f"cannot read {path}: {e.strerror}") from None
+    if not text:
+        raise ConfigError(f"{section}.token_file", f"{path} is empty")
+    return text

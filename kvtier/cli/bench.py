@@ -1,4 +1,4 @@
-"""``kvtier bench engine|tiers|codecs|serve|report``: arguments and printing.
+"""``kvtier bench engine|tiers|codecs|serve|cluster|report``: arguments and printing.
 
 The benchmarks themselves live in :mod:`kvtier.bench`; each runs its baseline
 in the same run and reports medians and ratios.
@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``kvtier bench`` and its subcommands."""
     bench = subparsers.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
     sub = bench.add_subparsers(dest="bench", required=True)
-    for add in (_add_engine, _add_tiers, _add_codecs, _add_serve, _add_report):
+    for add in (_add_engine, _add_tiers, _add_codecs, _add_serve, _add_cluster, _add_report):
         add(sub)
 
 
@@ -159,6 +159,46 @@ def _codecs_table(res: dict[str, Any]) -> None:
               f"{r['token_agreement']:7.1%} "
               f"{r['max_abs_logprob_diff']:9.2g} {r['mean_abs_logprob_diff']:10.2g} "
               f"{str(r['bitwise_equal']):>8} {r['hit_tokens']:>4}/{s['hit_tokens_expected']}")
+
+
+# -- cluster ------------------------------------------------------------------
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="many instances: KV-aware routing vs round-robin, "
+                       "prefill/decode split, peer-to-peer KV transfer")
+    p.add_argument("--part", default="routing", choices=["routing", "pd", "transfer", "all"])
+    p.add_argument("--quick", action="store_true", help="a few minutes on 2 cores")
+    p.add_argument("--model", help="a local model directory (default: the built tiny model)")
+    p.add_argument("--dtype", default="auto", help="model dtype (auto: fast on this CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="logs folder (default: a temporary one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cluster)
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    import importlib
+
+    from kvtier.bench.cluster import PARTS
+
+    parts = list(PARTS) if args.part == "all" else [args.part]
+    results: dict[str, Any] = {}
+    for part in parts:
+        try:
+            module = importlib.import_module(f"kvtier.bench.cluster.{part}")
+        except ModuleNotFoundError as e:
+            if e.name != f"kvtier.bench.cluster.{part}":
+                raise
+            if args.part != "all":
+                raise SystemExit(f"kvtier bench cluster: part {part!r} is not built yet")
+            results[part] = {"skipped": "not built yet"}
+            continue
+        results[part] = module.run(args)
+        if not args.json:
+            print(module.table(results[part]))
+    if args.json:
+        print(json.dumps(results[parts[0]] if len(parts) == 1 else results))
+    return 0
 
 
 # -- serve --------------------------------------------------------------------

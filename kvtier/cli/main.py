@@ -1,4 +1,4 @@
-"""The ``kvtier`` command: demo, bench, model, ctl."""
+"""The ``kvtier`` command: demo, bench, model, ctl, controller, router."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from kvtier.cli import bench, ctl, demo, model
+from kvtier.cli import bench, cluster, ctl, demo, model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvtier", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (demo, bench, model, ctl):
+    for command in (demo, bench, model, ctl, cluster):
         command.add_parser(sub)
     return parser
 

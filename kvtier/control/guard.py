@@ -45,8 +45,9 @@ class Guard:
     """Wraps the ASGI app with access control, body limits and request metrics."""
 
     def __init__(self, app: ASGIApp, token: str, max_body_bytes: int, timeout_s: float,
-                 metrics: ControlMetrics) -> None:
+                 metrics: ControlMetrics, label: Callable[[str], str] | None = None) -> None:
         self.app = app
+        self.label = label or op_of  # path -> the bounded ``op`` label of the metrics
         self._token = token.encode()
         self.max_body_bytes = max_body_bytes
         self.timeout_s = timeout_s
@@ -71,7 +72,7 @@ class Guard:
                 return
             await self.app(scope, self._limited(receive), send_counted)
         finally:
-            self.metrics.observe(op_of(scope.get("path", "")), status[0],
+            self.metrics.observe(self.label(scope.get("path", "")), status[0],
                                  time.perf_counter() - t0)
 
     def _refusal(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:

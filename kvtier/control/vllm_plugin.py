@@ -3,7 +3,8 @@
 Registered as a vLLM general plugin (entry point ``vllm.general_plugins`` in
 pyproject.toml), which vLLM loads in every process it starts. It only adds a
 hook to the connector; the server starts in a worker once its cache engine
-exists, and only if ``control.port`` is set.
+exists, and only if ``control.port`` is set. It also adds the cluster
+controller's registration hook (starts only if ``controller.url`` is set).
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ def start_control_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> N
 
 
 def register() -> None:
-    """vLLM plugin entry point."""
+    """vLLM plugin entry point: the management API and the controller registration
+    (:mod:`kvtier.cluster.vllm_plugin`; one entry point, so an installed kvtier
+    needs no new metadata for it)."""
+    from kvtier.cluster.vllm_plugin import start_registrar
     from kvtier.connectors import vllm as connector
 
-    if start_control_server not in connector.ENGINE_READY_HOOKS:
-        connector.ENGINE_READY_HOOKS.append(start_control_server)
+    for hook in (start_control_server, start_registrar):
+        if hook not in connector.ENGINE_READY_HOOKS:
+            connector.ENGINE_READY_HOOKS.append(hook)

@@ -1,0 +1,197 @@
+"""Layer 7: the controller's state: registered instances and which chunks each holds.
+
+Two backends with one interface: :class:`MemoryState` (one controller) and
+:class:`RedisState` (``--redis-url``: replicas share instances and index).
+An instance is live while its last heartbeat is under ``ttl_s`` old; reads
+never return an expired one, and :meth:`expire` drops them with their chunks.
+Chunk keys are the 16-byte kvtier keys; tiers are kvtier's tier names.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Iterable, Sequence
+
+Record = dict[str, Any]
+
+
+def leading(held: Sequence[Sequence[bool]], tiers: Sequence[str]) -> dict[str, int]:
+    """Per tier (and ``"any"``) how many of the first keys are held without a gap.
+
+    ``held[t][i]``: tier ``tiers[t]`` holds key ``i``. Keys chain, so a key held
+    after a missing one is of no use to a prefix."""
+    out: dict[str, int] = {}
+    n = len(held[0]) if held else 0
+    for name, row in zip(tiers, held):
+        out[name] = next((i for i, h in enumerate(row) if not h), n)
+    out["any"] = next((i for i in range(n) if not any(row[i] for row in held)), n)
+    return out
+
+
+class MemoryState:
+    """Instances and their chunks in this process."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._instances: dict[str, Record] = {}
+        self._chunks: dict[str, dict[str, set[bytes]]] = {}
+
+    # -- instances
+    def put_instance(self, rec: Record) -> None:
+        with self._lock:
+            self._instances[rec["instance"]] = {**rec, "last_seen": time.time()}
+            self._chunks.setdefault(rec["instance"], {})
+
+    def touch(self, instance: str) -> bool:
+        with self._lock:
+            rec = self._instances.get(instance)
+            if rec is None or time.time() - rec["last_seen"] > self.ttl_s:
+                return False
+            rec["last_seen"] = time.time()
+            return True
+
+    def instances(self) -> list[Record]:
+        now = time.time()
+        with self._lock:
+            return [dict(r) for r in self._instances.values() if now - r["last_seen"] <= self.ttl_s]
+
+    def expire(self) -> list[str]:
+        now = time.time()
+        with self._lock:
+            gone = [i for i, r in self._instances.items() if now - r["last_seen"] > self.ttl_s]
+            for i in gone:
+                self._instances.pop(i, None)
+                self._chunks.pop(i, None)
+        return gone
+
+    # -- chunks
+    def add(self, instance: str, tier: str, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            tiers = self._chunks.get(instance)
+            if tiers is not None:
+                tiers.setdefault(tier, set()).update(keys)
+
+    def remove(self, instance: str, tier: str, keys: Iterable[bytes]) -> None:
+        with self._lock:
+            held = self._chunks.get(instance, {}).get(tier)
+            if held:
+                held.difference_update(keys)
+
+    def replace(self, instance: str, tiers: dict[str, list[bytes]]) -> None:
+        with self._lock:
+            if instance in self._chunks:
+                self._chunks[instance] = {t: set(k) for t, k in tiers.items()}
+
+    def clear(self, instance: str) -> None:
+        self.replace(instance, {})
+
+    def held(self, instance: str, keys: Sequence[bytes]) -> dict[str, int]:
+        with self._lock:
+            tiers = self._chunks.get(instance, {})
+            names = sorted(tiers)
+            rows = [[k in tiers[t] for k in keys] for t in names]
+        return leading(rows, names) if names else {"any": 0}
+
+    def counts(self, instance: str) -> dict[str, int]:
+        with self._lock:
+            return {t: len(k) for t, k in self._chunks.get(instance, {}).items()}
+
+    def close(self) -> None:
+        pass
+
+
+class RedisState:
+    """The same state in Redis: a hash of instance records (JSON with the time of the
+    last heartbeat) and one set of chunk keys per instance and tier."""
+
+    def __init__(self, url: str, ttl_s: float, prefix: str = "kvtier:cluster:",
+                 timeout_s: float = 2.0) -> None:
+        import redis
+
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self.r = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                      socket_connect_timeout=timeout_s)
+        self.r.ping()  # a wrong URL stops start-up here
+
+    def _inst(self) -> str:
+        return f"{self.prefix}instances"
+
+    def _set(self, instance: str, tier: str) -> str:
+        return f"{self.prefix}chunks:{instance}:{tier}"
+
+    def _tiers(self, instance: str) -> str:
+        return f"{self.prefix}tiers:{instance}"
+
+    def put_instance(self, rec: Record) -> None:
+        self.r.hset(self._inst(), rec["instance"], json.dumps({**rec, "last_seen": time.time()}))
+
+    def touch(self, instance: str) -> bool:
+        raw = self.r.hget(self._inst(), instance)
+        if raw is None:
+            return False
+        rec = json.loads(raw)
+        if time.time() - rec["last_seen"] > self.ttl_s:
+            return False
+        rec["last_seen"] = time.time()
+        self.r.hset(self._inst(), instance, json.dumps(rec))
+        return True
+
+    def instances(self) -> list[Record]:
+        now = time.time()
+        recs = [json.loads(v) for v in self.r.hgetall(self._inst()).values()]
+        return [r for r in recs if now - r["last_seen"] <= self.ttl_s]
+
+    def expire(self) -> list[str]:
+        now = time.time()
+        gone = [r["instance"] for r in map(json.loads, self.r.hgetall(self._inst()).values())
+                if now - r["last_seen"] > self.ttl_s]
+        for i in gone:
+            self.r.hdel(self._inst(), i)
+            self.clear(i)
+        return gone
+
+    def add(self, instance: str, tier: str, keys: Iterable[bytes]) -> None:
+        keys = list(keys)
+        if keys:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.sadd(self._tiers(instance), tier)
+            pipe.sadd(self._set(instance, tier), *keys)
+            pipe.execute()
+
+    def remove(self, instance: str, tier: str, keys: Iterable[bytes]) -> None:
+        keys = list(keys)
+        if keys:
+            self.r.srem(self._set(instance, tier), *keys)
+
+    def replace(self, instance: str, tiers: dict[str, list[bytes]]) -> None:
+        self.clear(instance)
+        for tier, keys in tiers.items():
+            self.add(instance, tier, keys)
+
+    def clear(self, instance: str) -> None:
+        names = [t.decode() for t in self.r.smembers(self._tiers(instance))]
+        self.r.delete(self._tiers(instance), *(self._set(instance, t) for t in names))
+
+    def held(self, instance: str, keys: Sequence[bytes]) -> dict[str, int]:
+        names = sorted(t.decode() for t in self.r.smembers(self._tiers(instance)))
+        if not names or not keys:
+            return {"any": 0, **{t: 0 for t in names}}
+        pipe = self.r.pipeline(transaction=False)
+        for t in names:
+            pipe.smismember(self._set(instance, t), list(keys))
+        rows = [[bool(x) for x in row] for row in pipe.execute()]
+        return leading(rows, names)
+
+    def counts(self, instance: str) -> dict[str, int]:
+        names = sorted(t.decode() for t in self.r.smembers(self._tiers(instance)))
+        pipe = self.r.pipeline(transaction=False)
+        for t in names:
+            pipe.scard(self._set(instance, t))
+        return dict(zip(names, pipe.execute()))
+
+    def close(self) -> None:
+        self.r.close()

@@ -1,0 +1,79 @@
+"""Layer 7: registers a vLLM instance with the controller (``controller.url``).
+
+An engine-ready hook, added by the same vLLM general plugin as the management
+API (:func:`kvtier.control.vllm_plugin.register`). It runs in rank 0's worker
+only: one record per instance, with shard 0's namespace (the controller
+computes shard 0's keys, the ones kvtier's KV events publish; with TP > 1 a
+chunk is only usable when every rank holds it, which the instance checks
+itself when it is asked). What it registers:
+
+- ``model``: vLLM's served model name (the ``model`` field of OpenAI requests);
+- ``namespace`` (digest) and ``key_namespace`` (its fields), ``block_size``
+  when partial chunks are stored: so the controller computes the same keys;
+- ``topic``: vLLM's ``--kv-events-config`` topic (the controller reads this
+  instance's events under it; "" means the instance id);
+- ``control``: the management API's URL (for resyncs), ``transfer``: the
+  peer tier's ``host:port`` (``transfer.host``/``transfer.port``; absent or
+  port 0: none), ``url``: ``controller.instance_url``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+from typing import Any
+
+from kvtier.cluster.agent import Registrar
+from kvtier.config import KvtierConfig
+from kvtier.engine.cache_engine import CacheEngine
+
+log = logging.getLogger(__name__)
+_registrars: list[Registrar] = []
+
+
+def instance_body(cfg: KvtierConfig, engine: CacheEngine, vllm_config: Any = None) -> dict:
+    """What this instance registers (see the module docstring)."""
+    ns = engine.hasher.namespace
+    model, topic, tokenizer = ns.model_id, "", None
+    if vllm_config is not None:
+        served = getattr(vllm_config.model_config, "served_model_name", None)
+        model = (served[0] if isinstance(served, list) else served) or model
+        events = getattr(vllm_config, "kv_events_config", None)
+        if events is not None and getattr(events, "enable_kv_cache_events", False):
+            topic = getattr(events, "topic", "") or ""
+        tokenizer = getattr(vllm_config.model_config, "tokenizer", None)
+    instance = cfg.controller.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+    control = None
+    if cfg.control.port:
+        host = f"[{cfg.control.host}]" if ":" in cfg.control.host else cfg.control.host
+        control = f"http://{host}:{cfg.control.port}"
+    transfer_cfg = getattr(cfg, "transfer", None)
+    transfer = None
+    if transfer_cfg is not None and getattr(transfer_cfg, "port", 0):
+        transfer = f"{getattr(transfer_cfg, 'host', '127.0.0.1')}:{transfer_cfg.port}"
+    return {"instance": instance, "url": cfg.controller.instance_url or None, "model": str(model),
+            "namespace": ns.seed().hex(), "key_namespace": dataclasses.asdict(ns),
+            "layout": ns.layout, "chunk_size": ns.chunk_size,
+            "block_size": engine.hasher.granule if engine.hasher.store_partial else 0,
+            "tiers": [t.value for t in cfg.tiers], "control": control, "transfer": transfer,
+            "topic": topic or instance,
+            "tokenizer": str(tokenizer) if tokenizer and os.path.isdir(str(tokenizer)) else None}
+
+
+def start_registrar(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
+    """Engine-ready hook: register rank 0 with ``controller.url`` and keep heartbeating."""
+    if not cfg.controller.url or rank != 0:
+        return
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+    except ImportError:
+        vllm_config = None
+    body = instance_body(cfg, engine, vllm_config)
+    c = cfg.controller
+    _registrars.append(Registrar(c.url, body, c.resolve_token(), c.heartbeat_s, c.timeout_s))
+    log.info("kvtier: registering %s (model %s) at the controller %s", body["instance"],
+             body["model"], c.url)

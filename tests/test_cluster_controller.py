@@ -1,0 +1,246 @@
+"""The controller without vLLM: a real ``kvtier controller`` process, KV event batches
+published on a real ZMQ PUB socket in vLLM's wire format, a snapshot served over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import msgspec
+import pytest
+import zmq
+
+from kvtier.cluster.events import parse_batch
+from kvtier.keys import ChunkHasher, Namespace
+from kvtier.testing.cluster import KvtierProcess, controller
+from kvtier.testing.procs import wait_until
+from kvtier.testing.redis_proc import RedisProcess
+from tests.redis_server import require_redis
+
+TOKEN = "s3cret-controller"
+NS = Namespace("tiny", "vllm_cpu:L4:H2:D64:B128:bfloat16", 256)
+HASHER = ChunkHasher(NS, store_partial=True, granule=128)
+PROMPT = list(range(1000, 2100))  # 4 whole chunks + 76 tokens (no whole block: no key)
+
+
+def body(instance: str, **over: Any) -> dict[str, Any]:
+    return {"instance": instance, "url": f"http://127.0.0.1:1/{instance}", "model": "tiny",
+            "namespace": NS.seed().hex(), "key_namespace": dataclasses.asdict(NS),
+            "layout": NS.layout, "chunk_size": 256, "block_size": 128, "tiers": ["memory"],
+            "control": None, "transfer": f"127.0.0.1:{9000 + len(instance)}", **over}
+
+
+def batch(*events: dict[str, Any]) -> bytes:
+    return msgspec.msgpack.encode([time.time(), list(events), None])
+
+
+def stored(keys: list[bytes], medium: str = "CPU", block_size: int = 256) -> dict[str, Any]:
+    return {"type": "BlockStored", "block_hashes": keys, "parent_block_hash": None,
+            "token_ids": [], "block_size": block_size, "lora_id": None, "medium": medium,
+            "lora_name": None}
+
+
+class Publisher:
+    """What vLLM's ZmqEventPublisher does: connect, send (topic, seq, payload)."""
+
+    def __init__(self, endpoint: str, topic: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUB)
+        self.sock.connect(endpoint)
+        self.topic, self.seq = topic.encode(), 0
+
+    def send(self, payload: bytes, seq: int | None = None) -> None:
+        self.seq = self.seq if seq is None else seq
+        self.sock.send_multipart((self.topic, self.seq.to_bytes(8, "big"), payload))
+        self.seq += 1
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture(scope="module")
+def ctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvtierProcess]:
+    with controller(tmp_path_factory.mktemp("ctl") / "controller.log", TOKEN, ttl_s=3.0) as c:
+        yield c
+
+
+def cached(ctl: KvtierProcess, instance: str, prompt: list[int] = PROMPT) -> int:
+    _, out, _ = ctl.call("/v1/lookup", {"model": "tiny", "token_ids": prompt})
+    return next((i["cached_tokens"] for i in out["instances"] if i["instance"] == instance), -1)
+
+
+def keys_of(prompt: list[int] = PROMPT) -> list[bytes]:
+    return [bytes(k) for k in HASHER.keys(prompt)]
+
+
+def test_parse_batch_keeps_kvtier_events_only() -> None:
+    k = keys_of()
+    change = parse_batch(batch(stored(k[:2]), stored([b"x" * 32], "GPU", 128),
+                               stored(k[2:3], "DISK"),
+                               {"type": "BlockRemoved", "block_hashes": k[:1], "medium": "CPU"}),
+                         256)
+    assert change.stored == {"memory": k[:2], "disk": k[2:3]}
+    assert change.removed == {"memory": k[:1]} and change.ignored == 1
+    assert parse_batch(batch(stored(k), {"type": "AllBlocksCleared"}), 256).cleared
+    with pytest.raises(ValueError):
+        parse_batch(b"\xc1 not msgpack", 256)
+
+
+def test_access_registration_and_bad_input(ctl: KvtierProcess) -> None:
+    assert ctl.call("/health", token="")[0] == 200
+    assert ctl.call("/v1/instances", token="wrong")[0] == 401
+    assert ctl.call("/v1/register", body("a1"), token="")[0] == 401
+    status, out, _ = ctl.call("/v1/register", body("a1"))
+    assert status == 200 and out["topic"] == "a1" and out["events"].startswith("tcp://")
+    assert ctl.call("/v1/heartbeat", {"instance": "a1"})[0] == 200
+    status, out, _ = ctl.call("/v1/heartbeat", {"instance": "nobody"})
+    assert status == 404 and "register again" in out["error"]
+    status, out, _ = ctl.call("/v1/register", body("a2", namespace="0" * 32))
+    assert status == 400 and out["error"].startswith("key_namespace")
+    status, out, _ = ctl.call("/v1/lookup", {"model": "tiny"})
+    assert status == 400 and "token_ids" in out["error"]
+    status, out, _ = ctl.call("/v1/locate", {"keys": ["zz"]})
+    assert status == 400 and out["error"].startswith("keys.0")
+    status, out, _ = ctl.call("/v1/lookup", {"model": "tiny", "prompt": "hello"})
+    assert status == 400 and "tokenizer" in out["error"]
+    names = [i["instance"] for i in ctl.call("/v1/instances")[1]["instances"]]
+    assert "a1" in names and "a2" not in names
+
+
+def test_events_feed_lookup_and_locate(ctl: KvtierProcess) -> None:
+    assert ctl.call("/v1/register", body("ev1"))[0] == 200
+    pub = Publisher(ctl.events, "ev1")
+    k = keys_of()
+    try:
+        # a subscriber sees only what is sent once the connection is up: repeat
+        wait_until(lambda: (pub.send(batch(stored(k[:3]))) or cached(ctl, "ev1") == 768),
+                   30, "the first KV events")
+        pub.send(batch(stored(k[3:], "CPU"), stored(k[:2], "DISK")))
+        wait_until(lambda: cached(ctl, "ev1") == 1024, 10, "the rest of the prompt")
+        _, out, _ = ctl.call("/v1/lookup", {"model": "tiny", "token_ids": PROMPT})
+        me = next(i for i in out["instances"] if i["instance"] == "ev1")
+        assert me["tiers"] == {"memory": 1024, "disk": 512} and out["prompt_tokens"] == 1100
+        assert out["instances"][0]["instance"] == "ev1"  # best first
+        _, out, _ = ctl.call("/v1/locate", {"keys": [x.hex() for x in k]})
+        assert out["holders"][0] == {"instance": "ev1", "transfer": "127.0.0.1:9003",
+                                     "chunks": 4, "tiers": {"memory": 4, "disk": 2}}
+        _, out, _ = ctl.call("/v1/locate", {"keys": [x.hex() for x in k], "exclude": "ev1"})
+        assert all(h["instance"] != "ev1" for h in out["holders"])
+        # a salted prompt has other keys; a removal cuts the prefix where it falls
+        assert ctl.call("/v1/lookup", {"model": "tiny", "token_ids": PROMPT, "salt": "t2"}
+                        )[1]["instances"][0]["cached_tokens"] == 0
+        pub.send(batch({"type": "BlockRemoved", "block_hashes": [k[1]], "medium": "CPU"}))
+        pub.send(batch({"type": "BlockRemoved", "block_hashes": [k[2]], "medium": "CPU"}))
+        # key 1 is still on disk; key 2 nowhere: the prefix ends before it
+        wait_until(lambda: cached(ctl, "ev1") == 512, 10, "the removal")
+        pub.send(batch({"type": "AllBlocksCleared"}))
+        wait_until(lambda: cached(ctl, "ev1") == 0, 10, "the clear")
+    finally:
+        pub.close()
+
+
+def stored_batches(ctl: KvtierProcess) -> float:
+    text = ctl.call("/metrics")[1]
+    line = 'kvtier_controller_events_total{label="stored",what="event"} '
+    return sum(float(x[len(line):]) for x in text.splitlines() if x.startswith(line))
+
+
+class Snapshots:
+    """A management API that only serves /v1/snapshot (what resyncs read)."""
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys, self.calls = keys, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                data = json.dumps({"namespace": NS.layout, "chunk_size": 256,
+                                   "tiers": {"memory": [x.hex() for x in outer.keys]}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                outer.calls += 1  # counted once answered
+
+            def log_message(self, *a: Any) -> None:
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_registration_and_a_sequence_gap_resync_from_the_snapshot(ctl: KvtierProcess) -> None:
+    k = keys_of()
+    snap = Snapshots(k[:2])
+    try:
+        assert ctl.call("/v1/register", body("rs1", control=snap.url))[0] == 200
+        wait_until(lambda: cached(ctl, "rs1") == 512, 10, "the resync after registering")
+        pub = Publisher(ctl.events, "rs1")
+        try:
+            before = stored_batches(ctl)
+            wait_until(lambda: pub.send(batch(stored(k[:1]))) or stored_batches(ctl) > before,
+                       30, "the events connection")  # contiguous numbers: no gap
+            wait_until(lambda: snap.calls >= 2, 10, "the resync of a first message")
+            snap.keys = k  # the instance stored more, and the events of it are lost
+            assert cached(ctl, "rs1") == 512
+            pub.send(batch(), pub.seq + 50)  # 50 batches lost
+            wait_until(lambda: cached(ctl, "rs1") == 1024, 10, "a resync after the gap")
+        finally:
+            pub.close()
+    finally:
+        snap.server.shutdown()
+
+
+def test_an_instance_that_stops_heartbeating_leaves_the_index(ctl: KvtierProcess) -> None:
+    assert ctl.call("/v1/register", body("quiet"))[0] == 200
+    names = lambda: [i["instance"] for i in ctl.call("/v1/instances")[1]["instances"]]  # noqa
+    assert "quiet" in names()
+    wait_until(lambda: "quiet" not in names(), 15, "expiry after the 3 s TTL")
+    assert ctl.call("/v1/heartbeat", {"instance": "quiet"})[0] == 404
+    expired = 'kvtier_controller_events_total{label="ttl",what="expired"}'
+    wait_until(lambda: expired in ctl.call("/metrics")[1], 10, "the sweeper")  # reads hid it
+    assert 'kvtier_controller_requests_total{code="404",op="heartbeat"}' in ctl.call("/metrics")[1]
+
+
+@pytest.mark.redis
+def test_a_redis_index_answers_the_same_lookup_from_a_second_replica(tmp_path: Path) -> None:
+    require_redis()
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    try:
+        with controller(tmp_path / "c1.log", redis_url=server.url) as c1, \
+                controller(tmp_path / "c2.log", redis_url=server.url) as c2:
+            assert c1.call("/v1/register", body("r1"))[0] == 200
+            pub = Publisher(c1.events, "r1")
+            try:
+                wait_until(lambda: pub.send(batch(stored(keys_of()))) or cached(c1, "r1") == 1024,
+                           30, "events at the first replica")
+            finally:
+                pub.close()
+            assert cached(c2, "r1") == 1024
+            assert c2.call("/v1/lookup", {"model": "tiny", "token_ids": PROMPT})[1] == \
+                c1.call("/v1/lookup", {"model": "tiny", "token_ids": PROMPT})[1]
+            assert c2.call("/v1/heartbeat", {"instance": "r1"})[0] == 200
+    finally:
+        server.close()
+
+
+def test_controller_config_is_validated() -> None:
+    from kvtier.config import ConfigError, load_config
+
+    cfg = load_config(env={}, engine={"controller.url": "http://127.0.0.1:8800",
+                                      "controller.instance_id": "a"})
+    assert cfg.controller.url and cfg.controller.heartbeat_s == 2.0
+    for bad, key in (({"controller.url": "127.0.0.1:8800"}, "controller.url"),
+                     ({"controller.heartbeat_s": 0}, "controller.heartbeat_s"),
+                     ({"controller.url": "http://x", "controller.token": "t",
+                       "controller.token_file": "/f"}, "controller.token_file"),
+                     ({"controller.nope": 1}, "controller.nope")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(env={}, engine=bad)
