@@ -22,22 +22,25 @@ from typing import Any, Mapping
 
 import yaml
 
+from kvtier.config_cluster import PeerConfig, TransferConfig, validate_cluster
 from kvtier.config_values import (CODEC_MODULES, CodecName, TierName, WritePolicy, is_loopback,
                                   parse_enum, parse_size, redact_url)
 from kvtier.errors import ConfigError
 
 __all__ = ["CodecName", "ControlConfig", "DiskConfig", "KvtierConfig", "MemoryConfig",
-           "RedisConfig", "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size",
+           "PeerConfig", "RedisConfig", "TransferConfig", "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size",
            "redact_url"]
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
 # KVTIER_* variables that are not configuration keys (tooling, tests, `kvtier ctl`).
 NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
-                            "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL"})
+                            "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL",
+                            "KVTIER_TRANSFER_TOKEN"})
 # Keys whose values are secrets: never shown in an error message, and taken from the
 # environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
-SECRET_KEYS = frozenset({"control.token", "redis.url"})
+SECRET_KEYS = frozenset({"control.token", "redis.url", "transfer.token",
+                         "peer.controller_token"})
 
 @dataclass
 class MemoryConfig:
@@ -155,6 +158,8 @@ class KvtierConfig:
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless chunks are whole engine blocks."""
@@ -201,6 +206,12 @@ def _coerce(key: str, ftype: Any, value: Any) -> Any:
         return parse_enum(key, WritePolicy, value)
     if ftype == "CodecName":
         return parse_enum(key, CodecName, value)
+    if ftype == "list[str]":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return list(value)
     if ftype == "list[TierName]":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -270,6 +281,7 @@ def _validate(cfg: KvtierConfig) -> None:
     _validate_control(cfg.control)
     if cfg.load_timeout_s <= 0:
         raise ConfigError("load_timeout_s", f"must be positive, got {cfg.load_timeout_s}")
+    validate_cluster(cfg.transfer, cfg.peer, TierName.PEER in cfg.tiers)
     if cfg.redis.timeout_s <= 0:
         raise ConfigError("redis.timeout_s", f"must be positive, got {cfg.redis.timeout_s}")
     if cfg.redis.contains_timeout_s <= 0:
@@ -326,5 +338,6 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     _apply(cfg, _env_overrides(env))
     if engine:
         _apply(cfg, engine)
+    cfg.transfer.take_env_token(env)
     _validate(cfg)
     return cfg
