@@ -28,8 +28,8 @@ from kvtier.config_values import (CODEC_MODULES, CodecName, TierName, WritePolic
 from kvtier.errors import ConfigError
 
 __all__ = ["CodecName", "ControlConfig", "DiskConfig", "KvtierConfig", "MemoryConfig",
-           "PeerConfig", "RedisConfig", "TransferConfig", "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size",
-           "redact_url"]
+           "PeerConfig", "RedisConfig", "TierName", "TransferConfig", "WritePolicy", "is_loopback",
+           "load_config", "parse_size", "redact_url"]
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
