@@ -1,4 +1,4 @@
-"""``kvtier bench engine|tiers|codecs|serve|report``: arguments and printing.
+"""``kvtier bench engine|tiers|codecs|serve|report|cluster``: arguments and printing.
 
 The benchmarks themselves live in :mod:`kvtier.bench`; each runs its baseline
 in the same run and reports medians and ratios.
@@ -15,7 +15,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``kvtier bench`` and its subcommands."""
     bench = subparsers.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
     sub = bench.add_subparsers(dest="bench", required=True)
-    for add in (_add_engine, _add_tiers, _add_codecs, _add_serve, _add_report):
+    for add in (_add_engine, _add_tiers, _add_codecs, _add_serve, _add_report, _add_cluster):
         add(sub)
 
 
@@ -235,3 +235,32 @@ def _report(args: argparse.Namespace) -> int:
 
     print(f"[bench report] wrote {report.run(args)}")
     return 0
+
+
+# -- cluster ------------------------------------------------------------------
+
+CLUSTER_PARTS = ("routing", "pd", "transfer")
+
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cluster", help="kvtier across instances: routing, PD, transfer channel")
+    p.add_argument("--part", choices=[*CLUSTER_PARTS, "all"], default="all")
+    p.add_argument("--quick", action="store_true", help="a few minutes per part")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cluster)
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    import importlib
+
+    res: dict[str, Any] = {}
+    for part in CLUSTER_PARTS if args.part == "all" else (args.part,):
+        try:
+            module = importlib.import_module(f"kvtier.bench.cluster.{part}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"kvtier.bench.cluster.{part}":
+                raise
+            res[part] = {"error": f"kvtier.bench.cluster.{part} is not in this tree"}
+            continue
+        res[part] = getattr(module, f"run_{part}")(args.quick)
+    return _json_or_table(args, res, lambda r: print(json.dumps(r, indent=1)))

@@ -4,6 +4,9 @@
 memory tier with ``CHUNKS`` chunks (``chunk_key(i)`` -> ``chunk_payload(i, CHUNK_BYTES)``),
 serves them on a free port of 127.0.0.1, prints ``{"port": ...}`` and runs until its
 stdin closes. :class:`TransferChild` starts and stops one (bounded waits).
+
+With ``raw`` as TOKEN it serves plain TCP instead (the benchmark's baseline): for each
+8-byte request ``n`` it ``sendall``s ``n`` bytes of one buffer of CHUNKS * CHUNK_BYTES.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def main(argv: list[str]) -> None:
 
     chunks, nbytes = int(argv[0]), int(argv[1])
     token = argv[2] if len(argv) > 2 else ""
+    if token == "raw":
+        return _raw_server(chunks * nbytes)
     namespace = argv[3] if len(argv) > 3 else "ns"
     memory = MemoryTier(chunks * nbytes, nbytes)
     for i in range(chunks):
@@ -82,6 +87,25 @@ def main(argv: list[str]) -> None:
     print(json.dumps({"port": server.port}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin (or dies)
     server.close()
+
+
+def _raw_server(total: int) -> None:
+    import socket
+    import struct
+    import threading
+
+    data = memoryview(np.ones(total, dtype=np.uint8))
+    sock = socket.create_server(("127.0.0.1", 0))
+    print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+
+    def serve() -> None:
+        conn, _ = sock.accept()
+        while head := conn.recv(8, socket.MSG_WAITALL):
+            (n,) = struct.unpack("<Q", head)
+            conn.sendall(data[:min(n, total)])
+
+    threading.Thread(target=serve, daemon=True).start()
+    sys.stdin.read()
 
 
 if __name__ == "__main__":

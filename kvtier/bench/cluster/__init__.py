@@ -1,0 +1,1 @@
+"""Layer 8: benchmarks of kvtier across instances (routing, transfer, PD)."""
