@@ -289,3 +289,65 @@ def test_fuzzed_streams_never_break_the_server(server: TransferServer, junk: byt
 def test_hello_body_bound() -> None:
     assert MAX_HELLO >= len(hello_body("t" * 1000, "n" * 64))
     assert struct.calcsize("<4sBBHQ") == FRAME.size == 16
+
+
+class Controller:
+    """A stand-in for the controller's ``POST /v1/locate`` (the fixed contract)."""
+
+    def __init__(self, holders: list[dict], token: str = "ctl") -> None:
+        import http.server
+        import json
+
+        self.calls: list[dict] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls.append(body)
+                ok = self.path == "/v1/locate" and \
+                    self.headers.get("Authorization") == f"Bearer {token}"
+                data = json.dumps({"holders": holders}).encode() if ok else b"{}"
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_controller_locate_finds_the_holder_and_its_failures_are_misses(
+        server: TransferServer) -> None:
+    ctl = Controller([{"instance": "a", "transfer": server.address, "chunks": 5,
+                       "tiers": {"memory": 5}},
+                      {"instance": "me", "transfer": "127.0.0.1:1", "chunks": 7, "tiers": {}}])
+    cfg = PeerConfig(controller_url=ctl.url, controller_token="ctl", instance_id="me",
+                     contains_timeout_s=2.0, cache_s=60.0, backoff_s=60.0)
+    tier = PeerTier(cfg, token="tok", namespace=NS, own_address="127.0.0.1:1")
+    try:
+        assert tier.contains_many(keys()) == [True] * 5 + [False] * 3
+        assert ctl.calls[0] == {"keys": [k.hex() for k in keys()], "exclude": "me"}
+        got = tier.get_many(keys(5))
+        assert all(c is not None and np.array_equal(c.payload, chunk_payload(i, CHUNK))
+                   for i, c in enumerate(got))
+        assert len(ctl.calls) == 1  # the answer was cached
+    finally:
+        ctl.close()
+    down = PeerTier(PeerConfig(controller_url=ctl.url, contains_timeout_s=2.0, backoff_s=60.0),
+                    token="tok", namespace=NS)
+    assert down.contains_many(keys(2)) == [False, False] and down.stats.errors == 1
+    assert down.contains_many(keys(2)) == [False, False] and down.peer_stats["skipped"] == 1
+    bad = Controller([], token="other")
+    refused = PeerTier(PeerConfig(controller_url=bad.url, controller_token="ctl",
+                                  contains_timeout_s=2.0), token="tok", namespace=NS)
+    assert refused.contains_many(keys(2)) == [False, False] and refused.stats.errors == 1
+    bad.close()

@@ -73,7 +73,9 @@ class PeerTier(Tier):
     # -- presence -------------------------------------------------------------
 
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
-        keys = list(keys)[:MAX_KEYS]
+        if len(keys) > MAX_KEYS:  # one message's worth; the rest reads as absent
+            return self.contains_many(keys[:MAX_KEYS]) + [False] * (len(keys) - MAX_KEYS)
+        keys = list(keys)
         now = time.monotonic()
         known: dict[int, bool] = {}
         with self._lock:
