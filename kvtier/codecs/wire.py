@@ -136,6 +136,23 @@ def parse_contains(body: bytes, n: int) -> list[bool]:
     return [bool(b) for b in bits]
 
 
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound every send and receive on ``sock`` by ``seconds``, in the kernel.
+
+    The socket stays blocking (SO_SNDTIMEO / SO_RCVTIMEO instead of Python's
+    timeout): a batch then goes out in one ``sendmsg`` and a payload comes in
+    with one ``recv_into(MSG_WAITALL)``, each releasing the GIL once, rather
+    than one short call per socket-buffer's worth, each taking the GIL back
+    from the engine's thread. A wait past the bound raises an OSError.
+    """
+    sock.settimeout(None)
+    sec = int(seconds)
+    usec = int((seconds - sec) * 1e6) or (0 if sec else 1)  # 0/0 would mean "never"
+    tv = struct.pack("ll", sec, usec)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+
+
 def sendmsg_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
     """Send every buffer in order with ``sendmsg`` (scatter-gather: nothing is joined)."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -155,7 +172,7 @@ def recv_into(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from the socket; WireError if the peer closes first."""
     got = 0
     while got < view.nbytes:
-        n = sock.recv_into(view[got:])
+        n = sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
         if n == 0:
             raise WireError("connection closed mid-message")
         got += n

@@ -25,7 +25,7 @@ from kvtier.codecs import ChunkData
 from kvtier.codecs.format import encode_header
 from kvtier.codecs.wire import (FRAME, MAX_HELLO, Op, Status, WireError, contains_body, frame,
                                 get_answer_buffers, parse_frame, parse_hello, parse_keys,
-                                recv_exact, sendmsg_all)
+                                recv_exact, sendmsg_all, set_timeout)
 from kvtier.config import TransferConfig, is_loopback
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
@@ -91,14 +91,14 @@ class TransferServer:
     def _serve(self, conn: socket.socket) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.cfg.timeout_s)
+            set_timeout(conn, self.cfg.timeout_s)
             full = self._hello(conn)
             if full is None:
                 return
             while not self._closed:
-                conn.settimeout(self.cfg.idle_timeout_s)
+                set_timeout(conn, self.cfg.idle_timeout_s)
                 head = recv_exact(conn, FRAME.size)
-                conn.settimeout(self.cfg.timeout_s)
+                set_timeout(conn, self.cfg.timeout_s)
                 op, _, body_len = parse_frame(head, 4 + 16 * 65536)
                 keys = parse_keys(recv_exact(conn, body_len))
                 if op == Op.CONTAINS:

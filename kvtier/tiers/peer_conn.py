@@ -20,7 +20,7 @@ import numpy as np
 from kvtier.codecs import ChunkData
 from kvtier.codecs.wire import (FRAME, Op, Refused, Status, WireError, frame, hello_body,
                                 keys_body, parse_contains, parse_frame, read_chunks,
-                                read_message, recv_exact)
+                                read_message, recv_exact, set_timeout)
 from kvtier.keys import ChunkKey
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class PeerConnection:
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_timeout(self.sock, timeout_s)
             body = hello_body(token, namespace)
             self.sock.sendall(frame(Op.HELLO, len(body)) + body)
             status, msg = read_message(self.sock, Op.HELLO, 4096)
@@ -44,7 +45,7 @@ class PeerConnection:
             raise
 
     def contains(self, keys: Sequence[ChunkKey], timeout_s: float) -> list[bool]:
-        self.sock.settimeout(timeout_s)
+        set_timeout(self.sock, timeout_s)
         body = keys_body(keys)
         self.sock.sendall(frame(Op.CONTAINS, len(body)) + body)
         status, answer = read_message(self.sock, Op.CONTAINS, 4 + len(keys))
@@ -56,7 +57,7 @@ class PeerConnection:
             max_body: int) -> tuple[list[ChunkData | None], int]:
         """Chunks of ``keys`` (None = miss), asking again for those sent LATER; and how
         many arrived corrupt."""
-        self.sock.settimeout(timeout_s)
+        set_timeout(self.sock, timeout_s)
         out: list[ChunkData | None] = [None] * len(keys)
         todo = list(range(len(keys)))
         corrupt = 0
