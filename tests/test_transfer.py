@@ -351,3 +351,14 @@ def test_controller_locate_finds_the_holder_and_its_failures_are_misses(
                                   contains_timeout_s=2.0), token="tok", namespace=NS)
     assert refused.contains_many(keys(2)) == [False, False] and refused.stats.errors == 1
     bad.close()
+
+
+def test_transfer_benchmark_reports_both_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from kvtier.cli.main import main
+
+    main(["bench", "cluster", "--part", "transfer", "--quick", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["transfer"]
+    assert res["transfer_gbps"] > 0 and res["loopback_tcp_gbps"] > 0
+    assert res["transfer_vs_loopback"] > 0 and res["peer_stats"]["corrupt"] == 0

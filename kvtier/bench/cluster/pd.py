@@ -13,7 +13,9 @@ long prompts arrive at a fixed interval; their prefills are what disturbs the
 decoders' tokens on one instance. Measured over every streamed token gap of
 every request: inter-token latency p50/p99; TTFT of the long prompts (for pd:
 from the producer call's start); and the consumer's kvtier load rate
-(``vllm:kvtier_loaded_bytes_total`` / ``load_seconds_total``).
+(``vllm:kvtier_loaded_bytes_total`` over ``load_seconds_total``, the engine
+step's part, and over ``async_wait_seconds_total``, what requests waited for
+their KV in the background, the fetch from the producer included).
 """
 
 from __future__ import annotations
@@ -72,18 +74,22 @@ def run_pd(quick: bool) -> dict[str, Any]:
         before = _load_counters(consumer.base_url)
         res = asyncio.run(_drive(model, producer.base_url, consumer.base_url, longs, sizes))
         after = _load_counters(consumer.base_url)
-    loaded = after[0] - before[0]
-    seconds = after[1] - before[1]
+    loaded, seconds, waited = (a - b for a, b in zip(after, before))
     res["consumer_loaded_bytes"] = loaded
-    res["consumer_load_gbps"] = loaded / seconds / 1e9 if seconds else None
     res["load_bytes_per_long_request"] = loaded / max(1, sizes["longs"])
+    # In the engine step (sync loads: fetch + scatter; async loads: the scatter only) ...
+    res["consumer_step_load_gbps"] = loaded / seconds / 1e9 if seconds else None
+    # ... and what a request waited for its KV in the background (async loads), fetch
+    # from the producer included: the transfer rate a request sees.
+    res["consumer_async_wait_s"] = waited
+    res["consumer_request_gbps"] = loaded / waited / 1e9 if waited else None
     out["pd"] = res
     for name in ("itl_p50_ms", "itl_p99_ms", "ttft_p50_ms", "ttft_p99_ms"):
         out[f"pd_{name}"], out[f"single_{name}"] = out["pd"][name], out["single"][name]
     out["itl_p99_single_over_pd"] = out["single_itl_p99_ms"] / out["pd_itl_p99_ms"]
     out["long_outputs_equal"] = sum(a == b for a, b in zip(out["single"]["long_tokens"],
                                                            out["pd"]["long_tokens"]))
-    out["pd_transfer_gbps"] = res["consumer_load_gbps"]
+    out["pd_transfer_gbps"] = res["consumer_request_gbps"] or res["consumer_step_load_gbps"]
     out["log_dir"] = str(root)
     return out
 
@@ -170,16 +176,18 @@ async def _stream(session: Any, base_url: str, model: str, prompt: list[int],
     return times, tokens
 
 
-def _load_counters(base_url: str) -> tuple[float, float]:
-    """(kvtier loaded bytes, load seconds) so far, from vLLM's /metrics."""
+def _load_counters(base_url: str) -> tuple[float, float, float]:
+    """(kvtier loaded bytes, load seconds, async wait seconds) so far, from /metrics."""
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
         text = resp.read().decode()
-    total = {"vllm:kvtier_loaded_bytes_total": 0.0, "vllm:kvtier_load_seconds_total": 0.0}
+    total = {"vllm:kvtier_loaded_bytes_total": 0.0, "vllm:kvtier_load_seconds_total": 0.0,
+             "vllm:kvtier_async_wait_seconds_total": 0.0}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in total:
             total[name] += float(line.rsplit(" ", 1)[1])
-    return total["vllm:kvtier_loaded_bytes_total"], total["vllm:kvtier_load_seconds_total"]
+    return (total["vllm:kvtier_loaded_bytes_total"], total["vllm:kvtier_load_seconds_total"],
+            total["vllm:kvtier_async_wait_seconds_total"])
 
 
 if __name__ == "__main__":
