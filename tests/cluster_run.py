@@ -45,7 +45,9 @@ class Instance:
         eng = EngineSettings(model=model, max_model_len=2048, num_gpu_blocks=64,
                              kv_budget_bytes=64 << 20, threads_bind=cores,
                              extra_args=("--no-enable-prefix-caching",))
-        os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+        path = os.environ.get("PYTHONPATH", "")
+        if ROOT not in path.split(os.pathsep):  # vLLM's processes import this checkout
+            os.environ["PYTHONPATH"] = ROOT + (os.pathsep + path if path else "")
         self.server = Servers(cfg, eng, root / f"{name}.log").__enter__()
         self.base_url = self.server.base_url
 
