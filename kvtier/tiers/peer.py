@@ -60,6 +60,10 @@ class PeerTier(Tier):
         self._buffers = BufferPool(read_pool_bytes)
         self.peer_stats = {"contains_calls": 0, "locate_calls": 0, "skipped": 0}
 
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.peer_stats[name] += 1
+
     def _pool(self, address: str) -> PeerPool:
         with self._lock:
             pool = self._pools.get(address)
@@ -104,13 +108,13 @@ class PeerTier(Tier):
             pool = self._pool(address)
             if not pool.available():
                 self.stats.add(errors=1)
-                self.peer_stats["skipped"] += 1
+                self._count("skipped")
                 continue
             todo = [i for i, h in enumerate(holder) if not isinstance(h, str)]
             if not todo:
                 break
             try:
-                self.peer_stats["contains_calls"] += 1
+                self._count("contains_calls")
                 got = pool.call(self.namespace, self.cfg.contains_timeout_s, lambda c: c.contains(
                     [keys[i] for i in todo], self.cfg.contains_timeout_s))
             except _FAILURES:
@@ -123,10 +127,10 @@ class PeerTier(Tier):
     def _locate(self, keys: list[ChunkKey]) -> list[str | None | bool]:
         if time.monotonic() < self._controller_retry_at:
             self.stats.add(errors=1)
-            self.peer_stats["skipped"] += 1
+            self._count("skipped")
             return [False] * len(keys)
         try:
-            self.peer_stats["locate_calls"] += 1
+            self._count("locate_calls")
             holders = locate(self.cfg.controller_url, self.cfg.controller_token, keys,
                              self.cfg.instance_id or None, self.cfg.contains_timeout_s)
         except LocateError:
