@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import socket
 import struct
+import threading
 from typing import Callable, Sequence
 
 import numpy as np
@@ -211,59 +212,69 @@ def get_answer_buffers(heads: Sequence[bytes | None],
 
 
 def read_chunks(sock: socket.socket, keys: Sequence[ChunkKey], body_len: int,
-                take: Callable[[int], np.ndarray], max_chunk: int
-                ) -> tuple[list[ChunkData | None], list[int], int]:
+                take: Callable[[int], np.ndarray], give: Callable[[np.ndarray], None],
+                max_chunk: int) -> tuple[list[ChunkData | None], list[int], int]:
     """Read a GET answer's body: (chunks, indexes sent LATER, corrupt count).
 
-    Each chunk's header is parsed (key, lengths, header checksum) before its
-    payload is received into ``take(payload_len)``, then the payload checksum
-    is verified; a chunk that fails is a miss (its bytes are consumed so the
-    stream stays in step). Framing errors raise WireError.
+    The body (its size already checked against the receiver's bound by
+    :func:`parse_frame`) arrives in one ``recv_into(MSG_WAITALL)`` into
+    ``take(body_len)``: one GIL release for the whole batch, not three per
+    chunk, which matters when the engine's thread holds the GIL between its
+    ops. Each entry is then checked in memory: length within the body and
+    ``max_chunk``, header (key, lengths, header checksum), payload checksum;
+    a chunk that fails is a miss. The chunks are views of the buffer, which
+    goes back through ``give`` once every one of them is released. Framing
+    errors raise WireError.
     """
+    buf = take(body_len)
+    recv_into(sock, memoryview(buf))
     out: list[ChunkData | None] = [None] * len(keys)
     later: list[int] = []
     corrupt = 0
-    left = body_len
-    head = bytearray(HEADER_SIZE)
+    pos = 0
     for i, key in enumerate(keys):
-        if left < 8:
+        if body_len - pos < 8:
             raise WireError("GET answer shorter than its entries")
-        (n,) = _U64.unpack(recv_exact(sock, 8))
-        left -= 8
+        (n,) = _U64.unpack_from(buf, pos)
+        pos += 8
         if n == LATER:
             later.append(i)
             continue
         if n == 0:
             continue
-        if n > left or n < HEADER_SIZE or n - HEADER_SIZE > max_chunk:
-            raise WireError(f"GET entry of {n} bytes ({left} left, chunks <= {max_chunk})")
-        left -= n
-        recv_into(sock, memoryview(head))
+        if n > body_len - pos or n < HEADER_SIZE or n - HEADER_SIZE > max_chunk:
+            raise WireError(f"GET entry of {n} bytes ({body_len - pos} left, "
+                            f"chunks <= {max_chunk})")
+        entry, pos = buf[pos:pos + n], pos + n
         try:
-            header = parse_header(key, head)
-            if header.payload_len != n - HEADER_SIZE:
-                raise CorruptChunk(f"chunk {key.hex()}: entry and header lengths differ")
-        except CorruptChunk:
-            corrupt += 1
-            _discard(sock, n - HEADER_SIZE)
-            continue
-        buf = take(header.payload_len)
-        recv_into(sock, memoryview(buf))
-        chunk = ChunkData(header.meta, buf)
-        try:
-            verify_payload(key, header, buf)
+            header = parse_header(key, entry[:HEADER_SIZE])
+            payload = entry[HEADER_SIZE:]
+            verify_payload(key, header, payload)
         except CorruptChunk:
             corrupt += 1
             continue
-        out[i] = chunk
-    if left:
-        raise WireError(f"GET answer has {left} bytes after its entries")
+        out[i] = ChunkData(header.meta, payload)
+    if pos != body_len:
+        raise WireError(f"GET answer has {body_len - pos} bytes after its entries")
+    shared = _SharedBuffer(buf, give, sum(c is not None for c in out))
+    for chunk in out:
+        if chunk is not None:
+            chunk._release = shared.release
     return out, later, corrupt
 
 
-def _discard(sock: socket.socket, n: int) -> None:
-    scratch = memoryview(bytearray(min(n, 1 << 20)))
-    while n:
-        k = min(n, scratch.nbytes)
-        recv_into(sock, scratch[:k])
-        n -= k
+class _SharedBuffer:
+    """One received body under several chunks: given back when the last is released."""
+
+    def __init__(self, buf: np.ndarray, give: Callable[[np.ndarray], None], users: int) -> None:
+        self.buf, self.give, self.users = buf, give, users
+        self._lock = threading.Lock()
+        if not users:
+            give(buf)
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            last = self.users == 0
+        if last:
+            self.give(self.buf)

@@ -160,14 +160,14 @@ class PeerTier(Tier):
             ask = [keys[i] for i in todo]
             try:
                 got, corrupt = pool.call(self.namespace, self.cfg.timeout_s, lambda c: c.get(
-                    ask, self.cfg.timeout_s, self._buffers.take, self.max_chunk_bytes))
+                    ask, self.cfg.timeout_s, self._buffers.take, self._buffers.give,
+                    self.max_chunk_bytes))
             except _FAILURES:
                 self.stats.add(errors=1)
                 continue
             self.stats.add(corrupt=corrupt)
             for i, chunk in zip(todo, got):
                 if chunk is not None:
-                    chunk._release = self._buffers.release_callback(chunk.payload)
                     out[i] = chunk
         hits = [c for c in out if c is not None]
         self.stats.add(hits=len(hits), misses=len(out) - len(hits),

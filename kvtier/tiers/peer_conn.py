@@ -54,7 +54,8 @@ class PeerConnection:
         return parse_contains(answer, len(keys))
 
     def get(self, keys: Sequence[ChunkKey], timeout_s: float, take: Callable[[int], np.ndarray],
-            max_body: int) -> tuple[list[ChunkData | None], int]:
+            give: Callable[[np.ndarray], None], max_body: int
+            ) -> tuple[list[ChunkData | None], int]:
         """Chunks of ``keys`` (None = miss), asking again for those sent LATER; and how
         many arrived corrupt."""
         set_timeout(self.sock, timeout_s)
@@ -70,7 +71,7 @@ class PeerConnection:
             if status != Status.OK:
                 raise Refused(status, recv_exact(self.sock, body_len).decode(errors="replace"))
             got, later, bad = read_chunks(self.sock, [keys[i] for i in todo], body_len, take,
-                                          max_body)
+                                          give, max_body)
             corrupt += bad
             for i, chunk in zip(todo, got):
                 out[i] = chunk
