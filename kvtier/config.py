@@ -22,22 +22,27 @@ from typing import Any, Mapping
 
 import yaml
 
+from kvtier.config_cluster import (ControllerConfig, PeerConfig, TransferConfig,
+                                   peer_from_controller, validate_cluster,
+                                   validate_controller)
 from kvtier.config_values import (CODEC_MODULES, CodecName, TierName, WritePolicy, is_loopback,
-                                  parse_enum, parse_size, read_token, redact_url)
+                                  parse_enum, parse_size, redact_url)
 from kvtier.errors import ConfigError
 
-__all__ = ["CodecName", "ControlConfig", "ControllerConfig", "DiskConfig", "KvtierConfig", "MemoryConfig",
-           "RedisConfig", "TierName", "WritePolicy", "is_loopback", "load_config", "parse_size",
-           "redact_url"]
+__all__ = ["CodecName", "ControlConfig", "ControllerConfig", "DiskConfig", "KvtierConfig",
+           "MemoryConfig", "PeerConfig", "RedisConfig", "TierName", "TransferConfig",
+           "WritePolicy", "is_loopback", "load_config", "parse_size", "redact_url"]
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
 # KVTIER_* variables that are not configuration keys (tooling, tests, `kvtier ctl`).
 NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
-                            "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL"})
+                            "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL",
+                            "KVTIER_TRANSFER_TOKEN"})
 # Keys whose values are secrets: never shown in an error message, and taken from the
 # environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
-SECRET_KEYS = frozenset({"control.token", "controller.token", "redis.url"})
+SECRET_KEYS = frozenset({"control.token", "controller.token", "redis.url", "transfer.token",
+                         "peer.controller_token"})
 
 @dataclass
 class MemoryConfig:
@@ -120,23 +125,6 @@ class ControlConfig:
 
 
 @dataclass
-class ControllerConfig:
-    """Registration with a cluster controller (``kvtier controller``, ``kvtier.cluster``)."""
-
-    url: str = ""  # the controller's base URL; "" leaves registration off
-    token: str = field(default="", repr=False)  # prefer token_file / KVTIER_CONTROLLER__TOKEN
-    token_file: str = ""
-    instance_id: str = ""  # name at the controller ("": host:pid); its KV events topic too
-    instance_url: str = ""  # the ``vllm serve`` base URL advertised to routers
-    heartbeat_s: float = 2.0
-    timeout_s: float = 2.0  # bound on each call to the controller (on a background thread)
-
-    def resolve_token(self) -> str:
-        """The configured token (``token`` or the file ``token_file``); "" if none."""
-        return read_token("controller", self.token, self.token_file)
-
-
-@dataclass
 class KvtierConfig:
     """All of kvtier's settings; see README "Configuration"."""
 
@@ -162,6 +150,8 @@ class KvtierConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless chunks are whole engine blocks."""
@@ -208,6 +198,12 @@ def _coerce(key: str, ftype: Any, value: Any) -> Any:
         return parse_enum(key, WritePolicy, value)
     if ftype == "CodecName":
         return parse_enum(key, CodecName, value)
+    if ftype == "list[str]":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(key, f"expected a list of strings, got {value!r}")
+        return list(value)
     if ftype == "list[TierName]":
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
@@ -275,7 +271,8 @@ def _validate(cfg: KvtierConfig) -> None:
     if cfg.control.port > 65535:
         raise ConfigError("control.port", f"must be a TCP port, got {cfg.control.port}")
     _validate_control(cfg.control)
-    _validate_controller(cfg.controller)
+    validate_controller(cfg.controller)
+    validate_cluster(cfg.transfer, cfg.peer, TierName.PEER in cfg.tiers)
     for key, value in (("load_timeout_s", cfg.load_timeout_s),
                        ("redis.timeout_s", cfg.redis.timeout_s),
                        ("redis.contains_timeout_s", cfg.redis.contains_timeout_s)):
@@ -314,17 +311,6 @@ def _validate_control(ctl: ControlConfig) -> None:
                           "port could clear the cache or admit chunks), or bind 127.0.0.1")
 
 
-def _validate_controller(c: ControllerConfig) -> None:
-    if min(c.heartbeat_s, c.timeout_s) <= 0:
-        raise ConfigError("controller.heartbeat_s" if c.heartbeat_s <= 0
-                          else "controller.timeout_s", "must be positive")
-    for key, url in (("url", c.url), ("instance_url", c.instance_url)):
-        if url and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"controller.{key}", "must be an http:// or https:// URL")
-    if c.url:
-        c.resolve_token()  # a token file that cannot be read stops start-up here
-
-
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
                 engine: Mapping[str, Any] | None = None) -> KvtierConfig:
     """Build the validated configuration from file, environment and engine dict."""
@@ -342,5 +328,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     _apply(cfg, _env_overrides(env))
     if engine:
         _apply(cfg, engine)
+    cfg.transfer.take_env_token(env)
+    peer_from_controller(cfg.controller, cfg.peer)
     _validate(cfg)
     return cfg

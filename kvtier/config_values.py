@@ -19,6 +19,8 @@ class TierName(str, enum.Enum):
     MEMORY = "memory"
     DISK = "disk"
     REDIS = "redis"
+    PEER = "peer"
+    """Read-only: chunks other instances hold, over their transfer servers."""
 
 
 class WritePolicy(str, enum.Enum):

@@ -1,10 +1,12 @@
-"""Layer 7: starts the management API inside vLLM's workers.
+"""Layer 7: starts the management API and the transfer server inside vLLM's workers.
 
 Registered as a vLLM general plugin (entry point ``vllm.general_plugins`` in
 pyproject.toml), which vLLM loads in every process it starts. It only adds a
-hook to the connector; the server starts in a worker once its cache engine
-exists, and only if ``control.port`` is set. It also adds the cluster
-controller's registration hook (starts only if ``controller.url`` is set).
+hook to the connector; the servers start in a worker once its cache engine
+exists, and only if ``control.port`` / ``transfer.port`` is set. The same hook
+gives a peer tier the worker's namespace digest, so it may read chunks. It also
+adds the cluster controller's registration hook (starts only if
+``controller.url`` is set).
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from kvtier.config import KvtierConfig
 from kvtier.control.api import CacheAPI
 from kvtier.control.server import ControlServer
 from kvtier.engine.cache_engine import CacheEngine
+from kvtier.errors import UnsupportedConfig
+from kvtier.store.transfer_server import TransferServer
+from kvtier.tiers.peer import PeerTier
 
 log = logging.getLogger(__name__)
 _servers: list[ControlServer] = []
+_transfer: list[TransferServer] = []
 
 
 def start_control_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
@@ -35,6 +41,27 @@ def start_control_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> N
              "required" if cfg.control.resolve_token() else "off")
 
 
+def start_transfer_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
+    """Engine-ready hook: give peer tiers this worker's namespace; serve the transfer
+    channel on ``transfer.port`` (one worker per instance for now)."""
+    namespace = engine.hasher.namespace
+    digest = namespace.seed().hex()
+    for tier in engine.store.tiers:
+        if isinstance(tier, PeerTier):
+            tier.namespace = digest
+    if not cfg.transfer.port:
+        return
+    if namespace.tp_size > 1 or namespace.pp_size > 1:
+        raise UnsupportedConfig(
+            f"kvtier transfer: tensor/pipeline parallel size {namespace.tp_size}/"
+            f"{namespace.pp_size}: the transfer server serves one worker per instance for now; "
+            "unset transfer.port (peers then recompute) or run with TP=PP=1")
+    server = TransferServer(engine.store, cfg.transfer, digest)
+    _transfer.append(server)
+    log.info("kvtier: transfer server on %s (namespace %s, token %s)", server.address, digest,
+             "required" if cfg.transfer.resolve_token() else "off")
+
+
 def register() -> None:
     """vLLM plugin entry point: the management API and the controller registration
     (:mod:`kvtier.cluster.vllm_plugin`; one entry point, so an installed kvtier
@@ -42,6 +69,6 @@ def register() -> None:
     from kvtier.cluster.vllm_plugin import start_registrar
     from kvtier.connectors import vllm as connector
 
-    for hook in (start_control_server, start_registrar):
+    for hook in (start_control_server, start_transfer_server, start_registrar):
         if hook not in connector.ENGINE_READY_HOOKS:
             connector.ENGINE_READY_HOOKS.append(hook)

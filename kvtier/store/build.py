@@ -25,6 +25,10 @@ def build_tiers(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = 
             tiers.append(tier_class("disk")(cfg.disk))
         elif name is TierName.REDIS:
             tiers.append(tier_class("redis")(cfg.redis))
+        elif name is TierName.PEER:
+            tiers.append(tier_class("peer")(cfg.peer, token=cfg.transfer.resolve_token(),
+                                            own_address=cfg.transfer.address,
+                                            max_chunk_bytes=cfg.transfer.max_batch_bytes))
     return tiers
 
 
@@ -34,8 +38,10 @@ def build_store(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = 
     tiers = build_tiers(cfg, chunk_bytes, shared_only)
     if not tiers:
         return None
-    sizes = {TierName.DISK: cfg.disk.write_queue, TierName.REDIS: cfg.redis.write_queue}
-    codecs = {TierName.DISK: cfg.disk.codec, TierName.REDIS: cfg.redis.codec}
+    sizes = {TierName.DISK: cfg.disk.write_queue, TierName.REDIS: cfg.redis.write_queue,
+             TierName.PEER: 1}  # the read-only peer tier gets no writer
+    codecs = {TierName.DISK: cfg.disk.codec, TierName.REDIS: cfg.redis.codec,
+              TierName.PEER: CodecName.RAW}
     lower = [n for n in cfg.tiers if n is not TierName.MEMORY]
     return ChunkStore(tiers, cfg.write_policy, [sizes[n] for n in lower], track_events,
                       [codec(codecs[n]) for n in lower])

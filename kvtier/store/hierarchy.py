@@ -95,7 +95,7 @@ class ChunkStore:
         self._tier_events = {t.name: _EventLog() for t in self.lower} if track_events else {}
         self.writers = [BackgroundWriter(t, q, codec=c, on_written=self._tier_events[t.name].stored
                                          if track_events else None)
-                        for t, q, c in zip(self.lower, sizes, self.codecs)]
+                        for t, q, c in zip(self.lower, sizes, self.codecs) if not t.read_only]
         if self.memory is not None:
             self.memory.on_evict = self._on_memory_evict
             if self._events is not None:

@@ -14,6 +14,7 @@ _REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "memory": ("kvtier.tiers.memory", "MemoryTier", None),
     "disk": ("kvtier.tiers.disk", "DiskTier", None),
     "redis": ("kvtier.tiers.redis", "RedisTier", "pip install 'kvtier[redis]'"),
+    "peer": ("kvtier.tiers.peer", "PeerTier", None),
 }
 
 

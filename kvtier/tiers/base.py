@@ -67,6 +67,8 @@ class Tier(abc.ABC):
     """One storage medium. Thread-safe: any method may be called from any thread."""
 
     name: str = "tier"
+    read_only: bool = False
+    """True for a tier that only reads (the peer tier): the store runs no writer for it."""
 
     def __init__(self) -> None:
         self.stats = TierStats()

@@ -1,0 +1,162 @@
+"""Layer 3: the peer tier's connections to other instances' transfer servers.
+
+A :class:`PeerPool` per peer address keeps up to ``max_connections`` open,
+authenticated connections and lends one per call (thread-safe; a call never
+shares a connection). A connection that failed in any way is closed, never
+returned. After a failure the peer is skipped for ``backoff_s``: a peer that
+is down or hung costs one bounded wait, then nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from kvtier.codecs import ChunkData
+from kvtier.codecs.wire import (FRAME, Op, Refused, Status, WireError, frame, hello_body,
+                                keys_body, parse_contains, parse_frame, read_chunks,
+                                read_message, recv_exact, set_timeout)
+from kvtier.keys import ChunkKey
+
+log = logging.getLogger(__name__)
+
+
+class PeerConnection:
+    """One authenticated connection to a transfer server."""
+
+    def __init__(self, host: str, port: int, token: str, namespace: str,
+                 timeout_s: float) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout_s)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_timeout(self.sock, timeout_s)
+            body = hello_body(token, namespace)
+            self.sock.sendall(frame(Op.HELLO, len(body)) + body)
+            status, msg = read_message(self.sock, Op.HELLO, 4096)
+            if status != Status.OK:
+                raise Refused(status, msg.decode(errors="replace"))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def contains(self, keys: Sequence[ChunkKey], timeout_s: float) -> list[bool]:
+        set_timeout(self.sock, timeout_s)
+        body = keys_body(keys)
+        self.sock.sendall(frame(Op.CONTAINS, len(body)) + body)
+        status, answer = read_message(self.sock, Op.CONTAINS, 4 + len(keys))
+        if status != Status.OK:
+            raise Refused(status, answer.decode(errors="replace"))
+        return parse_contains(answer, len(keys))
+
+    def get(self, keys: Sequence[ChunkKey], timeout_s: float, take: Callable[[int], np.ndarray],
+            give: Callable[[np.ndarray], None], max_body: int
+            ) -> tuple[list[ChunkData | None], int]:
+        """Chunks of ``keys`` (None = miss), asking again for those sent LATER; and how
+        many arrived corrupt."""
+        set_timeout(self.sock, timeout_s)
+        out: list[ChunkData | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        corrupt = 0
+        while todo:
+            body = keys_body([keys[i] for i in todo])
+            self.sock.sendall(frame(Op.GET, len(body)) + body)
+            op, status, body_len = parse_frame(recv_exact(self.sock, FRAME.size), max_body)
+            if op != Op.GET:
+                raise WireError(f"answer to GET came as op {op}")
+            if status != Status.OK:
+                raise Refused(status, recv_exact(self.sock, body_len).decode(errors="replace"))
+            got, later, bad = read_chunks(self.sock, [keys[i] for i in todo], body_len, take,
+                                          give, max_body)
+            corrupt += bad
+            for i, chunk in zip(todo, got):
+                out[i] = chunk
+            if len(later) == len(todo):
+                raise WireError("the server sent none of the chunks asked for")
+            todo = [todo[j] for j in later]
+        return out, corrupt
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class PeerPool:
+    """Pooled connections to one peer, with a backoff after failures."""
+
+    def __init__(self, address: str, host: str, port: int, token: str,
+                 max_connections: int, backoff_s: float) -> None:
+        self.address = address
+        self.host, self.port = host, port
+        self.token = token
+        self.max_connections = max_connections
+        self.backoff_s = backoff_s
+        self._idle: list[tuple[str, PeerConnection]] = []
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+        self._logged = False
+
+    def available(self) -> bool:
+        """False while the peer is in its backoff after a failure."""
+        return time.monotonic() >= self._retry_at
+
+    def call(self, namespace: str, timeout_s: float,
+             fn: Callable[[PeerConnection], object]) -> object:
+        """Run ``fn`` on a pooled connection (opened with ``namespace`` if none is idle).
+
+        Raises what the call raised (OSError, WireError, Refused) after closing the
+        connection and starting the backoff. A reused connection that the server
+        has closed meanwhile is retried once on a fresh one.
+        """
+        conn, reused = self._take(namespace, timeout_s)
+        try:
+            try:
+                result = fn(conn)
+            except (ConnectionError, WireError) as exc:
+                conn.close()
+                if not reused:
+                    raise
+                log.debug("kvtier peer %s: stale connection (%s), reconnecting", self.address, exc)
+                conn = PeerConnection(self.host, self.port, self.token, namespace, timeout_s)
+                result = fn(conn)
+        except BaseException as exc:
+            conn.close()
+            self._failed(exc)
+            raise
+        with self._lock:
+            if len(self._idle) < self.max_connections:
+                self._idle.append((namespace, conn))
+                conn = None  # type: ignore[assignment]
+        if conn is not None:
+            conn.close()
+        return result
+
+    def _take(self, namespace: str, timeout_s: float) -> tuple[PeerConnection, bool]:
+        with self._lock:
+            for j in range(len(self._idle) - 1, -1, -1):
+                if self._idle[j][0] == namespace:
+                    return self._idle.pop(j)[1], True
+        try:
+            return PeerConnection(self.host, self.port, self.token, namespace, timeout_s), False
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: BaseException) -> None:
+        self._retry_at = time.monotonic() + self.backoff_s
+        if not self._logged or isinstance(exc, Refused):
+            self._logged = True
+            log.warning("kvtier peer %s: %s; a miss, not asked again for %.1fs",
+                        self.address, exc or type(exc).__name__, self.backoff_s)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, conn in idle:
+            conn.close()
