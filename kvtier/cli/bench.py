@@ -262,9 +262,12 @@ def _serve(args: argparse.Namespace) -> int:
 # -- report -------------------------------------------------------------------
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="rerun every benchmark, rewrite docs/benchmarks.md")
+    p = sub.add_parser("report", help="rerun the benchmarks, rewrite docs/benchmarks.md")
     p.add_argument("--quick", action="store_true", help="serving benchmarks at --quick size")
     p.add_argument("--configs", default="all", help="serving configurations (see bench serve)")
+    p.add_argument("--parts", default="all", help="comma-separated parts to rerun (the others "
+                   "come from docs/benchmarks.json): long-doc-qa, multi-round-qa, engine, "
+                   "tiers, codecs, redis-hit, cluster")
     p.add_argument("--docs", default="docs", help="folder of benchmarks.md and img/")
     p.add_argument("--scratch", default="bench-out/report", help="per-request results")
     p.set_defaults(func=_report)
