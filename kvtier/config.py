@@ -26,7 +26,7 @@ from kvtier.config_cluster import (ControllerConfig, PeerConfig, TransferConfig,
                                    peer_from_controller, validate_cluster,
                                    validate_controller)
 from kvtier.config_values import (CODEC_MODULES, CodecName, TierName, WritePolicy, is_loopback,
-                                  parse_enum, parse_size, redact_url)
+                                  parse_enum, parse_size, read_token, redact_url)
 from kvtier.errors import ConfigError
 
 __all__ = ["CodecName", "ControlConfig", "ControllerConfig", "DiskConfig", "KvtierConfig",
