@@ -22,6 +22,7 @@ HIT = {"setup": {"model": "/m/small-v1", "dtype": "bfloat16", "threads_bind": "0
                  "tiers": ["memory", "redis"], "engine_kv_blocks": 77, "doc_tokens": 4000,
                  "decoders": 2, "decode_tokens": 64},
        "configs": [{"config": "async", "hit_ttft_ms": 557.0, "hit_cached_tokens": 3968,
+                    "itl_p99_vs_own_hit": 0.9,
                     "itl_p99_ms": 114.0, "itl_p99_ms_no_hit": 33.0, "itl_p99_ratio": 3.45,
                     "itl_max_ms": 131.0}]}
 PD_KEYS = ("itl_p50_ms", "itl_p99_ms", "itl_p999_ms", "itl_max_ms", "ttft_p50_ms", "ttft_p99_ms")
@@ -66,7 +67,7 @@ def test_page_renders_new_parts_keeps_old_sections_and_dates_stale_ones() -> Non
     assert "engine text kept" in page and "not kept" not in page
     assert headings[2].endswith("(measured 2026-12-01)") and "measured" not in headings[1]
     assert "| zstd | lossless | 1.52x |" in page and "| q8 | 8-bit | 1.98x | - |" in page
-    assert "| async | 557 | 3968 | 114 | 33 | 3.45x | 131 |" in page
+    assert "| async | 557 | 3968 | 114 | 33 | 3.45x | 0.90x | 131 |" in page
     assert "Hit rate router / round-robin: 1.25x (goal >= 1.5x)" in page
     assert "ITL p99 one instance / PD: 1.50x" in page and "Transfer / raw TCP: 0.96x" in page
     # Rendering the page again from itself keeps every section as it was.

@@ -54,15 +54,19 @@ def test_a_disk_hit_loads_in_the_background_bitwise_equal(model: str, tmp_path: 
 
 def test_a_background_load_past_its_timeout_is_cut_short_and_recomputed(
         model: str, tmp_path: Path) -> None:
-    """8 chunks read 4 at a time, 2 s per read, 3 s allowed: the first 4 arrive, the
+    """8 chunks read 4 at a time, 3 s per read, 4.5 s allowed: the first 4 arrive, the
     rest is recomputed; the output is vLLM's own with those 4 chunks cached."""
     prompt = doc(model, 22, 2100)  # 8 whole chunks + 52 tokens
-    cfg = kvtier_cfg(tmp_path, load_timeout_s=3.0, prefetch=False)
+    cfg = kvtier_cfg(tmp_path, load_timeout_s=4.5, prefetch=False)
     _run(model, [[req(prompt)]], cfg)
-    late = _run(model, [[req(prompt)]], cfg, delay_s=2.0)
+    late = _run(model, [[req(prompt)]], cfg, delay_s=3.0)
     (out,), = late["rounds"]
-    assert late["kvtier_worker"]["async_timeouts"] == 1
-    assert late["kvtier_worker"]["load_failures"] == 1
+    worker = late["kvtier_worker"]
+    # Each timeout is a load failure vLLM recomputes from. (Once CI saw two: a load
+    # cut short before its first batch, so vLLM looked the request up again from
+    # token 0, and the second load got the 4 chunks. The margins are wider now.)
+    assert worker["async_timeouts"] >= 1, worker
+    assert worker["load_failures"] == worker["async_timeouts"], worker
     assert same_output(out, own_hit(model, prompt, 4 * CHUNK, first=prompt[:4 * CHUNK + 60]))
 
 
