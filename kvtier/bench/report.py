@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,8 @@ def run(args: Any) -> Path:
     docs = Path(args.docs)
     (docs / "img").mkdir(parents=True, exist_ok=True)
     scratch = Path(args.scratch)
-    parts = PARTS if args.parts == "all" else tuple(p.strip() for p in args.parts.split(","))
+    parts = (PARTS if args.parts == "all" else () if args.parts == "none"
+             else tuple(p.strip() for p in args.parts.split(",")))
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit(f"kvtier bench report: unknown parts {sorted(unknown)}; "
@@ -94,9 +96,13 @@ def render(saved: dict[str, Any], today: str, old_page: str = "") -> str:
         "",
     ]
     old = _sections(old_page)
+    stamp = re.search(r"\) on (\d{4}-\d{2}-\d{2})", old_page)  # the old page's own date
     for part in PARTS:
         if part not in saved:
-            out += old.get(part, [])
+            kept = list(old.get(part, []))
+            if kept and stamp and stamp[1] != today and "(measured " not in kept[0]:
+                kept[0] += f" (measured {stamp[1]})"
+            out += kept
             continue
         entry = saved[part]
         res, cmd = entry["result"], entry["cmd"]

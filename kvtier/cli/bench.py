@@ -267,7 +267,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--configs", default="all", help="serving configurations (see bench serve)")
     p.add_argument("--parts", default="all", help="comma-separated parts to rerun (the others "
                    "come from docs/benchmarks.json): long-doc-qa, multi-round-qa, engine, "
-                   "tiers, codecs, redis-hit, cluster")
+                   "tiers, codecs, redis-hit, cluster; none: only rewrite the page")
     p.add_argument("--docs", default="docs", help="folder of benchmarks.md and img/")
     p.add_argument("--scratch", default="bench-out/report", help="per-request results")
     p.set_defaults(func=_report)
