@@ -38,7 +38,8 @@ ENV_FILE = "KVTIER_CONFIG"
 # KVTIER_* variables that are not configuration keys (tooling, tests, `kvtier ctl`).
 NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
                             "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL",
-                            "KVTIER_TRANSFER_TOKEN"})
+                            "KVTIER_TRANSFER_TOKEN", "KVTIER_CONTROLLER_TOKEN",
+                            "KVTIER_LMCACHE_VENV"})
 # Keys whose values are secrets: never shown in an error message, and taken from the
 # environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
 SECRET_KEYS = frozenset({"control.token", "controller.token", "redis.url", "transfer.token",

@@ -88,3 +88,12 @@ def test_redis_safety_keys_load_from_env() -> None:
                            "KVTIER_REDIS__ORPHAN_PART_TTL_S": "60"})
     r = cfg.redis
     assert (r.contains_timeout_s, r.reconnect_backoff_max_s, r.orphan_part_ttl_s) == (0.1, 10, 60)
+
+
+def test_tool_variables_in_the_environment_are_not_config_keys() -> None:
+    """A shell that exports the controller's token (or the bench's LMCache venv) for
+    `kvtier controller` / `kvtier bench` still starts vLLM with kvtier."""
+    env = {"KVTIER_CONTROLLER_TOKEN": "x", "KVTIER_LMCACHE_VENV": "/tmp/v",
+           "KVTIER_TRANSFER_TOKEN": "t", "KVTIER_CONTROL_TOKEN": "c"}
+    cfg = load_config(env=env)
+    assert cfg.transfer.token == "t" and cfg.controller.token == ""

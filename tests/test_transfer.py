@@ -364,3 +364,24 @@ def test_transfer_benchmark_reports_both_rates(capsys: pytest.CaptureFixture[str
     assert res["transfer_vs_loopback"] > 0 and res["peer_stats"]["corrupt"] == 0
     from kvtier.bench.cluster import transfer
     assert "raw loopback TCP" in transfer.table(res)
+
+
+def test_a_transfer_server_that_cannot_start_is_not_advertised() -> None:
+    """TP > 1 (or a port in use) stops the transfer server at the engine-ready hook;
+    transfer.port is then 0, so the controller registration that runs next
+    advertises no server for peers to dial. The engine here is a stand-in with only
+    what the hook reads (its namespace and tiers): starting vLLM with TP = 2 is
+    covered elsewhere."""
+    from types import SimpleNamespace
+
+    from kvtier.control.vllm_plugin import start_transfer_server
+    from kvtier.errors import UnsupportedConfig
+    from kvtier.keys import Namespace
+
+    cfg = load_config(env={}, engine={"transfer.port": 9})
+    engine = SimpleNamespace(hasher=SimpleNamespace(namespace=Namespace("m", "L", 256,
+                                                                        tp_size=2)),
+                             store=SimpleNamespace(tiers=[]))
+    with pytest.raises(UnsupportedConfig, match="tensor/pipeline parallel"):
+        start_transfer_server(cfg, engine, 0)  # type: ignore[arg-type]
+    assert cfg.transfer.port == 0

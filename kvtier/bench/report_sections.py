@@ -104,11 +104,11 @@ def cluster(res: dict[str, Any], cmd: str) -> list[str]:
         ]
         for name, label in (("single", "one instance"), ("pd", "producer + consumer")):
             out.append(f"| {label} | " + " | ".join(
-                f"{r[f'{name}_{k}']:.0f} ms" for k in ("itl_p50_ms", "itl_p99_ms", "itl_p999_ms",
-                                                      "itl_max_ms", "ttft_p50_ms",
-                                                      "ttft_p99_ms")) + " |")
-        gbps = r.get("pd_transfer_gbps")
-        out += ["", f"ITL p99 one instance / PD: {r['itl_p99_single_over_pd']:.2f}x (goal >= "
+                _ms(r.get(f"{name}_{k}")) for k in ("itl_p50_ms", "itl_p99_ms", "itl_p999_ms",
+                                                    "itl_max_ms", "ttft_p50_ms",
+                                                    "ttft_p99_ms")) + " |")
+        gbps, ratio = r.get("pd_transfer_gbps"), r.get("itl_p99_single_over_pd")
+        out += ["", f"ITL p99 one instance / PD: {f'{ratio:.2f}x' if ratio else '-'} (goal >= "
                 f"2x). Long prompts' greedy outputs equal: {r['long_outputs_equal']}/"
                 f"{s['longs']}. Transfer per request: "
                 + (f"{gbps:.3f} GB/s." if gbps else "n/a."), ""]
@@ -131,3 +131,7 @@ def cluster(res: dict[str, Any], cmd: str) -> list[str]:
             "",
         ]
     return out
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:.0f} ms" if value is not None else "-"

@@ -51,12 +51,16 @@ def start_transfer_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> 
             tier.namespace = digest
     if not cfg.transfer.port:
         return
-    if namespace.tp_size > 1 or namespace.pp_size > 1:
-        raise UnsupportedConfig(
-            f"kvtier transfer: tensor/pipeline parallel size {namespace.tp_size}/"
-            f"{namespace.pp_size}: the transfer server serves one worker per instance for now; "
-            "unset transfer.port (peers then recompute) or run with TP=PP=1")
-    server = TransferServer(engine.store, cfg.transfer, digest)
+    try:
+        if namespace.tp_size > 1 or namespace.pp_size > 1:
+            raise UnsupportedConfig(
+                f"kvtier transfer: tensor/pipeline parallel size {namespace.tp_size}/"
+                f"{namespace.pp_size}: the transfer server serves one worker per instance for "
+                "now; unset transfer.port (peers then recompute) or run with TP=PP=1")
+        server = TransferServer(engine.store, cfg.transfer, digest)
+    except BaseException:
+        cfg.transfer.port = 0  # so the controller registration advertises no server
+        raise
     _transfer.append(server)
     log.info("kvtier: transfer server on %s (namespace %s, token %s)", server.address, digest,
              "required" if cfg.transfer.resolve_token() else "off")

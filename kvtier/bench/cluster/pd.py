@@ -87,9 +87,10 @@ def run_pd(quick: bool) -> dict[str, Any]:
     for name in ("itl_p50_ms", "itl_p99_ms", "itl_p999_ms", "itl_max_ms", "ttft_p50_ms",
                  "ttft_p99_ms"):
         out[f"pd_{name}"], out[f"single_{name}"] = out["pd"][name], out["single"][name]
-    out["itl_p99_single_over_pd"] = out["single_itl_p99_ms"] / out["pd_itl_p99_ms"]
-    out["long_outputs_equal"] = sum(a == b for a, b in zip(out["single"]["long_tokens"],
-                                                           out["pd"]["long_tokens"]))
+    single, split = out["single_itl_p99_ms"], out["pd_itl_p99_ms"]
+    out["itl_p99_single_over_pd"] = single / split if single and split else None
+    out["long_outputs_equal"] = sum(bool(a) and a == b for a, b in zip(
+        out["single"]["long_tokens"], out["pd"]["long_tokens"]))  # two failures are not equal
     out["pd_transfer_gbps"] = res["consumer_request_gbps"] or res["consumer_step_load_gbps"]
     out["log_dir"] = str(root)
     return out
@@ -206,11 +207,15 @@ def table(res: dict[str, Any]) -> str:
             f"{'TTFT p50':>9} {'TTFT p99':>9}"]
     for name, label in (("single", "one instance, 2 cores"), ("pd", "producer + consumer")):
         rows.append(f"{label:<22} " + " ".join(
-            f"{res[f'{name}_{k}']:>{w}.0f}" for k, w in (("itl_p50_ms", 8), ("itl_p99_ms", 8),
-                                                      ("itl_p999_ms", 8), ("itl_max_ms", 8),
-                                                      ("ttft_p50_ms", 9), ("ttft_p99_ms", 9))))
-    gbps = res.get("pd_transfer_gbps")
-    rows.append(f"ITL p99 one instance / PD: {res['itl_p99_single_over_pd']:.2f}x (goal >= 2x); "
+            _num(res.get(f"{name}_{k}"), w) for k, w in (
+                ("itl_p50_ms", 8), ("itl_p99_ms", 8), ("itl_p999_ms", 8), ("itl_max_ms", 8),
+                ("ttft_p50_ms", 9), ("ttft_p99_ms", 9))))
+    gbps, ratio = res.get("pd_transfer_gbps"), res.get("itl_p99_single_over_pd")
+    rows.append(f"ITL p99 one instance / PD: {f'{ratio:.2f}x' if ratio else '-'} (goal >= 2x); "
                 f"long outputs equal: {res['long_outputs_equal']}/{res['setup']['longs']}; "
-                f"transfer per request: {gbps:.3f} GB/s" if gbps else "transfer: n/a")
+                + (f"transfer per request: {gbps:.3f} GB/s" if gbps else "transfer: n/a"))
     return "\n".join(rows)
+
+
+def _num(value: float | None, width: int) -> str:
+    return f"{value:>{width}.0f}" if value is not None else f"{'-':>{width}}"
