@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers
+from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers, start_all
 from kvtier.testing.cluster import KvtierProcess, controller, router
 from kvtier.testing.procs import free_port, wait_until
 from kvtier.testing.redis_proc import RedisProcess
@@ -94,18 +93,7 @@ def cluster(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
     ctl = controller(root / "controller.log", redis_url=redis.url, ttl_s=4.0).start()
     replica = controller(root / "replica.log", redis_url=redis.url, ttl_s=4.0).start()
     servers = {n: _server(n, model, root, ctl) for n in NAMES}
-    errors: list[BaseException] = []
-
-    def start(s: Servers) -> None:
-        try:
-            s.__enter__()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-    threads = [threading.Thread(target=start, args=(s,)) for s in servers.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = start_all(servers.values())
     rtr = None
     try:
         assert not errors, errors

@@ -22,7 +22,6 @@ import asyncio
 import json
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 
 from kvtier.bench.serve import analysis
 from kvtier.bench.serve.client import run_workload, warm_up
-from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers
+from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers, start_all
 from kvtier.bench.serve.workloads import MultiRoundQA
 from kvtier.testing.cluster import KvtierProcess, controller, router
 from kvtier.testing.models import build_model, make_document
@@ -101,7 +100,9 @@ def run(args: Any) -> dict[str, Any]:
     t_start = time.perf_counter()
     with controller(out / "controller.log", ttl_s=10.0) as ctl:
         servers = [_instance(n, eng, ctl, out, eng.kv_budget_bytes) for n in ("inst-0", "inst-1")]
-        _start_all(servers)
+        errors = start_all(servers)
+        if errors:
+            raise errors[0]
         try:
             urls = [a for s in servers for a in ("--instance", s.base_url)]
             wait_until(lambda: len(ctl.call("/v1/instances")[1]["instances"]) == 2, 60,
@@ -133,27 +134,6 @@ def run(args: Any) -> dict[str, Any]:
             "router_qps": kv["qps"], "roundrobin_qps": rr["qps"],
             "ttft_p50_speedup": analysis._ratio(rr["ttft_p50_s"], kv["ttft_p50_s"]),
             "total_s": time.perf_counter() - t_start}
-
-
-def _start_all(servers: list[Servers]) -> None:
-    """Start the instances side by side (each start is mostly waiting)."""
-    errors: list[BaseException] = []
-
-    def start(s: Servers) -> None:
-        try:
-            s.__enter__()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for s in servers:
-            if s.procs:
-                s.__exit__()
-        raise errors[0]
 
 
 def table(res: dict[str, Any]) -> str:

@@ -30,11 +30,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from kvtier.bench.peers.lmcache import lmcache_server
 from kvtier.testing.procs import free_port
@@ -208,3 +209,27 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def start_all(servers: Iterable[Servers]) -> list[BaseException]:
+    """Start several configurations' processes side by side (each start is mostly
+    waiting). Returns the errors; when there are any, the ones that did start are
+    stopped again."""
+    servers = list(servers)
+    errors: list[BaseException] = []
+
+    def start(s: Servers) -> None:
+        try:
+            s.__enter__()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for s in servers:
+            if s.procs:
+                s.__exit__()
+    return errors
