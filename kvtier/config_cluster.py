@@ -5,7 +5,6 @@ controller (``controller``), the transfer channel each instance serves
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping
 
 from kvtier.config_values import is_loopback, read_token
@@ -56,19 +55,7 @@ class TransferConfig:
     def resolve_token(self) -> str:
         """The token from ``token`` (or ``$KVTIER_TRANSFER_TOKEN``, copied there by
         :func:`kvtier.config.load_config`) or ``token_file``; "" if none."""
-        if self.token and self.token_file:
-            raise ConfigError("transfer.token_file", "give token or token_file, not both")
-        if self.token_file:
-            path = Path(self.token_file).expanduser()
-            try:
-                token = path.read_text().strip()
-            except OSError as e:
-                raise ConfigError("transfer.token_file",
-                                  f"cannot read {path}: {e.strerror}") from None
-            if not token:
-                raise ConfigError("transfer.token_file", f"{path} is empty")
-            return token
-        return self.token
+        return read_token("transfer", self.token, self.token_file)
 
     def take_env_token(self, env: Mapping[str, str]) -> None:
         """Use ``$KVTIER_TRANSFER_TOKEN`` when neither token nor token_file is set."""
