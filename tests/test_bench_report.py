@@ -87,3 +87,23 @@ def test_a_pd_run_without_numbers_renders_dashes() -> None:
     assert "| producer + consumer | - | - |" in page and "ITL p99 one instance / PD: -" in page
     text = pd.table(empty)
     assert "long outputs equal: 0/4; transfer: n/a" in text
+
+
+LAYERWISE = {"setup": {"model": "small-v1 (24 layers, 2 KV heads x 64)", "dtype": "bfloat16",
+                       "doc_tokens": 8192, "runs": 3, "repeats": 8},
+             "configs": {"bulk": {"ttft_p50_ms": 200.0, "load_ms_per_hit": 8.0,
+                                  "layers_moved": 0},
+                         "layerwise": {"ttft_p50_ms": 202.0, "load_ms_per_hit": 9.0,
+                                       "layers_moved": 576}},
+             "vllm_cold_ttft_p50_ms": 9000.0, "layerwise_vs_bulk_ttft": 1.01}
+
+
+def test_layerwise_section_shows_the_cpu_run_and_the_kept_gpu_result() -> None:
+    """The GPU half comes from the device check's JSON kept in docs/device/."""
+    from kvtier.bench import report_sections
+
+    page = report.render({"layerwise": entry(LAYERWISE)}, "2026-12-04")
+    assert "## Layer-wise loads (`kvtier bench x`)" in page
+    assert "| bulk | 200.0 ms | 8.0 ms |" in page and "layer-wise / bulk hit TTFT: 1.010x" in page
+    assert report_sections.DEVICE_RESULT.is_file()  # the H200 run of 2026-12-04
+    assert "| memory tier pinned (kvtier on CUDA) |" in page and "| 2048 |" in page

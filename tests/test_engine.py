@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,62 @@ def test_store_then_retrieve_into_other_blocks_is_bitwise_exact(kind, dtype, ker
             assert torch.equal(block(lay, src[layer], src_ids[i]), block(lay, dst[layer], dst_ids[i]))
         untouched = block(lay, dst[layer], dst_ids[6])  # past the hit: not written
         assert not untouched.any()
+
+
+@pytest.mark.parametrize("kind,dtype,kernels", PARAMS)
+def test_layerwise_retrieve_moves_one_layer_at_a_time(kind, dtype, kernels) -> None:
+    """A layer-wise load copies the block the engine also writes (the one holding the
+    first computed token) up front; every other block, a layer per ``scatter``."""
+    eng, lay, mem = make(kind, dtype)
+    src = kv(lay, 40)
+    tokens = list(range(1000, 1030))
+    src_ids = [5, 9, 2, 17, 30, 31, 7, 8]
+    eng.register(src, use_kernels=kernels)
+    assert eng.store_kv(tokens, src_ids) == 3
+    dst = kv(lay, 50, "zeros")
+    dst_ids = [49, 1, 2, 3, 10, 11, 12, 13]
+    eng.register(dst, use_kernels=kernels)
+    pending: list = []
+    end = 23  # vLLM computes the last token of a fully cached prompt: block 5 is shared
+    res = eng.retrieve_kv(tokens, dst_ids, end_token=end, start_token=4, layerwise=pending)
+    assert res.complete and res.end == end and len(pending) == 1
+    load = pending[0]
+    for layer in range(LAYERS):
+        assert torch.equal(block(lay, src[layer], src_ids[5]), block(lay, dst[layer], dst_ids[5]))
+        assert not block(lay, dst[layer], dst_ids[1]).any()  # deferred
+    assert all(e.refs for e in mem._entries.values())  # chunks held until close
+    load.scatter(1)
+    load.scatter(1)  # once only
+    for layer in range(LAYERS):
+        for i in range(1, 5):
+            got = block(lay, dst[layer], dst_ids[i])
+            want = block(lay, src[layer], src_ids[i])
+            assert torch.equal(got, want) if layer == 1 else not got.any()
+    load.finish()
+    load.close()
+    assert not any(e.refs for e in mem._entries.values())
+    for layer in range(LAYERS):
+        for i in range(1, 6):
+            assert torch.equal(block(lay, src[layer], src_ids[i]), block(lay, dst[layer], dst_ids[i]))
+        assert not block(lay, dst[layer], dst_ids[0]).any()  # the engine's own block
+        assert not block(lay, dst[layer], dst_ids[6]).any()  # past the hit
+    with pytest.raises(IndexError):
+        eng._bound(None).scatter_layer([], LAYERS)
+
+
+def test_layerwise_retrieve_of_whole_blocks_defers_all() -> None:
+    eng, lay, mem = make(LayoutKind.VLLM_CPU, "float32")
+    src = kv(lay, 20)
+    tokens = list(range(16))
+    eng.register(src)
+    eng.store_kv(tokens, [0, 1, 2, 3])
+    dst = kv(lay, 20, "zeros")
+    pending: list = []
+    res = eng.retrieve_kv(tokens, [4, 5, 6, 7], end_token=16, kv_caches=dst, layerwise=pending)
+    assert res.end == 16 and not any(t.any() for t in dst)
+    pending[0].finish()
+    pending[0].close()
+    assert all(torch.equal(d[4:8], s[0:4]) for d, s in zip(dst, src))
 
 
 def test_partial_prefix_hit_and_divergence() -> None:
@@ -220,3 +277,19 @@ def test_row_kernels_share_torchs_openmp_pool_and_leave_its_settings(
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["2", "2", numba_threads, "omp"]
+
+
+def test_accelerator_copies_stage_runs_in_pieces_of_whole_blocks(monkeypatch) -> None:
+    """The pieces an accelerator stages at a time (CPU tensors here: only the cut is
+    under test; benchmarks/device_transfer.py checks the copies on a GPU)."""
+    from kvtier.engine import transfer as tr
+
+    lay = PagedLayout(LayoutKind.FLASH_ATTN, LAYERS, HEADS, HEAD_DIM, BLOCK, "float32")
+    t = tr.PagedTransfer(lay, kv(lay, 8))
+    per_block = LAYERS * lay.page_nbytes
+    region = np.arange(5 * per_block, dtype=np.uint8)
+    monkeypatch.setattr(tr, "PIECE_BYTES", 2 * per_block + 1)
+    pieces = t._pieces(tr.Run(region, [7, 3, 5, 1, 0]))
+    assert [p.block_ids for p in pieces] == [[7, 3], [5, 1], [0]]
+    assert np.array_equal(np.concatenate([p.region for p in pieces]), region)
+    assert all(p.region.base is not None for p in pieces)  # views, not copies

@@ -29,7 +29,7 @@ from kvtier.bench.serve import analysis
 from kvtier.bench.serve.servers import LABELS
 
 WORKLOADS = ("long-doc-qa", "multi-round-qa")
-PARTS = (*WORKLOADS, "engine", "tiers", "codecs", "redis-hit", "cluster")
+PARTS = (*WORKLOADS, "engine", "tiers", "codecs", "layerwise", "redis-hit", "cluster")
 
 
 def _bench(args: list[str]) -> dict[str, Any]:
@@ -58,6 +58,7 @@ def run(args: Any) -> Path:
     quick = ["--quick"] if args.quick else []
     # What the page shows as the command; --out only says where the scratch goes.
     cmds = {"engine": ["engine"], "tiers": ["tiers"], "codecs": ["codecs"],
+            "layerwise": ["layerwise", *quick],
             "redis-hit": ["serve", "--workload", "redis-hit", *quick],
             "cluster": ["cluster", "--part", "all", *quick],
             **{w: ["serve", "--workload", w, *quick, "--configs", args.configs]
@@ -78,7 +79,8 @@ def run(args: Any) -> Path:
 
 HEADINGS = {"long-doc-qa": "## Serving: long-doc-qa", "multi-round-qa": "## Serving: multi-round-qa",
             "engine": "## Cache engine", "tiers": "## Tiers", "codecs": "## Codecs",
-            "redis-hit": "## A large Redis hit", "cluster": "## Many instances"}
+            "layerwise": "## Layer-wise loads", "redis-hit": "## A large Redis hit",
+            "cluster": "## Many instances"}
 
 
 def render(saved: dict[str, Any], today: str, old_page: str = "") -> str:
@@ -171,7 +173,8 @@ def _tiers_section(t: dict[str, Any], cmd: str) -> list[str]:
 
 
 SECTIONS = {"engine": _engine_section, "tiers": _tiers_section,
-            "codecs": report_sections.codecs, "redis-hit": report_sections.redis_hit,
+            "codecs": report_sections.codecs, "layerwise": report_sections.layerwise,
+            "redis-hit": report_sections.redis_hit,
             "cluster": report_sections.cluster}
 
 

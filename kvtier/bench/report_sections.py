@@ -3,6 +3,7 @@ benchmarks (each ``(result, command) -> lines``, the first line its heading)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,77 @@ def redis_hit(res: dict[str, Any], cmd: str) -> list[str]:
         "hit's TTFT with a codec lower than without.",
         "",
     ]
+
+
+DEVICE_RESULT = Path(__file__).resolve().parents[2] / "docs" / "device" / \
+    "device_transfer-h200.json"
+
+
+def layerwise(res: dict[str, Any], cmd: str) -> list[str]:
+    from kvtier.bench import layerwise as lw
+
+    s = res["setup"]
+    out = [
+        f"## Layer-wise loads (`{cmd}`)",
+        "",
+        f"Model {s['model']}, {s['dtype']}, real vLLM on the CPU with its own prefix cache "
+        f"off: a {s['doc_tokens']}-token document stored once, then asked again "
+        f"{s['repeats']} times per run ({s['runs']} runs per configuration, alternating): each "
+        "hit is one engine step that loads the document's KV and computes its last token. "
+        "`bulk` copies every layer before the forward pass (the default); `layerwise` copies "
+        "each layer in vLLM's `wait_for_layer_load`, right before its attention.",
+        "",
+        lw.table(res),
+        "",
+        "On this CPU the copy and the forward pass share the same cores: moving the copy "
+        "into the forward pass overlaps nothing and adds a kernel call per layer, so "
+        "`layerwise` stays off by default.",
+        "",
+    ]
+    if DEVICE_RESULT.is_file():
+        d = json.loads(DEVICE_RESULT.read_text())
+        sp, st, su = d["speed"], d["step"], d["setup"]
+        out += [
+            f"On a GPU ({d['device']}, torch {d['torch']}; `python benchmarks/device_transfer.py`"
+            f", no vLLM: KV in vLLM's flash-attention layout, {su['layers']} layers, "
+            f"{su['heads']} KV heads x {su['head_dim']}, bf16, {su['tokens']} tokens = "
+            f"{sp['bytes'] / 2**30:.1f} GiB; median of {su['reps']}), kvtier's copies were "
+            f"bitwise exact in bf16/fp16/fp32, bulk and layer-wise, and:",
+            "",
+            "| copy | store (GPU to memory tier, until published) | load (memory tier to GPU) |",
+            "| --- | --- | --- |",
+            f"| memory tier pinned (kvtier on CUDA) | {sp['pinned']['store_gbps']:.1f} GB/s "
+            f"(the step pays {sp['pinned']['store_compute_stream_ms']:.1f} ms of "
+            f"{sp['pinned']['store_ms']:.1f}) | {sp['pinned']['load_gbps']:.1f} GB/s |",
+            f"| memory tier pageable | {sp['pageable']['store_gbps']:.1f} GB/s | "
+            f"{sp['pageable']['load_gbps']:.1f} GB/s |",
+            f"| before: strided host views, layer by layer | | "
+            f"{sp['load_strided_before']['load_gbps']:.1f} GB/s |",
+            "",
+            "The step pays the gather into a device staging copy; the copy to the pinned "
+            "memory tier runs on a side stream and the chunks are published once it is done. "
+            "One step that loads, or saves, that much KV while computing `new` tokens "
+            "(synthetic forward: per layer the model's MLP on the new tokens and a read of "
+            "the layer's KV):",
+            "",
+            "| new tokens | forward alone | bulk load + forward | layer-wise | layer-wise / bulk "
+            "| save waiting for the copy | save overlapped | overlapped / waiting |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for new, r in st.items():
+            save = (f" {r['save_waiting_ms']:.1f} ms | {r['save_overlapped_ms']:.1f} ms | "
+                    f"{r['save_overlapped_vs_waiting']:.2f}x |" if "save_waiting_ms" in r
+                    else " | | |")
+            out.append(f"| {new} | {r['forward_ms']:.1f} ms | {r['bulk_ms']:.1f} ms | "
+                       f"{r['layerwise_ms']:.1f} ms | {r['layerwise_vs_bulk']:.2f}x |" + save)
+        faster = all(r["layerwise_vs_bulk"] < 1 for r in st.values())
+        out += ["", "There the copies run on the GPU's copy engines while its cores compute: "
+                "layer-wise loads (a side stream, one 2-d DMA per layer, each layer's compute "
+                "waiting only for its own copy) were "
+                + ("faster at every size: turn `layerwise` on for GPU engines." if faster else
+                   "not faster at every size.")
+                + " These runs are not inside vLLM (no vLLM build for that GPU here).", ""]
+    return out
 
 
 def cluster(res: dict[str, Any], cmd: str) -> list[str]:

@@ -15,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``kvtier bench`` and its subcommands."""
     bench = subparsers.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
     sub = bench.add_subparsers(dest="bench", required=True)
-    for add in (_add_engine, _add_tiers, _add_codecs, _add_serve, _add_cluster, _add_report):
+    for add in (_add_engine, _add_tiers, _add_codecs, _add_layerwise, _add_serve, _add_cluster,
+                _add_report):
         add(sub)
 
 
@@ -162,6 +163,21 @@ def _codecs_table(res: dict[str, Any]) -> None:
 
 
 # -- cluster ------------------------------------------------------------------
+
+def _add_layerwise(sub: argparse._SubParsersAction) -> None:
+    from kvtier.bench import layerwise
+
+    p = sub.add_parser("layerwise", help="layer-wise loads vs the bulk load, in real vLLM",
+                       description=layerwise.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 4096-token document, 2 runs each")
+    p.add_argument("--doc-tokens", type=int, default=None, help="document length (8192)")
+    p.add_argument("--runs", type=int, default=None, help="runs per configuration (3)")
+    p.add_argument("--repeats", type=int, default=8, help="hits per run")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=lambda args: _json_or_table(args, layerwise.run(args),
+                                                   lambda r: print(layerwise.table(r))))
+
 
 def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cluster", help="many instances: KV-aware routing vs round-robin, "

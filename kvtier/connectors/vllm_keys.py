@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ from kvtier.config import KvtierConfig
 from kvtier.engine.layout import LayoutKind, PagedLayout, dtype_name
 from kvtier.errors import UnsupportedConfig
 from kvtier.keys import Namespace
+
+log = logging.getLogger("kvtier.vllm")
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -154,6 +157,19 @@ def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | No
             f"kvtier supports full-attention KV only; this model's KV cache spec is {name} "
             f"(sliding_window={getattr(spec, 'sliding_window', None)}, "
             f"attention_chunk_size={getattr(spec, 'attention_chunk_size', None)})")
+
+
+def recompute_on_load_failure(ktc: Any) -> None:
+    """A cache must never fail a request: a chunk that cannot be read is recomputed.
+    vLLM's default policy is "fail"; its scheduler reads the policy right after
+    creating the connector, so the scheduler connector sets it on start-up."""
+    if getattr(ktc, "kv_load_failure_policy", "recompute") != "recompute":
+        try:
+            ktc.kv_load_failure_policy = "recompute"
+            log.info("kvtier: kv_load_failure_policy set to 'recompute'")
+        except (AttributeError, TypeError, ValueError):
+            log.warning("kvtier: set kv_load_failure_policy='recompute' in the "
+                        "KVTransferConfig; with 'fail' an unreadable chunk fails its request")
 
 
 def request_inputs(request: Any) -> tuple[str | None, str | None] | Bypass:

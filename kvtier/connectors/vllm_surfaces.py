@@ -42,6 +42,7 @@ COUNTERS = {
     "stored_chunks": "Chunks gathered out of vLLM's KV cache into kvtier",
     "stored_bytes": "Bytes gathered out of vLLM's KV cache into kvtier",
     "store_seconds": "Seconds the workers spent gathering",
+    "layerwise_layers": "Layers of loads moved inside the forward pass (layerwise: true)",
     "async_loads": "Loads from lower tiers done in the background (vLLM's asynchronous loads)",
     "async_timeouts": "Background loads cut short by load_timeout_s (the rest recomputed)",
     "async_wait_seconds": "Seconds requests waited for their background loads",

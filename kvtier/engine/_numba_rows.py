@@ -100,3 +100,32 @@ def scatter(layers, idx, src, parts):  # pragma: no cover - compiled
             for j in range(width):
                 _store(out, j, row[j])
         _fence()
+
+
+# One layer at a time (layer-wise loads and saves, ``PagedTransfer.*_layer``):
+# the run stays one C-contiguous ``[blocks, layers, row]`` array and ``layer``
+# picks the column, so each row is still a contiguous 1-d store target.
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def gather_layer(src, idx, dst, layer, parts):  # pragma: no cover - compiled
+    """``dst[i, layer] = src[idx[i]]`` for every i."""
+    n, width = idx.shape[0], dst.shape[2]
+    for p in prange(parts):
+        for i in range(p * n // parts, (p + 1) * n // parts):
+            out, row = dst[i, layer], src[idx[i]]
+            for j in range(width):
+                _store(out, j, row[j])
+        _fence()
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def scatter_layer(dst, idx, src, layer, parts):  # pragma: no cover - compiled
+    """``dst[idx[i]] = src[i, layer]`` for every i."""
+    n, width = idx.shape[0], src.shape[2]
+    for p in prange(parts):
+        for i in range(p * n // parts, (p + 1) * n // parts):
+            out, row = dst[idx[i]], src[i, layer]
+            for j in range(width):
+                _store(out, j, row[j])
+        _fence()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -16,6 +17,7 @@ import torch
 
 from kvtier.codecs import ChunkData, ChunkMeta
 from kvtier.engine.layout import PagedLayout
+from kvtier.engine.accel import PendingCopy, pin_host_memory
 from kvtier.engine.transfer import PagedTransfer, Run, plan_runs
 from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store import ChunkStore, PrefixHit, lookup_hit
@@ -37,6 +39,41 @@ class RetrieveResult:
         return self.end >= self.requested_end
 
 
+class LayerwiseLoad:
+    """The deferred part of a layer-wise retrieve: its chunks stay referenced until
+    :meth:`close`; :meth:`scatter` makes one layer's blocks ready for the forward pass."""
+
+    def __init__(self, transfer: PagedTransfer, runs: list[Run], chunks: list[ChunkData]
+                 ) -> None:
+        self.chunks = chunks
+        self.block_ids = [b for run in runs for b in run.block_ids]
+        self._scatter = transfer.begin_scatter(runs)
+
+    @property
+    def todo(self) -> set[int]:
+        """Layers not made ready yet."""
+        return self._scatter.todo
+
+    def scatter(self, layer: int) -> None:
+        """Make ``layer`` of the deferred blocks ready (once; later calls do nothing)."""
+        self._scatter.layer(layer)
+
+    def finish(self) -> None:
+        """Make every layer not made ready yet ready now."""
+        for layer in sorted(self.todo):
+            self.scatter(layer)
+
+    def close(self) -> None:
+        """Release the chunks (after the last layer, or to abandon the load)."""
+        try:
+            self._scatter.done()  # copies still reading the chunks' buffers end first
+        finally:
+            for chunk in self.chunks:
+                chunk.release()
+            self.chunks = []
+            self.todo.clear()
+
+
 class CacheEngine:
     """Moves whole chunks between one engine's paged KV and a :class:`ChunkStore`."""
 
@@ -50,6 +87,8 @@ class CacheEngine:
         self.blocks_per_chunk = hasher.chunk_size // layout.block_size
         self._transfer: PagedTransfer | None = None
         self._kv: list[torch.Tensor] | None = None
+        self._inflight: deque[tuple[PendingCopy, list[ChunkKey], list, list[ChunkMeta]]] = \
+            deque()  # stores whose copy to host is still running (accelerators)
 
     def register(self, kv_caches: Sequence[torch.Tensor], use_kernels: bool = True) -> None:
         """Bind the engine's per-layer KV tensors (checked against the layout).
@@ -58,6 +97,9 @@ class CacheEngine:
         """
         self._transfer = PagedTransfer(self.layout, kv_caches, use_kernels)
         self._kv = list(kv_caches)
+        memory = self.store.memory
+        if memory is not None and not memory.pinned:
+            memory.pinned = pin_host_memory(memory.arena.buffer, self._transfer.device)
 
     # -- lookup ---------------------------------------------------------------
 
@@ -80,9 +122,13 @@ class CacheEngine:
         """Gather the prompt's chunks from paged KV into the store; returns chunks stored.
 
         Chunks already in memory are skipped. One batched copy per layer for
-        all new chunks; lower tiers are written in the background.
+        all new chunks; lower tiers are written in the background. On CUDA the
+        copy to host overlaps what the engine does next: the chunks are
+        published by a later :meth:`complete_stores` (each store and each
+        connector step calls it).
         """
         t0 = time.perf_counter()
+        self.complete_stores()
         n = self._store_kv(token_ids, block_ids, kv_caches, start_chunk, keys)
         if n:
             self.store.latency["store"].observe(time.perf_counter() - t0)
@@ -112,12 +158,27 @@ class CacheEngine:
             payloads.append(slot.buffer[:meta.raw_nbytes])
             ids.append([block_ids[b] for b in blocks])
         try:
-            transfer.gather(plan_runs(payloads, ids))
+            pending = transfer.gather(plan_runs(payloads, ids), wait=False)
         except BaseException:
             self.store.memory.abort(slots)
             raise
-        self.store.commit([keys[i] for i in todo], slots, metas)
+        if pending is None:
+            self.store.commit([keys[i] for i in todo], slots, metas)
+        else:  # published by complete_stores once the copy to host is done
+            self._inflight.append((pending, [keys[i] for i in todo], slots, metas))
         return len(todo)
+
+    def complete_stores(self, wait: bool = False) -> int:
+        """Publish stores whose copy to host has finished (accelerators: the copy
+        overlaps the engine's next work); ``wait``: all of them. Returns chunks
+        published. Until then a stored chunk is not found (a miss, never wrong KV)."""
+        n = 0
+        while self._inflight and (wait or self._inflight[0][0].done()):
+            pending, keys, slots, metas = self._inflight.popleft()
+            pending.wait()
+            self.store.commit(keys, slots, metas)
+            n += len(keys)
+        return n
 
     def _store_without_memory(self, todo: list[int], keys: list[ChunkKey], n_tok: int,
                               block_ids: Sequence[int], transfer: PagedTransfer) -> int:
@@ -141,7 +202,8 @@ class CacheEngine:
     def retrieve_kv(self, token_ids: Sequence[int], block_ids: Sequence[int], end_token: int,
                     start_token: int = 0, kv_caches: Sequence[torch.Tensor] | None = None,
                     keys: Sequence[ChunkKey] | None = None,
-                    chunks: Sequence[ChunkData | None] | None = None) -> RetrieveResult:
+                    chunks: Sequence[ChunkData | None] | None = None,
+                    layerwise: list[LayerwiseLoad] | None = None) -> RetrieveResult:
         """Load tokens ``[start_token, end_token)`` from the store into paged KV.
 
         ``start_token`` must be block aligned (blocks before it are the engine's
@@ -149,10 +211,17 @@ class CacheEngine:
         the result says how far it got, so the engine recomputes the rest.
         ``chunks``: the chunks :meth:`fetch` brought for this range (consumed
         and released here); without it they are read from the store now.
+
+        ``layerwise``: a list to append a :class:`LayerwiseLoad` to instead of
+        moving every layer now. Only the blocks the engine will also write
+        (the one holding ``end``, where the forward pass appends the first
+        computed token, and any after it) are copied now, all layers; the
+        caller moves each layer of the rest with ``scatter(layer)`` before that
+        layer's attention reads it, and calls ``close()`` at the end.
         """
         t0 = time.perf_counter()
         res = self._retrieve_kv(token_ids, block_ids, end_token, start_token, kv_caches, keys,
-                                chunks)
+                                chunks, layerwise)
         if res.end > res.start:
             self.store.latency["load"].observe(time.perf_counter() - t0)
         return res
@@ -170,7 +239,8 @@ class CacheEngine:
     def _retrieve_kv(self, token_ids: Sequence[int], block_ids: Sequence[int], end_token: int,
                      start_token: int, kv_caches: Sequence[torch.Tensor] | None,
                      keys: Sequence[ChunkKey] | None,
-                     chunks: Sequence[ChunkData | None] | None) -> RetrieveResult:
+                     chunks: Sequence[ChunkData | None] | None,
+                     layerwise: list[LayerwiseLoad] | None = None) -> RetrieveResult:
         bs, cs = self.layout.block_size, self.hasher.chunk_size
         try:
             transfer = self._bound(kv_caches)
@@ -186,25 +256,38 @@ class CacheEngine:
         if chunks is None:
             keys = list(self.hasher.keys(token_ids) if keys is None else keys)
             chunks = self.fetch(keys[first:last]) if last > first else []
+        deferred = None
         try:
             loaded = []
             for chunk in chunks:
                 if chunk is None or not self._valid(chunk, first + len(loaded), len(token_ids)):
                     break
                 loaded.append(chunk)
-            ids, payloads = [], []
+            end = start_token if not loaded else min(end_token, (first + len(loaded)) * cs)
+            row = self.layout.num_layers * self.layout.page_nbytes  # one block, all layers
+            # Blocks before ``split`` hold loaded tokens only; the forward pass also
+            # writes into the ones from ``split`` on, so those are never deferred.
+            split = end // bs if layerwise is not None else 0
+            now: tuple[list, list] = ([], [])
+            later: tuple[list, list] = ([], [])
             for j, chunk in enumerate(loaded):
                 blocks = self._blocks(first + j, len(token_ids))
                 skip = max(0, start_token // bs - blocks[0])  # engine already has these
-                payloads.append(chunk.payload[skip * self.layout.num_layers
-                                              * self.layout.page_nbytes:])
-                ids.append([block_ids[b] for b in blocks[skip:]])
-            transfer.scatter(plan_runs(payloads, ids))
+                cut = min(max(skip, split - blocks[0]), len(blocks))
+                for part, lo, hi in ((later, skip, cut), (now, cut, len(blocks))):
+                    if hi > lo:
+                        part[0].append(chunk.payload[lo * row: hi * row])
+                        part[1].append([block_ids[b] for b in blocks[lo:hi]])
+            transfer.scatter(plan_runs(*now))
+            if later[0]:
+                assert layerwise is not None
+                deferred = LayerwiseLoad(transfer, plan_runs(*later), loaded)
+                layerwise.append(deferred)
         finally:
+            kept = {id(c) for c in deferred.chunks} if deferred is not None else set()
             for chunk in chunks:
-                if chunk is not None:
+                if chunk is not None and id(chunk) not in kept:
                     chunk.release()
-        end = start_token if not loaded else min(end_token, (first + len(loaded)) * cs)
         return RetrieveResult(start_token, max(start_token, end), end_token)
 
     # -- helpers --------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 _lock = threading.Lock()  # one kernel at a time on the thread pool
-_kernels: tuple[Callable[..., None], Callable[..., None]] | None = None
+_kernels: tuple[Callable[..., None], ...] | None = None
 
 
 def available() -> bool:
@@ -31,7 +31,7 @@ def available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-def _compile() -> tuple[Callable[..., None], Callable[..., None]]:
+def _compile() -> tuple[Callable[..., None], ...]:
     global _kernels
     if _kernels is None:
         import torch  # first: its libgomp must be the one numba binds to
@@ -55,7 +55,8 @@ def _compile() -> tuple[Callable[..., None], Callable[..., None]]:
         _launch_numba_threads()
         from kvtier.engine import _numba_rows
 
-        _kernels = (_numba_rows.gather, _numba_rows.scatter)
+        _kernels = (_numba_rows.gather, _numba_rows.scatter, _numba_rows.gather_layer,
+                    _numba_rows.scatter_layer)
     return _kernels
 
 
@@ -108,10 +109,12 @@ class RowKernels:
     """Parallel row copies between per-layer ``[num_blocks, row]`` int64 arrays and runs."""
 
     def __init__(self, layers: Sequence[np.ndarray]) -> None:
-        self._gather, self._scatter = _compile()  # first: it sets numba up before import
+        # first: it sets numba up before import
+        self._gather, self._scatter, self._gather_one, self._scatter_one = _compile()
         from numba.typed import List as TypedList
 
         self._layers: Any = TypedList(layers)
+        self._arrays = list(layers)
         self._num_blocks, self._width = layers[0].shape[0], layers[0].shape[1]
 
     def _check(self, idx: np.ndarray, rows: np.ndarray) -> None:
@@ -133,3 +136,13 @@ class RowKernels:
         """``layers[l][idx[i]] = src[i, l]`` for every i and l, in parallel."""
         self._check(idx, src)
         _run(self._scatter, self._layers, idx, src)
+
+    def gather_layer(self, idx: np.ndarray, dst: np.ndarray, layer: int) -> None:
+        """``dst[i, layer] = layers[layer][idx[i]]`` for every i (one layer of a run)."""
+        self._check(idx, dst)
+        _run(self._gather_one, self._arrays[layer], idx, dst, layer)
+
+    def scatter_layer(self, idx: np.ndarray, src: np.ndarray, layer: int) -> None:
+        """``layers[layer][idx[i]] = src[i, layer]`` for every i (one layer of a run)."""
+        self._check(idx, src)
+        _run(self._scatter_one, self._arrays[layer], idx, src, layer)

@@ -5,17 +5,24 @@ tier hands a request consecutive slots), viewed together as one tensor
 ``[total_blocks, num_layers, *page]``. Moving a run costs one indexed tensor
 copy per layer (``index_select`` out / ``index_copy_`` in), whatever the number
 of chunks and blocks: never a Python loop per block or per token.
+``gather_layer`` / ``scatter_layer`` move one layer of the runs; the bulk
+calls move all of them. :meth:`PagedTransfer.begin_scatter` is the layer-wise
+load: on an accelerator it queues every layer's host-to-device copy on a side
+stream at once and the compute stream waits only for the layer it is about to
+read (the copies overlap the forward pass); on the CPU, where the copy and the
+forward share the cores, each layer is copied when it is asked for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from kvtier.engine import cpu_kernels
+from kvtier.engine.accel import PIECE_BYTES, PendingCopy, cuda_memcpy2d
 from kvtier.engine.layout import PagedLayout, torch_dtype
 
 
@@ -74,11 +81,12 @@ class PagedTransfer:
                 and self._word is torch.int64):
             self._kernels = cpu_kernels.RowKernels([t.numpy() for t in self._layers])
 
-    def _run_layers(self, run: Run) -> list[torch.Tensor]:
-        """Per-layer views of a run, shaped like the engine's layer tensors."""
+    def _run_layers(self, run: Run, region: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-layer views of a run (or of ``region``, a uint8 copy of it on the
+        accelerator), shaped like the engine's layer tensors."""
         lay, bd = self.layout, self.layout.block_dim
         total = len(run.block_ids)
-        rows = torch.from_numpy(run.region).view(self._word)
+        rows = (torch.from_numpy(run.region) if region is None else region).view(self._word)
         rows = rows.view(total, lay.num_layers, *( (2, -1) if bd == 1 else (-1,) ))
         return [rows[:, layer].movedim(0, bd) for layer in range(lay.num_layers)]
 
@@ -87,33 +95,176 @@ class PagedTransfer:
         idx = np.asarray(run.block_ids, dtype=np.int64)
         return idx, run.region.view(np.int64).reshape(len(idx), self.layout.num_layers, -1)
 
-    def gather(self, runs: Sequence[Run]) -> None:
-        """Copy the runs' blocks out of paged KV into their buffers."""
+    def _pieces(self, run: Run) -> list[Run]:
+        """``run`` cut into runs of at most :data:`PIECE_BYTES` (whole blocks): a
+        block is contiguous in a run, so each piece is a slice of its region."""
+        per_block = self.layout.num_layers * self.layout.page_nbytes
+        step = max(1, PIECE_BYTES // per_block)
+        return [Run(run.region[i * per_block:(i + step) * per_block], run.block_ids[i:i + step])
+                for i in range(0, len(run.block_ids), step)]
+
+    def gather(self, runs: Sequence[Run], wait: bool = True) -> PendingCopy | None:
+        """Copy the runs' blocks out of paged KV into their buffers.
+
+        On an accelerator each piece of a run (:data:`PIECE_BYTES`) is gathered
+        on the device, in stream order (before anything later can overwrite the
+        blocks), into a staging copy, which one contiguous copy sends to the host
+        on a side stream (a DMA when the host buffer is pinned; a strided host
+        view would be made contiguous on the CPU first). ``wait=False`` on CUDA
+        returns a :class:`PendingCopy` that says when the buffers are filled;
+        else (and always on the CPU) the copy is complete on return (None)."""
         bd = self.layout.block_dim
+        pending = None
         for run in runs:
             if self._kernels is not None:
                 self._kernels.gather(*self._run_rows(run))
                 continue
-            idx = torch.tensor(run.block_ids, dtype=torch.int64, device=self.device)
-            for src, dst in zip(self._layers, self._run_layers(run)):
-                if self.device.type == "cpu":
+            if self.device.type == "cpu":
+                idx = torch.tensor(run.block_ids, dtype=torch.int64)
+                for src, dst in zip(self._layers, self._run_layers(run)):
                     torch.index_select(src, bd, idx, out=dst)
-                else:  # accelerator: gather on device, then one copy to host
-                    dst.copy_(src.index_select(bd, idx), non_blocking=True)
-        if self.device.type != "cpu":
-            torch.accelerator.synchronize()
+                continue
+            for piece in self._pieces(run):
+                idx = torch.tensor(piece.block_ids, dtype=torch.int64, device=self.device)
+                staging = torch.empty(piece.region.nbytes, dtype=torch.uint8,
+                                      device=self.device)
+                for src, dst in zip(self._layers, self._run_layers(piece, staging)):
+                    torch.index_select(src, bd, idx, out=dst)
+                host = torch.from_numpy(piece.region)
+                if self.device.type != "cuda":
+                    host.copy_(staging)
+                    continue
+                pending = pending or PendingCopy(self.device)
+                pending.add(host, staging)
+        if pending is not None and wait:
+            pending.wait()
+            return None
+        return pending
 
     def scatter(self, runs: Sequence[Run]) -> None:
-        """Copy the runs' buffers into their blocks of paged KV."""
+        """Copy the runs' buffers into their blocks of paged KV (on an accelerator, one
+        contiguous copy per piece of a run, then one indexed copy per layer)."""
         bd = self.layout.block_dim
         for run in runs:
             if self._kernels is not None:
                 self._kernels.scatter(*self._run_rows(run))
                 continue
+            for piece in ([run] if self.device.type == "cpu" else self._pieces(run)):
+                idx = torch.tensor(piece.block_ids, dtype=torch.int64, device=self.device)
+                # Freed after the indexed copies are queued: the allocator reuses it
+                # only for work queued after them on this stream.
+                staging = None if self.device.type == "cpu" else \
+                    torch.from_numpy(piece.region).to(self.device, non_blocking=True)
+                for dst, src in zip(self._layers, self._run_layers(piece, staging)):
+                    dst.index_copy_(bd, idx, src)
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize()  # the host buffers may be reused on return
+
+    def _layer(self, layer: int) -> int:
+        if not 0 <= layer < self.layout.num_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.layout.num_layers})")
+        return layer
+
+    def gather_layer(self, runs: Sequence[Run], layer: int) -> None:
+        """Copy one layer of the runs' blocks out of paged KV into their buffers."""
+        bd, layer = self.layout.block_dim, self._layer(layer)
+        for run in runs:
+            if self._kernels is not None:
+                idx, rows = self._run_rows(run)
+                self._kernels.gather_layer(idx, rows, layer)
+                continue
             idx = torch.tensor(run.block_ids, dtype=torch.int64, device=self.device)
-            for dst, src in zip(self._layers, self._run_layers(run)):
-                if self.device.type != "cpu":
-                    src = src.to(self.device, non_blocking=True)
-                dst.index_copy_(bd, idx, src)
+            src, dst = self._layers[layer], self._run_layers(run)[layer]
+            if self.device.type == "cpu":
+                torch.index_select(src, bd, idx, out=dst)
+            else:
+                dst.copy_(src.index_select(bd, idx), non_blocking=True)
         if self.device.type != "cpu":
             torch.accelerator.synchronize()
+
+    def scatter_layer(self, runs: Sequence[Run], layer: int) -> None:
+        """Copy one layer of the runs' buffers into their blocks of paged KV."""
+        bd, layer = self.layout.block_dim, self._layer(layer)
+        for run in runs:
+            if self._kernels is not None:
+                idx, rows = self._run_rows(run)
+                self._kernels.scatter_layer(idx, rows, layer)
+                continue
+            idx = torch.tensor(run.block_ids, dtype=torch.int64, device=self.device)
+            dst, src = self._layers[layer], self._run_layers(run)[layer]
+            if self.device.type != "cpu":
+                src = src.to(self.device, non_blocking=True)
+            dst.index_copy_(bd, idx, src)
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize()
+
+    def begin_scatter(self, runs: Sequence[Run]) -> LayerScatter:
+        """Start a layer-wise load of the runs (see :class:`LayerScatter`)."""
+        return LayerScatter(self, list(runs))
+
+
+class LayerScatter:
+    """A scatter of runs one layer at a time, in step with a forward pass.
+
+    :meth:`layer` must be called before the compute that reads that layer; it
+    returns once that compute may be issued. :meth:`done` returns once every
+    queued copy has finished (the runs' host buffers may be reused then).
+    """
+
+    def __init__(self, transfer: PagedTransfer, runs: list[Run]) -> None:
+        self.transfer = transfer
+        self.runs = runs
+        self.todo = set(range(transfer.layout.num_layers))
+        self._events: list[Any] | None = None
+        self._stream: Any = None
+        if transfer.device.type == "cuda" and runs:
+            self._queue_all()
+
+    def _queue_all(self) -> None:
+        t = self.transfer
+        bd, cuda, lay = t.layout.block_dim, torch.cuda, t.layout
+        copy2d = cuda_memcpy2d()
+        self._stream = cuda.Stream(device=t.device)
+        self._stream.wait_stream(cuda.current_stream(t.device))  # blocks handed out before
+        self._events = []
+        row = lay.page_nbytes  # one block of one layer
+        with cuda.stream(self._stream):
+            idxs = [torch.tensor(r.block_ids, dtype=torch.int64).to(t.device, non_blocking=True)
+                    for r in self.runs]
+            for layer in range(lay.num_layers):
+                for run, idx in zip(self.runs, idxs):
+                    nb = len(run.block_ids)
+                    # One layer of the run on the device. Allocated on the side stream
+                    # and used only there: the allocator hands it out again only for
+                    # work queued after this layer's copies (one layer's worth held).
+                    part = torch.empty(nb * row, dtype=torch.uint8, device=t.device)
+                    if copy2d is not None:  # one strided DMA: the layer's page of each block
+                        err = copy2d(part.data_ptr(), row, run.region.ctypes.data + layer * row,
+                                     lay.num_layers * row, row, nb, 1,
+                                     self._stream.cuda_stream)
+                        if err != 0:
+                            raise RuntimeError(f"cudaMemcpy2DAsync failed: error {err}")
+                    else:  # torch makes the strided host view contiguous first
+                        part.copy_(torch.from_numpy(run.region).view(nb, lay.num_layers, row)
+                                   [:, layer].reshape(-1), non_blocking=True)
+                    rows = part.view(t._word).view(nb, *((2, -1) if bd == 1 else (-1,)))
+                    t._layers[layer].index_copy_(bd, idx, rows.movedim(0, bd))
+                ev = cuda.Event()
+                ev.record(self._stream)
+                self._events.append(ev)
+
+    def layer(self, layer: int) -> None:
+        """Layer ``layer`` is in paged KV for whatever the caller issues next."""
+        layer = self.transfer._layer(layer)
+        if layer not in self.todo:
+            return
+        self.todo.discard(layer)
+        if self._events is not None:
+            torch.cuda.current_stream(self.transfer.device).wait_event(self._events[layer])
+        else:
+            self.transfer.scatter_layer(self.runs, layer)
+
+    def done(self) -> None:
+        """Wait for every queued copy (the host buffers are free to reuse after)."""
+        if self._stream is not None:
+            self._stream.synchronize()

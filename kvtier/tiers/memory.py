@@ -101,6 +101,8 @@ class MemoryTier(Tier):
         super().__init__()
         num_slots = max_bytes // max(1, -(-slot_bytes // _ALIGN) * _ALIGN)
         self.arena = SlabArena(slot_bytes, num_slots)
+        self.pinned = False
+        """Whether the arena is page-locked for an accelerator's copies (set by the engine)."""
         self.max_bytes = max_bytes
         self._entries: OrderedDict[ChunkKey, _Entry] = OrderedDict()
         self._lock = threading.Lock()
