@@ -147,9 +147,9 @@ class KvtierConfig:
     prefetch: bool = True
     """Promote a new request's hit from lower tiers into memory before it is scheduled."""
     layerwise: bool = False
-    """Load a step's memory hits and gather its saves one layer at a time, inside
-    the forward pass (vLLM's ``wait_for_layer_load`` / ``save_kv_layer``), instead
-    of all layers before and after it."""
+    """Move the loads done in the engine step one layer at a time, inside the
+    forward pass (vLLM's ``wait_for_layer_load``), instead of all layers before
+    it. Faster on a CUDA engine, slower on the CPU (see README)."""
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)

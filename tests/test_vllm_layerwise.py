@@ -73,3 +73,23 @@ def test_a_layer_vllm_never_announced_is_a_load_error_not_wrong_kv() -> None:
     conn.wait_for_save()  # ends the step (no metadata: no saves)
     assert conn._load_errors == {8, 9, 10, 11} and conn._stats.data["load_failures"] == 1
     assert not conn._layerwise and not any(e.refs for e in mem._entries.values())
+
+    # A copy that fails inside the forward pass (a block id past the KV tensors: the
+    # copy refuses it) is not raised into vLLM: the load's blocks are recomputed.
+    conn._load_errors = set()
+    eng.retrieve_kv(tokens, [8, 9, 99, 11], 16, layerwise=conn._layerwise.pending)
+    conn.wait_for_layer_load("layers.0")
+    conn.wait_for_layer_load("layers.1")
+    conn.wait_for_save()
+    assert conn._load_errors == {8, 9, 99, 11} and conn._stats.data["load_failures"] == 2
+    assert not any(e.refs for e in mem._entries.values())
+
+
+def test_layerwise_asks_vllm_for_piecewise_cuda_graphs() -> None:
+    """A full CUDA graph replay would skip wait_for_layer_load (vLLM reads this before
+    it builds anything, so it is checked on the class)."""
+    from kvtier.connectors.vllm import KvtierConnector
+
+    assert KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": True})
+    assert not KvtierConnector.requires_piecewise_for_cudagraph({})
+    assert not KvtierConnector.requires_piecewise_for_cudagraph({"layerwise": "maybe"})

@@ -34,7 +34,7 @@ from kvtier.connectors.vllm_keys import (all_shards, check_supported, engine_lay
                                          worker_shard)
 from kvtier.connectors.vllm_plan import (KvtierMetadata, KvtierWorkerMeta, LoadSpec,
                                          SchedulerPlanner)
-from kvtier.connectors.vllm_surfaces import KvtierPromMetrics, KvtierStats
+from kvtier.connectors.vllm_surfaces import KvtierStats, KvtierSurfaces
 from kvtier.connectors.vllm_layerwise import LayerwiseLoads
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.engine.layout import detect_layout
@@ -62,7 +62,7 @@ Higher layers (the management API's vLLM plugin) register here; this layer
 imports none of them."""
 
 
-class KvtierConnector(KVConnectorBase_V1):
+class KvtierConnector(KvtierSurfaces, KVConnectorBase_V1):
     """vLLM KV connector backed by kvtier's tiers (memory, disk, Redis)."""
 
     _cache_hit_source = CacheHitSource.HOST
@@ -81,6 +81,7 @@ class KvtierConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._failed: list[tuple[str, int, ChunkKey]] = []
         self._finished_saving: set[str] = set()
+        self._awaiting_store: set[str] = set()  # finished, their saves still in flight
         self._async: AsyncLoads | None = None
         self._layerwise = LayerwiseLoads()
         self._stats = KvtierStats()
@@ -134,7 +135,7 @@ class KvtierConnector(KVConnectorBase_V1):
         """Load this step's memory hits into paged KV, batched, before the forward pass
         (with ``layerwise``, most blocks a layer at a time in it); start background
         loads. A chunk that cannot be read is reported for recompute."""
-        self._layerwise.finish(self._load_errors, self._stats)  # wait_for_save did, unless
+        self._layerwise.finish(self._load_errors, self._stats)  # a step's, if it had no save
         meta = self._meta()
         self._reset_if_asked(meta)
         if meta is None or self.engine is None or self._async is None:
@@ -226,12 +227,13 @@ class KvtierConnector(KVConnectorBase_V1):
             except Exception:  # a failed save is a later miss, never a failed request
                 log.exception("kvtier: save of %s failed", save.req_id)
             if save.release:
-                self._finished_saving.add(save.req_id)
-        self._finished_saving.update(meta.releases)
+                self._awaiting_store.add(save.req_id)
+        self._awaiting_store.update(meta.releases)
 
     def _reset_if_asked(self, meta: KvtierMetadata | None) -> None:
         if meta is not None and meta.reset and self.engine is not None:
             meta.reset = False  # once per step, whichever hook runs first
+            self.engine.complete_stores(wait=True)  # no store from before lands after
             if self.engine.store.memory is not None:
                 self.engine.store.memory.clear()
 
@@ -240,6 +242,11 @@ class KvtierConnector(KVConnectorBase_V1):
         """Finished requests whose held save is done (vLLM may free their blocks), and
         asynchronous loads that completed (what did not arrive in time is reported
         as load errors in the same step, and recomputed)."""
+        if self.engine is not None:
+            self.engine.complete_stores()
+            if not self.engine.storing:  # accelerators: once the copies to host landed
+                self._finished_saving |= self._awaiting_store
+                self._awaiting_store = set()
         done, self._finished_saving = self._finished_saving, set()
         received: set[str] = set()
         if self._async is not None and len(self._async):
@@ -266,27 +273,16 @@ class KvtierConnector(KVConnectorBase_V1):
             return None
         return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed, events.tiers)
 
-    # ------------------------------------------------------ vLLM's own surfaces
-
-    def get_kv_connector_stats(self) -> KvtierStats | None:
-        """This interval's counters (vLLM's stats log line and /metrics)."""
-        return self.planner.stats.take() if self.planner is not None else self._stats.take()
+    # ------------------------------------------------ vLLM's own surfaces, life cycle
 
     @classmethod
-    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvtierStats:
-        """Rebuild stats from their dict (in vLLM's logger process)."""
-        return KvtierStats(data=dict(data or {}))
-
-    @classmethod
-    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict,
-                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]
-                           ) -> KvtierPromMetrics:
-        """``vllm:kvtier_*_total`` counters on ``vllm serve``'s /metrics."""
-        return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
-
-    def take_events(self) -> list[Any]:
-        """kvtier's stores and removals per tier, for vLLM's KV events stream."""
-        return self.planner.events.take() if self.planner is not None else []
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise loads run Python in the forward pass: a full CUDA graph replay
+        would skip ``wait_for_layer_load``, so vLLM must capture piecewise graphs."""
+        try:
+            return load_config(engine=dict(extra_config or {})).layerwise
+        except Exception:  # a bad config is refused, with its message, at start-up
+            return False
 
     def reset_cache(self) -> bool:
         """``reset_prefix_cache(reset_connector=True)``: empty every kvtier tier."""

@@ -34,25 +34,36 @@ class LayerwiseLoads:
 
     def wait(self, layer_name: str) -> bool:
         """Make ``layer_name`` of every pending load ready; False if kvtier does not
-        know the layer (then every layer is moved now: correct, not overlapped)."""
+        know the layer (then every layer is moved now: correct, not overlapped). A
+        load whose copy fails is marked failed (its blocks are recomputed): this
+        runs inside vLLM's forward pass, which must not see the error."""
         layer = self.index.get(layer_name)
         for load in self.pending:
-            if layer is None:
-                load.finish()
-            else:
-                load.scatter(layer)
+            if load.failed:
+                continue
+            try:
+                if layer is None:
+                    load.finish()
+                else:
+                    load.scatter(layer)
+            except Exception:
+                log.exception("kvtier: a layer-wise load failed; its blocks are recomputed")
+                load.failed = True
         return layer is not None
 
     def finish(self, errors: set[int], stats: Any) -> None:
-        """Release the step's loads; the blocks of any with a layer never made ready go
-        into ``errors`` (reported to vLLM as load errors), counted in ``stats``."""
+        """Release the step's loads; the blocks of any that failed or had a layer never
+        made ready go into ``errors`` (reported to vLLM as load errors), counted in
+        ``stats``."""
         pending, self.pending = self.pending, []
         for load in pending:
-            try:
-                if load.todo:
+            if load.todo or load.failed:
+                if not load.failed:
                     log.warning("kvtier: layers %s of a layer-wise load were not announced; "
                                 "%d blocks recomputed", sorted(load.todo), len(load.block_ids))
-                    errors.update(load.block_ids)
-                    stats.add(load_failures=1)
-            finally:
+                errors.update(load.block_ids)
+                stats.add(load_failures=1)
+            try:
                 load.close()
+            except Exception:  # the others are still released
+                log.exception("kvtier: releasing a layer-wise load failed")

@@ -165,3 +165,31 @@ class EventLog:
         self._events.append(event)
         if len(self._events) > self.max_events:
             del self._events[:len(self._events) - self.max_events]
+
+
+class KvtierSurfaces:
+    """The connector's methods for vLLM's stats line, /metrics and KV events (mixed
+    into :class:`~kvtier.connectors.vllm.KvtierConnector`)."""
+
+    planner: Any
+    _stats: KvtierStats
+
+    def get_kv_connector_stats(self) -> KvtierStats | None:
+        """This interval's counters (vLLM's stats log line and /metrics)."""
+        return self.planner.stats.take() if self.planner is not None else self._stats.take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvtierStats:
+        """Rebuild stats from their dict (in vLLM's logger process)."""
+        return KvtierStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KvtierPromMetrics:
+        """``vllm:kvtier_*_total`` counters on ``vllm serve``'s /metrics."""
+        return KvtierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+    def take_events(self) -> list[Any]:
+        """kvtier's stores and removals per tier, for vLLM's KV events stream."""
+        return self.planner.events.take() if self.planner is not None else []

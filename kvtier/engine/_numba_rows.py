@@ -102,21 +102,9 @@ def scatter(layers, idx, src, parts):  # pragma: no cover - compiled
         _fence()
 
 
-# One layer at a time (layer-wise loads and saves, ``PagedTransfer.*_layer``):
+# One layer at a time (layer-wise loads, ``PagedTransfer.scatter_layer``):
 # the run stays one C-contiguous ``[blocks, layers, row]`` array and ``layer``
 # picks the column, so each row is still a contiguous 1-d store target.
-
-
-@njit(parallel=True, nogil=True, cache=True)
-def gather_layer(src, idx, dst, layer, parts):  # pragma: no cover - compiled
-    """``dst[i, layer] = src[idx[i]]`` for every i."""
-    n, width = idx.shape[0], dst.shape[2]
-    for p in prange(parts):
-        for i in range(p * n // parts, (p + 1) * n // parts):
-            out, row = dst[i, layer], src[idx[i]]
-            for j in range(width):
-                _store(out, j, row[j])
-        _fence()
 
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -5,8 +5,8 @@ CUDA only, all of it; the CPU never gets here. Checked on a GPU by
 
 - :func:`pin_host_memory`: the memory tier's arena page-locked, so copies to
   and from it are asynchronous DMA at the link's speed;
-- :class:`PendingCopy`: device-to-host copies of a save on a side stream,
-  overlapping the engine's next work, with bounded staging memory;
+- :class:`HostCopies` / :class:`PendingCopy`: device-to-host copies of saves on
+  a side stream, overlapping the engine's next work, with bounded staging memory;
 - :func:`cuda_memcpy2d`: one strided DMA per layer of a run, for layer-wise loads.
 """
 
@@ -82,25 +82,24 @@ def cuda_memcpy2d() -> Any:
     return _MEMCPY2D[0]
 
 
-class PendingCopy:
-    """Device-to-host copies queued on a side stream (:meth:`PagedTransfer.gather`).
-
-    Holds each staging buffer until its copy is done, so the allocator cannot
-    hand it out while the DMA still reads it; past :data:`STAGING_BYTES` held,
-    :meth:`add` waits for the oldest copies first (device memory stays bounded)."""
+class HostCopies:
+    """An engine's device-to-host copies: one side stream, and every staging buffer
+    held until its copy is done (the allocator cannot hand it out while the DMA
+    still reads it). Past :data:`STAGING_BYTES` held in all, :meth:`add` first
+    waits for the oldest copies, so device memory stays bounded."""
 
     def __init__(self, device: torch.device) -> None:
         self._stream = torch.cuda.Stream(device=device)
         self._device = device
-        self._held: deque[tuple[Any, torch.Tensor]] = deque()  # (event, staging)
+        self._held: deque[tuple[Any, torch.Tensor]] = deque()  # (event, staging), in order
         self._bytes = 0
 
-    def add(self, host: torch.Tensor, staging: torch.Tensor) -> None:
-        """Queue ``host <- staging`` after the work queued so far on the current stream."""
+    def add(self, host: torch.Tensor, staging: torch.Tensor) -> Any:
+        """Queue ``host <- staging`` after the work queued so far on the current stream;
+        returns the event that marks it done."""
         while self._held and self._bytes + staging.numel() > STAGING_BYTES:
-            event, old = self._held.popleft()
-            event.synchronize()
-            self._bytes -= old.numel()
+            self._held[0][0].synchronize()
+            self.reap()
         self._stream.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(self._stream):
             host.copy_(staging, non_blocking=True)
@@ -108,17 +107,33 @@ class PendingCopy:
         event.record(self._stream)
         self._held.append((event, staging))
         self._bytes += staging.numel()
+        return event
+
+    def reap(self) -> None:
+        """Let go of the staging of every finished copy (one stream: they finish in order)."""
+        while self._held and self._held[0][0].query():
+            self._bytes -= self._held.popleft()[1].numel()
+
+
+class PendingCopy:
+    """The copies of one :meth:`PagedTransfer.gather` (``wait=False``)."""
+
+    def __init__(self, copies: HostCopies) -> None:
+        self._copies = copies
+        self._last: Any = None
+
+    def add(self, host: torch.Tensor, staging: torch.Tensor) -> None:
+        self._last = self._copies.add(host, staging)
 
     def done(self) -> bool:
         """Whether the host buffers hold the data (never blocks)."""
-        if self._held and self._held[-1][0].query():
-            self._held.clear()
-            self._bytes = 0
-        return not self._held
+        if self._last is not None and not self._last.query():
+            return False
+        self._copies.reap()
+        return True
 
     def wait(self) -> None:
         """Block until the host buffers hold the data."""
-        if self._held:
-            self._held[-1][0].synchronize()
-            self._held.clear()
-            self._bytes = 0
+        if self._last is not None:
+            self._last.synchronize()
+        self._copies.reap()

@@ -47,6 +47,7 @@ class LayerwiseLoad:
                  ) -> None:
         self.chunks = chunks
         self.block_ids = [b for run in runs for b in run.block_ids]
+        self.failed = False  # a layer's copy raised: the blocks are to be recomputed
         self._scatter = transfer.begin_scatter(runs)
 
     @property
@@ -167,6 +168,11 @@ class CacheEngine:
         else:  # published by complete_stores once the copy to host is done
             self._inflight.append((pending, [keys[i] for i in todo], slots, metas))
         return len(todo)
+
+    @property
+    def storing(self) -> bool:
+        """Whether a store's copy to host is still running (accelerators only)."""
+        return bool(self._inflight)
 
     def complete_stores(self, wait: bool = False) -> int:
         """Publish stores whose copy to host has finished (accelerators: the copy

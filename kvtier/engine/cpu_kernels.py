@@ -55,8 +55,7 @@ def _compile() -> tuple[Callable[..., None], ...]:
         _launch_numba_threads()
         from kvtier.engine import _numba_rows
 
-        _kernels = (_numba_rows.gather, _numba_rows.scatter, _numba_rows.gather_layer,
-                    _numba_rows.scatter_layer)
+        _kernels = (_numba_rows.gather, _numba_rows.scatter, _numba_rows.scatter_layer)
     return _kernels
 
 
@@ -110,7 +109,7 @@ class RowKernels:
 
     def __init__(self, layers: Sequence[np.ndarray]) -> None:
         # first: it sets numba up before import
-        self._gather, self._scatter, self._gather_one, self._scatter_one = _compile()
+        self._gather, self._scatter, self._scatter_one = _compile()
         from numba.typed import List as TypedList
 
         self._layers: Any = TypedList(layers)
@@ -136,11 +135,6 @@ class RowKernels:
         """``layers[l][idx[i]] = src[i, l]`` for every i and l, in parallel."""
         self._check(idx, src)
         _run(self._scatter, self._layers, idx, src)
-
-    def gather_layer(self, idx: np.ndarray, dst: np.ndarray, layer: int) -> None:
-        """``dst[i, layer] = layers[layer][idx[i]]`` for every i (one layer of a run)."""
-        self._check(idx, dst)
-        _run(self._gather_one, self._arrays[layer], idx, dst, layer)
 
     def scatter_layer(self, idx: np.ndarray, src: np.ndarray, layer: int) -> None:
         """``layers[layer][idx[i]] = src[i, layer]`` for every i (one layer of a run)."""

@@ -5,8 +5,8 @@ tier hands a request consecutive slots), viewed together as one tensor
 ``[total_blocks, num_layers, *page]``. Moving a run costs one indexed tensor
 copy per layer (``index_select`` out / ``index_copy_`` in), whatever the number
 of chunks and blocks: never a Python loop per block or per token.
-``gather_layer`` / ``scatter_layer`` move one layer of the runs; the bulk
-calls move all of them. :meth:`PagedTransfer.begin_scatter` is the layer-wise
+``scatter_layer`` moves one layer of the runs; the bulk calls move all of
+them. :meth:`PagedTransfer.begin_scatter` is the layer-wise
 load: on an accelerator it queues every layer's host-to-device copy on a side
 stream at once and the compute stream waits only for the layer it is about to
 read (the copies overlap the forward pass); on the CPU, where the copy and the
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kvtier.engine import cpu_kernels
-from kvtier.engine.accel import PIECE_BYTES, PendingCopy, cuda_memcpy2d
+from kvtier.engine.accel import PIECE_BYTES, HostCopies, PendingCopy, cuda_memcpy2d
 from kvtier.engine.layout import PagedLayout, torch_dtype
 
 
@@ -77,6 +77,7 @@ class PagedTransfer:
         self._layers = [t.view(*t.shape[:bd + 1], -1).view(self._word) for t in kv_caches]
         self._dtype = torch_dtype(layout.dtype)
         self._kernels = None
+        self._host_copies: HostCopies | None = None  # CUDA saves' side stream, made on use
         if (use_kernels and cpu_kernels.available() and self.device.type == "cpu" and bd == 0
                 and self._word is torch.int64):
             self._kernels = cpu_kernels.RowKernels([t.numpy() for t in self._layers])
@@ -115,27 +116,34 @@ class PagedTransfer:
         else (and always on the CPU) the copy is complete on return (None)."""
         bd = self.layout.block_dim
         pending = None
-        for run in runs:
-            if self._kernels is not None:
-                self._kernels.gather(*self._run_rows(run))
-                continue
-            if self.device.type == "cpu":
-                idx = torch.tensor(run.block_ids, dtype=torch.int64)
-                for src, dst in zip(self._layers, self._run_layers(run)):
-                    torch.index_select(src, bd, idx, out=dst)
-                continue
-            for piece in self._pieces(run):
-                idx = torch.tensor(piece.block_ids, dtype=torch.int64, device=self.device)
-                staging = torch.empty(piece.region.nbytes, dtype=torch.uint8,
-                                      device=self.device)
-                for src, dst in zip(self._layers, self._run_layers(piece, staging)):
-                    torch.index_select(src, bd, idx, out=dst)
-                host = torch.from_numpy(piece.region)
-                if self.device.type != "cuda":
-                    host.copy_(staging)
+        try:
+            for run in runs:
+                if self._kernels is not None:
+                    self._kernels.gather(*self._run_rows(run))
                     continue
-                pending = pending or PendingCopy(self.device)
-                pending.add(host, staging)
+                if self.device.type == "cpu":
+                    idx = torch.tensor(run.block_ids, dtype=torch.int64)
+                    for src, dst in zip(self._layers, self._run_layers(run)):
+                        torch.index_select(src, bd, idx, out=dst)
+                    continue
+                for piece in self._pieces(run):
+                    idx = torch.tensor(piece.block_ids, dtype=torch.int64, device=self.device)
+                    staging = torch.empty(piece.region.nbytes, dtype=torch.uint8,
+                                          device=self.device)
+                    for src, dst in zip(self._layers, self._run_layers(piece, staging)):
+                        torch.index_select(src, bd, idx, out=dst)
+                    host = torch.from_numpy(piece.region)
+                    if self.device.type != "cuda":
+                        host.copy_(staging)
+                        continue
+                    if self._host_copies is None:
+                        self._host_copies = HostCopies(self.device)
+                    pending = pending or PendingCopy(self._host_copies)
+                    pending.add(host, staging)
+        except BaseException:
+            if pending is not None:  # no copy may still write the buffers once we raise
+                pending.wait()
+            raise
         if pending is not None and wait:
             pending.wait()
             return None
@@ -164,23 +172,6 @@ class PagedTransfer:
         if not 0 <= layer < self.layout.num_layers:
             raise IndexError(f"layer {layer} out of range [0, {self.layout.num_layers})")
         return layer
-
-    def gather_layer(self, runs: Sequence[Run], layer: int) -> None:
-        """Copy one layer of the runs' blocks out of paged KV into their buffers."""
-        bd, layer = self.layout.block_dim, self._layer(layer)
-        for run in runs:
-            if self._kernels is not None:
-                idx, rows = self._run_rows(run)
-                self._kernels.gather_layer(idx, rows, layer)
-                continue
-            idx = torch.tensor(run.block_ids, dtype=torch.int64, device=self.device)
-            src, dst = self._layers[layer], self._run_layers(run)[layer]
-            if self.device.type == "cpu":
-                torch.index_select(src, bd, idx, out=dst)
-            else:
-                dst.copy_(src.index_select(bd, idx), non_blocking=True)
-        if self.device.type != "cpu":
-            torch.accelerator.synchronize()
 
     def scatter_layer(self, runs: Sequence[Run], layer: int) -> None:
         """Copy one layer of the runs' buffers into their blocks of paged KV."""
@@ -221,12 +212,21 @@ class LayerScatter:
             self._queue_all()
 
     def _queue_all(self) -> None:
-        t = self.transfer
-        bd, cuda, lay = t.layout.block_dim, torch.cuda, t.layout
+        t, cuda = self.transfer, torch.cuda
         copy2d = cuda_memcpy2d()
         self._stream = cuda.Stream(device=t.device)
         self._stream.wait_stream(cuda.current_stream(t.device))  # blocks handed out before
         self._events = []
+        try:
+            self._queue(copy2d)
+        except BaseException:  # nothing may still read the chunks or write KV once we raise
+            self._stream.synchronize()
+            raise
+
+    def _queue(self, copy2d: Any) -> None:
+        t = self.transfer
+        bd, cuda, lay = t.layout.block_dim, torch.cuda, t.layout
+        assert self._events is not None
         row = lay.page_nbytes  # one block of one layer
         with cuda.stream(self._stream):
             idxs = [torch.tensor(r.block_ids, dtype=torch.int64).to(t.device, non_blocking=True)
