@@ -135,7 +135,7 @@ class KvtierConnector(KvtierSurfaces, KVConnectorBase_V1):
         """Load this step's memory hits into paged KV, batched, before the forward pass
         (with ``layerwise``, most blocks a layer at a time in it); start background
         loads. A chunk that cannot be read is reported for recompute."""
-        self._layerwise.finish(self._load_errors, self._stats)  # a step's, if it had no save
+        self._layerwise.finish(self._load_errors, self._stats)  # from a step w/o wait_for_save
         meta = self._meta()
         self._reset_if_asked(meta)
         if meta is None or self.engine is None or self._async is None:

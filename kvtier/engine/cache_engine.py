@@ -46,9 +46,13 @@ class LayerwiseLoad:
     def __init__(self, transfer: PagedTransfer, runs: list[Run], chunks: list[ChunkData]
                  ) -> None:
         self.chunks = chunks
-        self.block_ids = [b for run in runs for b in run.block_ids]
         self.failed = False  # a layer's copy raised: the blocks are to be recomputed
         self._scatter = transfer.begin_scatter(runs)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The engine blocks this load writes layer by layer (reported if it fails)."""
+        return [b for run in self._scatter.runs for b in run.block_ids]
 
     @property
     def todo(self) -> set[int]:
