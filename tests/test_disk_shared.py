@@ -18,9 +18,9 @@ import pytest
 
 from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta
 from kvtier.config import DiskConfig
-from kvtier.tiers import folder
+from kvtier.tiers.disk import folder
 from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.folder_index import RESCAN_FRACTION
+from kvtier.tiers.disk.folder_index import RESCAN_FRACTION
 from tests.tier_conformance import make_chunk, new_keys, same
 
 PAYLOAD = 8192

@@ -16,8 +16,8 @@ from kvtier.codecs import ChunkMeta
 from kvtier.keys import ChunkKey
 from kvtier.testing.redis_proc import RedisClusterProcess, RedisProcess
 from kvtier.tiers.redis import RedisTier
-from kvtier.tiers.redis_conn import JITTER, Backoff
-from kvtier.tiers.redis_split import SplitChunks
+from kvtier.tiers.redis.conn import JITTER, Backoff
+from kvtier.tiers.redis.split import SplitChunks
 from tests.test_tier_redis import MAX_VALUE, tier_at
 from tests.tier_conformance import make_chunk, new_keys, same
 

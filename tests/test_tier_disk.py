@@ -15,7 +15,7 @@ import pytest
 from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta
 from kvtier.config import DiskConfig
 from kvtier.keys import ChunkKey
-from kvtier.tiers import files as files_mod
+from kvtier.tiers.disk import files as files_mod
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier
 from tests.tier_conformance import TierConformance, as_version, make_chunk, new_keys, same
@@ -250,7 +250,7 @@ def test_a_write_landing_during_a_rescan_stays_counted(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder rescan that lists a shard before a write's rename lands must not lose
     that write (seen under load in CI: a put reported its own fresh chunk absent)."""
-    from kvtier.tiers import folder_index
+    from kvtier.tiers.disk import folder_index
 
     tier, (key,) = disk(tmp_path), new_keys(1)
     real_scan = folder_index.folder.scan

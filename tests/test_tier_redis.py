@@ -18,8 +18,8 @@ from kvtier.config import RedisConfig
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
 from kvtier.tiers.redis import RedisTier
-from kvtier.tiers.redis_conn import JITTER
-from kvtier.tiers.redis_values import PART_TTL_MARGIN_S
+from kvtier.tiers.redis.conn import JITTER
+from kvtier.tiers.redis.values import PART_TTL_MARGIN_S
 from tests.tier_conformance import TierConformance, as_version, make_chunk, new_keys, same
 
 pytestmark = pytest.mark.redis
@@ -216,7 +216,7 @@ def test_resp_packer_matches_redis_py_and_sends_payloads_unjoined() -> None:
     from redis.connection import PythonRespSerializer
     from redis._parsers.encoders import Encoder
 
-    from kvtier.tiers.resp import Concat, RespPacker
+    from kvtier.tiers.redis.resp import Concat, RespPacker
     payload = np.arange(50_000, dtype=np.uint8)
     args = ("SET", b"kvtier:ab", Concat([b"h" * 128, memoryview(payload)]), "EX", 60)
     ours = RespPacker().pack(*args)

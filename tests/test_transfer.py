@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtier.codecs import ChunkData, ChunkMeta
-from kvtier.codecs.wire import (FRAME, MAX_HELLO, Op, Status, WireError, contains_body, frame,
+from kvtier.transfer.wire import (FRAME, MAX_HELLO, Op, Status, WireError, contains_body, frame,
                                 hello_body, parse_contains, parse_frame, parse_hello, parse_keys)
 from kvtier.config import PeerConfig, TransferConfig, load_config
 from kvtier.errors import ConfigError
 from kvtier.store import ChunkStore
 from kvtier.store.build import build_store
-from kvtier.store.transfer_server import TransferServer
+from kvtier.transfer.server import TransferServer
 from kvtier.testing.transfer_proc import TransferChild, chunk_key, chunk_payload
 from kvtier.tiers.memory import MemoryTier
 from kvtier.tiers.peer import PeerTier

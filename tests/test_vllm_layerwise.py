@@ -49,9 +49,10 @@ def test_a_layer_vllm_never_announced_is_a_load_error_not_wrong_kv() -> None:
     worker connector's end-of-step check is called directly on a real engine."""
     import torch
 
-    from kvtier.connectors.vllm import KvtierConnector
-    from kvtier.connectors.vllm_layerwise import LayerwiseLoads
-    from kvtier.connectors.vllm_surfaces import KvtierStats
+    from kvtier.config import KvtierConfig
+    from kvtier.connectors.vllm.layerwise import LayerwiseLoads
+    from kvtier.connectors.vllm.surfaces import KvtierStats
+    from kvtier.connectors.vllm.worker import KvtierWorker
     from kvtier.engine.cache_engine import CacheEngine
     from kvtier.engine.layout import LayoutKind, PagedLayout
     from kvtier.keys import ChunkHasher, Namespace
@@ -65,23 +66,22 @@ def test_a_layer_vllm_never_announced_is_a_load_error_not_wrong_kv() -> None:
     eng.register([torch.randn(lay.layer_shape(16)) for _ in range(2)])
     tokens = list(range(16))
     eng.store_kv(tokens, [0, 1, 2, 3])
-    conn = object.__new__(KvtierConnector)  # the worker half, without a vLLM config
-    conn._load_errors, conn._stats, conn._connector_metadata = set(), KvtierStats(), None
+    conn = KvtierWorker(KvtierConfig(), lay, KvtierStats())  # the worker side, no vLLM config
     conn._layerwise = LayerwiseLoads(["layers.0", "layers.1"])
     eng.retrieve_kv(tokens, [8, 9, 10, 11], 16, layerwise=conn._layerwise.pending)
     conn.wait_for_layer_load("layers.0")  # layer 1's attention ran without its hook
-    conn.wait_for_save()  # ends the step (no metadata: no saves)
-    assert conn._load_errors == {8, 9, 10, 11} and conn._stats.data["load_failures"] == 1
+    conn.wait_for_save(None)  # ends the step (no metadata: no saves)
+    assert conn.load_errors == {8, 9, 10, 11} and conn.stats.data["load_failures"] == 1
     assert not conn._layerwise and not any(e.refs for e in mem._entries.values())
 
     # A copy that fails inside the forward pass (a block id past the KV tensors: the
     # copy refuses it) is not raised into vLLM: the load's blocks are recomputed.
-    conn._load_errors = set()
+    conn.load_errors = set()
     eng.retrieve_kv(tokens, [8, 9, 99, 11], 16, layerwise=conn._layerwise.pending)
     conn.wait_for_layer_load("layers.0")
     conn.wait_for_layer_load("layers.1")
-    conn.wait_for_save()
-    assert conn._load_errors == {8, 9, 99, 11} and conn._stats.data["load_failures"] == 2
+    conn.wait_for_save(None)
+    assert conn.load_errors == {8, 9, 99, 11} and conn.stats.data["load_failures"] == 2
     assert not any(e.refs for e in mem._entries.values())
 
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from kvtier.config import load_config
-from kvtier.connectors.vllm_keys import (Bypass, check_supported, lora_identity,
+from kvtier.connectors.vllm.keys import (Bypass, check_supported, lora_identity,
                                          model_identity, request_inputs)
-from kvtier.connectors.vllm_plan import KvtierWorkerMeta, SchedulerPlanner
+from kvtier.connectors.vllm.scheduler import KvtierWorkerMeta, SchedulerPlanner
 from kvtier.errors import UnsupportedConfig
 from kvtier.keys import Namespace
 

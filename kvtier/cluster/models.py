@@ -1,6 +1,6 @@
 """Layer 7: the controller's requests and responses, as pydantic models.
 
-``/v1/locate``'s shape is a fixed contract: the peer tier (``kvtier/tiers/peer.py``)
+``/v1/locate``'s shape is a fixed contract: the peer tier (``kvtier/tiers/peer/tier.py``)
 calls it. Unknown fields are errors (400 naming them), like the management API.
 """
 

@@ -18,7 +18,7 @@ from kvtier.control.api import CacheAPI
 from kvtier.control.server import ControlServer
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.errors import UnsupportedConfig
-from kvtier.store.transfer_server import TransferServer
+from kvtier.transfer.server import TransferServer
 from kvtier.tiers.peer import PeerTier
 
 log = logging.getLogger(__name__)

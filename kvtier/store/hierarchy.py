@@ -20,7 +20,7 @@ import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 from kvtier.codecs import ChunkData, ChunkMeta, Codec, check_codec, decompress
 from kvtier.config import WritePolicy
@@ -28,7 +28,7 @@ from kvtier.errors import ConfigError, CorruptChunk
 from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.latency import LatencyHistogram
 from kvtier.store.writer import BackgroundWriter
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import HasContains, Tier, lookup_prefix
 from kvtier.tiers.memory import MemoryTier, Slot
 
 log = logging.getLogger(__name__)
@@ -272,23 +272,6 @@ class ChunkStore:
             tier.close()
 
 
-class _HasContains(Protocol):
-    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
-
-
-def lookup_prefix(sources: Sequence[_HasContains], keys: Sequence[ChunkKey]) -> int:
-    """Longest run of keys present in some source, asking each source (in order)
-    only about keys from the first one still missing."""
-    present = [False] * len(keys)
-    for source in sources:
-        start = _first_false(present)
-        if start == len(keys):
-            break
-        for i, there in enumerate(source.contains_many(keys[start:]), start):
-            present[i] = present[i] or there
-    return _first_false(present)
-
-
 @dataclass(frozen=True)
 class PrefixHit:
     """The stored prefix of a prompt: the keys to read and the tokens they cover.
@@ -302,7 +285,7 @@ class PrefixHit:
     chunks: int
 
 
-def lookup_hit(sources: Sequence[_HasContains], hasher: ChunkHasher, token_ids: Sequence[int],
+def lookup_hit(sources: Sequence[HasContains], hasher: ChunkHasher, token_ids: Sequence[int],
                keys: Sequence[ChunkKey] | None = None) -> PrefixHit:
     """Longest stored prefix of ``token_ids``: whole chunks, then (with partial chunks
     on) the longest stored head of the first chunk that missed, in whole granules.
@@ -324,10 +307,3 @@ def lookup_hit(sources: Sequence[_HasContains], hasher: ChunkHasher, token_ids: 
         if lookup_prefix(sources, [key]):
             return PrefixHit(hit.keys + [key], h * cs + t, h)
     return hit
-
-
-def _first_false(flags: Sequence[bool]) -> int:
-    for i, flag in enumerate(flags):
-        if not flag:
-            return i
-    return len(flags)

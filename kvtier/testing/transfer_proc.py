@@ -70,7 +70,7 @@ class TransferChild:
 
 def main(argv: list[str]) -> None:
     from kvtier.store import ChunkStore
-    from kvtier.store.transfer_server import TransferServer
+    from kvtier.transfer.server import TransferServer
     from kvtier.tiers.memory import MemoryTier
 
     chunks, nbytes = int(argv[0]), int(argv[1])

@@ -13,7 +13,7 @@ import abc
 import logging
 import threading
 from dataclasses import dataclass, field, fields
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 from kvtier.codecs import ChunkData
 from kvtier.errors import ForeignChunk
@@ -133,3 +133,29 @@ class Tier(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
+
+
+class HasContains(Protocol):
+    """Anything asked about presence: a tier, a store's index."""
+
+    def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]: ...
+
+
+def lookup_prefix(sources: Sequence[HasContains], keys: Sequence[ChunkKey]) -> int:
+    """Longest run of keys present in some source, asking each source (in order)
+    only about keys from the first one still missing."""
+    present = [False] * len(keys)
+    for source in sources:
+        start = first_false(present)
+        if start == len(keys):
+            break
+        for i, there in enumerate(source.contains_many(keys[start:]), start):
+            present[i] = present[i] or there
+    return first_false(present)
+
+
+def first_false(flags: Sequence[bool]) -> int:
+    for i, flag in enumerate(flags):
+        if not flag:
+            return i
+    return len(flags)

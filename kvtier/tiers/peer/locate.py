@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 from urllib.parse import urlsplit
 
-from kvtier.config_cluster import parse_address
+from kvtier.config.cluster import parse_address
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 

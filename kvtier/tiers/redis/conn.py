@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from kvtier.config import RedisConfig, redact_url
 from kvtier.tiers.base import TierStats
-from kvtier.tiers.resp import RespPacker, packing_connection
+from kvtier.tiers.redis.resp import RespPacker, packing_connection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,7 +77,7 @@ class RedisConnection:
         self.cfg = cfg
         self.stats = stats
         self.zero_copy = False
-        """Whether values may be :class:`~kvtier.tiers.resp.Concat` (our packer is in use)."""
+        """Whether values may be :class:`~kvtier.tiers.redis.resp.Concat` (our packer is in use)."""
         self._redis = redis_module
         self._clients: dict[bool, Any] = {}  # quick? -> client
         self._lock = threading.Lock()

@@ -1,7 +1,7 @@
 """Layer 3: one tier's view of a shared disk folder: its files in last-use order,
 the folder's budget, and eviction in the folder's LRU order.
 
-The view is rebuilt by scanning the folder (:func:`kvtier.tiers.folder.scan`):
+The view is rebuilt by scanning the folder (:func:`kvtier.tiers.disk.folder.scan`):
 at start, then after this tier wrote 1/:data:`RESCAN_FRACTION` of the budget or
 :data:`RESCAN_S` passed, at its next write; so a put never scans, and other
 processes' files and deletions are learned at the next rescan. Order comes
@@ -23,9 +23,9 @@ import threading
 import time
 
 from kvtier.keys import ChunkKey
-from kvtier.tiers import files, folder
+from kvtier.tiers.disk import files, folder
 from kvtier.tiers.base import TierStats
-from kvtier.tiers.lru import SizeIndex
+from kvtier.tiers.disk.lru import SizeIndex
 
 RESCAN_FRACTION = 32
 """A tier rescans the folder after writing 1/RESCAN_FRACTION of the budget."""

@@ -3,8 +3,8 @@
 Layout: ``<root>/<hex[:2]>/<hex>.kvc`` holds the chunk exactly as the codecs
 layer frames it (128-byte header, then the payload), so a file is
 self-describing and can be checked on every read. File names, atomic writes
-and whole-file reads are in :mod:`kvtier.tiers.files`, the LRU index in
-:mod:`kvtier.tiers.lru`, the reusable read buffers in :mod:`kvtier.tiers.buffer_pool`.
+and whole-file reads are in :mod:`kvtier.tiers.disk.files`, the LRU index in
+:mod:`kvtier.tiers.disk.lru`, the reusable read buffers in :mod:`kvtier.tiers.buffer_pool`.
 
 - Writes are atomic: a temp file in the same folder, then ``os.replace``. A
   reader (this process or another) sees the whole chunk or no file.
@@ -13,10 +13,10 @@ and whole-file reads are in :mod:`kvtier.tiers.files`, the LRU index in
   one).
 - Capacity: one folder has one byte budget, however many processes share it:
   the first to open the folder records its ``max_bytes`` there and later ones
-  follow it (:mod:`kvtier.tiers.folder`). Writes evict the folder's least
+  follow it (:mod:`kvtier.tiers.disk.folder`). Writes evict the folder's least
   recently used files, one process at a time; the index of the folder is
   rebuilt by amortized rescans, so a put never scans the folder
-  (:mod:`kvtier.tiers.folder_index`, which also states the slack: about
+  (:mod:`kvtier.tiers.disk.folder_index`, which also states the slack: about
   N/32 of the budget with N processes writing).
 - Last use lives in the file: reads stamp its times, so every process (and a
   restart) sees one LRU order. Stamping is best effort: a read needs no write
@@ -26,7 +26,7 @@ and whole-file reads are in :mod:`kvtier.tiers.files`, the LRU index in
 - Sharing: other processes may add and remove files at any time. Presence is
   therefore always asked of the file system (one ``stat`` per key), files
   found that the index does not know are adopted, and files that vanished are
-  dropped from it. Only names kvtier writes are ever removed (:mod:`kvtier.tiers.files`).
+  dropped from it. Only names kvtier writes are ever removed (:mod:`kvtier.tiers.disk.files`).
 - Failures: a missing file is a plain miss; a file that fails its header or
   checksum is deleted and counted ``corrupt``; a file of another kvtier format
   version (a rolling upgrade sharing the folder) is a miss counted ``foreign``
@@ -50,10 +50,10 @@ from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, v
 from kvtier.config import DiskConfig
 from kvtier.errors import CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkKey
-from kvtier.tiers import files, folder
+from kvtier.tiers.disk import files, folder
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.buffer_pool import BufferPool
-from kvtier.tiers.folder_index import FolderIndex
+from kvtier.tiers.disk.folder_index import FolderIndex
 
 log = logging.getLogger(__name__)
 

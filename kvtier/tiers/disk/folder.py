@@ -34,7 +34,7 @@ import time
 from typing import Iterator, NamedTuple
 
 from kvtier.keys import ChunkKey
-from kvtier.tiers import files
+from kvtier.tiers.disk import files
 
 log = logging.getLogger(__name__)
 BUDGET_FILE = ".kvtier-budget"

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from kvtier.codecs import ChunkData
-from kvtier.codecs.wire import (FRAME, Op, Refused, Status, WireError, frame, hello_body,
+from kvtier.transfer.wire import (FRAME, Op, Refused, Status, WireError, frame, hello_body,
                                 keys_body, parse_contains, parse_frame, read_chunks,
                                 read_message, recv_exact, set_timeout)
 from kvtier.keys import ChunkKey

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from kvtier.config_values import is_loopback, read_token
+from kvtier.config.values import is_loopback, read_token
 from kvtier.errors import ConfigError
 
 TOKEN_ENV = "KVTIER_TRANSFER_TOKEN"

@@ -2,13 +2,13 @@
 
 Each chunk is stored as the codecs layer frames it (128-byte header, then the
 payload) under ``<key_prefix><hex key>``, split into parts when it is larger
-than ``max_value_bytes`` (:mod:`kvtier.tiers.redis_values`). Parts are
+than ``max_value_bytes`` (:mod:`kvtier.tiers.redis.values`). Parts are
 written before their head, so a reader that finds a head finds its parts.
 
 Every batch is one pipeline (one round trip; more only for split chunks: their
 parts, and on a cluster to order parts before heads across nodes). Values go
 out without being joined into one buffer: a small RESP packer
-(:mod:`kvtier.tiers.resp`) sends the header and the caller's payload as
+(:mod:`kvtier.tiers.redis.resp`) sends the header and the caller's payload as
 separate socket writes.
 
 Orphans: parts are written with a short expiry (``orphan_part_ttl_s``), and
@@ -28,7 +28,7 @@ is written by one SET, so it is deleted on its first failure.
 
 Failures: a connection error or timeout turns the batch into misses /
 ``False``, counts ``errors`` and starts a growing backoff
-(:mod:`kvtier.tiers.redis_conn`: ``timeout_s`` bounds every socket wait,
+(:mod:`kvtier.tiers.redis.conn`: ``timeout_s`` bounds every socket wait,
 ``contains_timeout_s`` those of presence checks). A value of another kvtier
 format version (a rolling upgrade sharing the server) is a miss counted
 ``foreign`` and left in place, logged once. ``OOM`` replies count ``dropped``.
@@ -48,10 +48,10 @@ from kvtier.config import RedisConfig
 from kvtier.errors import CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
-from kvtier.tiers.redis_conn import RedisConnection
-from kvtier.tiers.redis_split import SplitChunks
-from kvtier.tiers.redis_values import PART_TTL_MARGIN_S, ValueLayout
-from kvtier.tiers.resp import Concat
+from kvtier.tiers.redis.conn import RedisConnection
+from kvtier.tiers.redis.split import SplitChunks
+from kvtier.tiers.redis.values import PART_TTL_MARGIN_S, ValueLayout
+from kvtier.tiers.redis.resp import Concat
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'kvtier[redis]'"

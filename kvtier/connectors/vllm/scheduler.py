@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvtier.config import KvtierConfig
-from kvtier.connectors.vllm_keys import Bypass, request_inputs
-from kvtier.connectors.vllm_meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec, SaveSpec
-from kvtier.connectors.vllm_surfaces import EventLog, KvtierStats
+from kvtier.connectors.vllm.keys import Bypass, request_inputs
+from kvtier.connectors.vllm.meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec, SaveSpec
+from kvtier.connectors.vllm.surfaces import EventLog, KvtierStats
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
 from kvtier.store import ChunkStore, KeyIndex, PrefixHit, lookup_hit, lookup_prefix
 

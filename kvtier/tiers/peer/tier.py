@@ -7,7 +7,7 @@ to milliseconds: answers are cached for ``cache_s``, every wait is bounded by
 ``contains_timeout_s``, and a peer (or controller) that failed is skipped
 for ``backoff_s``. Reads (``get_many``, in the worker) use ``timeout_s``.
 Every chunk is verified on arrival (header, key, both checksums, see
-:func:`kvtier.codecs.wire.read_chunks`); a bad chunk, a refused connection,
+:func:`kvtier.transfer.wire.read_chunks`); a bad chunk, a refused connection,
 a peer that is down: each is a miss, counted, never an exception.
 
 ``put_many`` stores nothing (``read_only``: the store runs no writer for it).
@@ -24,13 +24,13 @@ import time
 from typing import Iterator, Sequence
 
 from kvtier.codecs import ChunkData
-from kvtier.codecs.wire import MAX_KEYS, Refused, WireError
-from kvtier.config_cluster import PeerConfig, parse_address
+from kvtier.transfer.wire import MAX_KEYS, Refused, WireError
+from kvtier.config.cluster import PeerConfig, parse_address
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.buffer_pool import BufferPool
-from kvtier.tiers.peer_conn import PeerConnection, PeerPool
-from kvtier.tiers.peer_locate import LocateError, locate
+from kvtier.transfer.client import PeerConnection, PeerPool
+from kvtier.tiers.peer.locate import LocateError, locate
 
 _FAILURES = (OSError, WireError, Refused, ValueError)
 _CACHE_MAX = 65536

@@ -1,10 +1,10 @@
-"""Layer 4: the transfer server: serves this instance's chunks to other instances.
+"""The transfer server: serves this instance's chunks to other instances.
 
 One listening socket, one thread per connection (at most
 ``transfer.max_connections``). A connection starts with HELLO (token compared
 in constant time; a namespace digest other than this instance's is refused,
 "" allows presence checks only), then any number of CONTAINS / GET requests
-(framing: :mod:`kvtier.codecs.wire`). Chunks come from the store's own tiers
+(framing: :mod:`kvtier.transfer.wire`). Chunks come from the store's own tiers
 (memory first, then its writable lower tiers; never its read-only peer tier,
 so two instances never ask each other in a loop); a memory chunk is sent
 straight from its slot (the header computed, the payload not copied), with
@@ -19,27 +19,34 @@ import hmac
 import logging
 import socket
 import threading
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from kvtier.codecs import ChunkData
 from kvtier.codecs.format import encode_header
-from kvtier.codecs.wire import (FRAME, MAX_HELLO, Op, Status, WireError, contains_body, frame,
+from kvtier.transfer.wire import (FRAME, MAX_HELLO, Op, Status, WireError, contains_body, frame,
                                 get_answer_buffers, parse_frame, parse_hello, parse_keys,
                                 recv_exact, sendmsg_all, set_timeout)
 from kvtier.config import TransferConfig, is_loopback
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
-from kvtier.store.hierarchy import ChunkStore, lookup_prefix
-from kvtier.tiers.base import TierStats
+from kvtier.tiers.base import Tier, TierStats, lookup_prefix
 
 log = logging.getLogger(__name__)
+
+
+class TierSource(Protocol):
+    """What the server reads: a store's tiers in order, and which one is memory
+    (its chunks are sent from their slots by reference, not read)."""
+
+    tiers: Sequence[Tier]
+    memory: Tier | None
 
 
 class TransferServer:
     """Serves ``store``'s chunks on ``cfg.host``:``port`` (0: any free port) to peers that
     present ``cfg``'s token and, for GET, the namespace digest ``namespace``."""
 
-    def __init__(self, store: ChunkStore, cfg: TransferConfig, namespace: str,
+    def __init__(self, store: TierSource, cfg: TransferConfig, namespace: str,
                  port: int | None = None) -> None:
         self.store = store
         self.cfg = cfg

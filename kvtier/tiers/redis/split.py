@@ -26,7 +26,7 @@ from kvtier.codecs.format import Header
 from kvtier.errors import CorruptChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import TierStats
-from kvtier.tiers.redis_values import ValueLayout, same_write
+from kvtier.tiers.redis.values import ValueLayout, same_write
 
 log = logging.getLogger(__name__)
 _PROBE = 8  # parts unlinked per round trip when deleting (their number is not stored)
