@@ -236,6 +236,18 @@ def test_the_budget_file_is_the_folders_and_edits_take_effect(tmp_path: Path) ->
     assert (tmp_path / folder.BUDGET_FILE).read_text().strip() == str(6 * FILE)
 
 
+def test_files_written_in_one_clock_tick_keep_their_order(tmp_path: Path) -> None:
+    """The kernel stamps files from a coarse clock: chunks written within a few ms got
+    equal times, and another process's scan ordered them by directory order (this made
+    the budget test above flaky). Writes and reads now stamp from a fine clock."""
+    tier, keys = disk(tmp_path, 16), new_keys(12)
+    tier.put_many([(k, chunk(i)) for i, k in enumerate(keys)])
+    stamps = [os.stat(tier.path_of(k)).st_mtime_ns for k in keys]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    tier.get_many(keys[:1])[0].release()  # a read moves it to the end
+    assert os.stat(tier.path_of(keys[0])).st_mtime_ns > stamps[-1]
+
+
 def test_a_file_another_process_read_since_the_scan_is_not_evicted(tmp_path: Path) -> None:
     a, b, keys = disk(tmp_path, 4), disk(tmp_path, 4), new_keys(5)
     for i, k in enumerate(keys[:4]):

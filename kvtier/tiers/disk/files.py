@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
+import time
 
 import xxhash
 
@@ -27,6 +29,24 @@ HOST_TAG = xxhash.xxh32_hexdigest(socket.gethostname().encode())
 _TMP_NAME = re.compile(rf"\.[0-9a-f]{{{2 * KEY_BYTES}}}\.([0-9a-f]{{8}})\.([0-9]+)\.[0-9]+"
                        + re.escape(TMP_SUFFIX))
 """The exact shape of :func:`tmp_path`'s names: ``.<key hex>.<host tag>.<pid>.<seq>.tmp``."""
+_stamp_lock = threading.Lock()
+_last_stamp_ns = 0
+
+
+def stamp_ns() -> int:
+    """Wall-clock nanoseconds, strictly increasing within this process.
+
+    File times set by the kernel come from a coarse clock: files written in the same
+    tick (a few ms) get equal times, and the folder's LRU order between them was left
+    to directory order. Writes and reads set their times from this clock instead, so
+    a scan orders one process's uses exactly as they happened.
+    """
+    global _last_stamp_ns
+    with _stamp_lock:
+        _last_stamp_ns = max(time.time_ns(), _last_stamp_ns + 1)
+        return _last_stamp_ns
+
+
 _CHUNK_NAME = re.compile(rf"[0-9a-f]{{{2 * KEY_BYTES}}}" + re.escape(SUFFIX))
 _SHARD_NAME = re.compile(r"[0-9a-f]{2}")
 
@@ -73,8 +93,9 @@ def is_stale_tmp(name: str, mtime: float, now: float) -> bool:
     return now - mtime > STALE_TMP_S
 
 
-def write_atomic(path: str, buffers: list[bytes | memoryview], fsync: bool, seq: int) -> None:
+def write_atomic(path: str, buffers: list[bytes | memoryview], fsync: bool, seq: int) -> int:
     """Write ``buffers`` as the file ``path``: temp file, ``writev``, optional fsync, rename.
+    Returns the file's time (:func:`stamp_ns`, set before the rename).
 
     Creates the shard folder if needed, never the root: a root that vanished
     (an unmounted share) stays an error. Raises OSError; leaves no temp file.
@@ -88,11 +109,14 @@ def write_atomic(path: str, buffers: list[bytes | memoryview], fsync: bool, seq:
     try:
         try:
             writev_all(fd, buffers)
+            stamp = stamp_ns()
+            os.utime(fd, ns=(stamp, stamp))  # we own the temp file: explicit times allowed
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        return stamp
     except OSError:
         try:
             os.unlink(tmp)

@@ -84,16 +84,16 @@ class FolderIndex:
             self._stamps.pop(key, None)
             self._local_uses.pop(key, None)
 
-    def used(self, key: ChunkKey, stamped: bool) -> None:
-        """A read of ``key``; ``stamped``: whether its file's times record it."""
-        now = time.time_ns()  # at or after the time the kernel stamped
+    def used(self, key: ChunkKey, stamp: int | None) -> None:
+        """A read of ``key``; ``stamp``: the time its file now records (None: the file's
+        times could not be set, recency is kept in this process)."""
         with self._lock:
             self._index.touch(key)
-            if stamped:
-                self._stamps[key] = now
+            if stamp is not None:
+                self._stamps[key] = stamp
                 return
             self._local_uses.pop(key, None)
-            self._local_uses[key] = now
+            self._local_uses[key] = time.time_ns()
             if len(self._local_uses) > _MAX_LOCAL_USES:
                 del self._local_uses[next(iter(self._local_uses))]
 
@@ -118,11 +118,11 @@ class FolderIndex:
         with self._lock:
             self._index.unreserve(size)
 
-    def commit(self, key: ChunkKey, size: int) -> None:
-        """A reserved write landed as ``key``'s file."""
+    def commit(self, key: ChunkKey, size: int, stamp: int) -> None:
+        """A reserved write landed as ``key``'s file, whose times are ``stamp``."""
         with self._lock:
             self._index.commit(key, size)
-            self._stamps[key] = time.time_ns()  # at or after the file's mtime
+            self._stamps[key] = stamp
             if self._landed is not None:
                 self._landed[key] = size
 

@@ -200,19 +200,24 @@ class DiskTier(Tier):
     def _stamp(self, key: ChunkKey, fd: int) -> None:
         """Record the use in the file's times, where every process (and a restart) sees it.
 
-        Best effort: the read succeeded whatever happens here. UTIME_NOW needs only
-        write access, not ownership; without either, recency stays in this process.
+        Best effort: the read succeeded whatever happens here. Explicit times need
+        ownership; UTIME_NOW (the fallback) only write access; without either, recency
+        stays in this process.
         """
+        stamp: int | None = files.stamp_ns()
         try:
-            os.utime(fd)
-            stamped = True
+            try:
+                os.utime(fd, ns=(stamp, stamp))  # fine-grained: see files.stamp_ns
+            except PermissionError:  # another user's file: explicit times need ownership
+                os.utime(fd)
+                stamp = files.stamp_ns()  # at or after the kernel's coarse stamp
         except OSError as exc:
-            stamped = False
+            stamp = None
             if not self._unstamped_logged:
                 self._unstamped_logged = True
                 log.info("disk tier: cannot stamp access times in %s (%s); reads still work, "
                          "their recency is kept in this process only", self._root, exc)
-        self._index.used(key, stamped)
+        self._index.used(key, stamp)
 
     def _read(self, key: ChunkKey, fd: int) -> ChunkData:
         """The whole file in one ``preadv``: header, and payload into a buffer of its size.
@@ -248,14 +253,14 @@ class DiskTier(Tier):
             self.stats.add(dropped=1)
             return False
         try:
-            files.write_atomic(self._file(key), [header, payload], self.fsync,
-                               next(self._tmp_seq))
+            stamp = files.write_atomic(self._file(key), [header, payload], self.fsync,
+                                       next(self._tmp_seq))
         except OSError as exc:
             self._index.unreserve(size)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             self.stats.add(**{"dropped" if full else "errors": 1})
             return False
-        self._index.commit(key, size)
+        self._index.commit(key, size, stamp)
         self.stats.add(puts=1, put_bytes=payload.nbytes)
         return True
 
