@@ -1,7 +1,8 @@
 """Exceptions kvtier raises for misuse and bad input.
 
 Expected outcomes (a miss, a tier that is down, a corrupt chunk found on read)
-are return values, not exceptions; see DESIGN.md "Invariants".
+are return values, not exceptions: a failing tier is a counted miss, never a
+failed request (docs/architecture.md, "Invariants").
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ run real processes; here only the page is under test)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvtier.bench import report
 
 CODECS = {"setup": {"model": "small", "prompts": 2, "prompt_tokens": 1024, "chunks": 8,
@@ -99,11 +101,20 @@ LAYERWISE = {"setup": {"model": "small-v1 (24 layers, 2 KV heads x 64)", "dtype"
 
 
 def test_layerwise_section_shows_the_cpu_run_and_the_kept_gpu_result() -> None:
-    """The GPU half comes from the device check's JSON kept in docs/device/."""
+    """The GPU half comes from the device check's JSON kept in the docs folder given
+    (the report's --docs: the package never looks for the repository itself)."""
     from kvtier.bench import report_sections
 
-    page = report.render({"layerwise": entry(LAYERWISE)}, "2026-12-04")
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    page = report.render({"layerwise": entry(LAYERWISE)}, "2026-12-04", docs=docs)
     assert "## Layer-wise loads (`kvtier bench x`)" in page
     assert "| bulk | 200.0 ms | 8.0 ms |" in page and "layer-wise / bulk hit TTFT: 1.010x" in page
-    assert report_sections.DEVICE_RESULT.is_file()  # the H200 run of 2026-12-04
+    assert (docs / report_sections.DEVICE_RESULT).is_file()  # the H200 run of 2026-12-04
     assert "| memory tier pinned (kvtier on CUDA) |" in page and "| 2048 |" in page
+
+
+def test_layerwise_section_without_a_gpu_result_in_the_docs_folder_shows_the_cpu_run(
+        tmp_path: Path) -> None:
+    page = report.render({"layerwise": entry(LAYERWISE)}, "2026-12-04", docs=tmp_path)
+    assert "| bulk | 200.0 ms | 8.0 ms |" in page
+    assert "On a GPU" not in page and "memory tier pinned" not in page

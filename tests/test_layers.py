@@ -1,4 +1,4 @@
-"""DESIGN.md's layer rule: a layer imports only itself and the layers above it.
+"""The layer rule (docs/architecture.md): a layer imports only itself and the layers above it.
 
 The product (layers 1-7) never imports ``bench``, ``testing`` or ``cli``;
 ``bench`` and ``testing`` (8) may import the product, and ``bench`` may use
@@ -46,7 +46,7 @@ def violations(root: Path = ROOT) -> list[str]:
             continue
         layer = layer_of(path, root)
         if layer not in LAYERS:
-            bad.append(f"{path.relative_to(root)} is in no layer of DESIGN.md")
+            bad.append(f"{path.relative_to(root)} is in no layer of LAYERS (docs/architecture.md)")
             continue
         for mod in imports(path):
             top = mod.split(".")

@@ -73,7 +73,7 @@ def run(args: Any) -> Path:
             shutil.copy(scratch / f"{part}.png", docs / "img" / f"serve-{part}.png")
         store.write_text(json.dumps(saved, indent=1) + "\n")  # each part as it lands
     page = docs / "benchmarks.md"
-    page.write_text(render(saved, today, page.read_text() if page.is_file() else ""))
+    page.write_text(render(saved, today, page.read_text() if page.is_file() else "", docs))
     return page
 
 
@@ -83,9 +83,11 @@ HEADINGS = {"long-doc-qa": "## Serving: long-doc-qa", "multi-round-qa": "## Serv
             "cluster": "## Many instances"}
 
 
-def render(saved: dict[str, Any], today: str, old_page: str = "") -> str:
+def render(saved: dict[str, Any], today: str, old_page: str = "",
+           docs: Path = Path("docs")) -> str:
     """The Markdown page: every part in ``saved`` (``{"cmd", "date", "result"}``);
-    a part not there keeps its section of ``old_page``, if it had one."""
+    a part not there keeps its section of ``old_page``, if it had one. Files the
+    page shows beside the results (the GPU check's) are read from ``docs``."""
     out = [
         "# kvtier benchmarks",
         "",
@@ -111,6 +113,8 @@ def render(saved: dict[str, Any], today: str, old_page: str = "") -> str:
         when = "" if entry["date"] == today else f" (measured {entry['date']})"
         if part in WORKLOADS:
             lines = _serve_section(part, res, cmd)
+        elif part == "layerwise":
+            lines = report_sections.layerwise(res, cmd, docs)
         else:
             lines = SECTIONS[part](res, cmd)
         lines[0] += when
@@ -173,8 +177,7 @@ def _tiers_section(t: dict[str, Any], cmd: str) -> list[str]:
 
 
 SECTIONS = {"engine": _engine_section, "tiers": _tiers_section,
-            "codecs": report_sections.codecs, "layerwise": report_sections.layerwise,
-            "redis-hit": report_sections.redis_hit,
+            "codecs": report_sections.codecs, "redis-hit": report_sections.redis_hit,
             "cluster": report_sections.cluster}
 
 

@@ -70,11 +70,13 @@ def redis_hit(res: dict[str, Any], cmd: str) -> list[str]:
     ]
 
 
-DEVICE_RESULT = Path(__file__).resolve().parents[2] / "docs" / "device" / \
-    "device_transfer-h200.json"
+DEVICE_RESULT = Path("device") / "device_transfer-h200.json"
+"""The GPU check's result (``benchmarks/device_transfer.py``), relative to the docs folder."""
 
 
-def layerwise(res: dict[str, Any], cmd: str) -> list[str]:
+def layerwise(res: dict[str, Any], cmd: str, docs: Path = Path("docs")) -> list[str]:
+    """The CPU run, then the GPU check's result kept in ``docs`` (the report's
+    ``--docs``; an installed package has no repository to look in), if it is there."""
     from kvtier.bench import layerwise as lw
 
     s = res["setup"]
@@ -95,8 +97,9 @@ def layerwise(res: dict[str, Any], cmd: str) -> list[str]:
         "`layerwise` stays off by default.",
         "",
     ]
-    if DEVICE_RESULT.is_file():
-        d = json.loads(DEVICE_RESULT.read_text())
+    device = docs / DEVICE_RESULT
+    if device.is_file():
+        d = json.loads(device.read_text())
         sp, st, su = d["speed"], d["step"], d["setup"]
         out += [
             f"On a GPU ({d['device']}, torch {d['torch']}; `python benchmarks/device_transfer.py`"

@@ -15,7 +15,8 @@ class KeyIndex:
 
     Answers ``contains_many`` like a tier, without holding any bytes. It may be
     stale: a key can be evicted after it was reported; the loader then reports
-    a load error and the engine recomputes (see DESIGN.md "Processes").
+    a load error and the engine recomputes (docs/architecture.md, "Data path of a
+    load").
     """
 
     name = "index"

@@ -1,9 +1,10 @@
 """Layer 3: the interface every storage tier implements.
 
 A tier maps chunk keys to chunk bytes. The interface is narrow and batch
-first: five primitives, each taking many keys at once, so a remote tier can
-answer in one round trip. Everything else (prefix lookup, clear) derives from
-them. Failures of the medium (down, slow, full, corrupt) are never raised:
+first: six primitives. Four take many keys at once (``contains_many``,
+``put_many``, ``get_many``, ``delete_many``), so a remote tier can answer in one
+round trip; two describe what the tier holds (``usage``, ``iter_keys``).
+Everything else (prefix lookup, clear) derives from them. Failures of the medium (down, slow, full, corrupt) are never raised:
 they come back as misses or ``False`` and are counted in :class:`TierStats`.
 """
 

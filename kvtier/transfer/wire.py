@@ -1,4 +1,4 @@
-"""Layer 2: the transfer channel's framing (instance to instance, over TCP).
+"""Layer 3: the transfer channel's framing (instance to instance, over TCP).
 
 Every message, both ways, is a 16-byte frame header and a body::
 
