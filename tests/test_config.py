@@ -97,3 +97,54 @@ def test_tool_variables_in_the_environment_are_not_config_keys() -> None:
            "KVTIER_TRANSFER_TOKEN": "t", "KVTIER_CONTROL_TOKEN": "c"}
     cfg = load_config(env=env)
     assert cfg.transfer.token == "t" and cfg.controller.token == ""
+
+
+def test_every_bytes_key_takes_a_size() -> None:
+    from kvtier.config import KvtierConfig
+
+    keys = [f"{s}.{k}" for s, f in KvtierConfig.model_fields.items()
+            for k in getattr(f.annotation, "model_fields", {}) if k.endswith("_bytes")]
+    assert "disk.read_pool_bytes" in keys and len(keys) == 6
+    cfg = load_config(env={}, engine={k: "2MiB" for k in keys})
+    assert all(getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) == 2 * 1024**2
+               for k in keys)
+
+
+def test_sections_build_from_keywords_and_take_assignments() -> None:
+    from kvtier.config import DiskConfig, PeerConfig
+
+    disk = DiskConfig(path="/x", max_bytes="1KiB", codec="ZSTD")
+    assert disk.max_bytes == 1024 and disk.codec.value == "zstd"
+    with pytest.raises(ConfigError) as err:
+        DiskConfig(max_bytes=-1)
+    assert err.value.key == "disk.max_bytes"
+    with pytest.raises(ConfigError, match=r"peer.peers\[1\]"):
+        PeerConfig(peers="a:1,nohost")
+    disk.path = "/y"  # the loader and tests set fields after construction
+    assert disk.path == "/y"
+    with pytest.raises(ValueError):
+        disk.pathh = "/z"  # type: ignore[attr-defined]
+
+
+def test_secrets_are_never_shown() -> None:
+    secrets = {"control.token": "tok-A", "controller.token": "tok-B", "transfer.token": "tok-C",
+               "peer.controller_token": "tok-D", "redis.url": "redis://:tok-E@h:1/0"}
+    cfg = load_config(env={}, engine=secrets)
+    assert not any(v in repr(cfg) for v in secrets.values())
+    for key in secrets:
+        with pytest.raises(ConfigError) as err:
+            load_config(env={}, engine={key: ["tok-F"]})
+        assert err.value.key == key and "tok-F" not in str(err.value)
+
+
+def test_every_source_is_checked_on_its_own(tmp_path: Path) -> None:
+    """A bad value is named even where a later source overrides it, and a key given
+    both as a value and as a section in one source is an error, as before pydantic."""
+    f = tmp_path / "kvtier.yaml"
+    f.write_text("disk: 3\n")
+    with pytest.raises(ConfigError, match="disk"):
+        load_config(f, env={}, engine={"disk.path": "/x"})
+    with pytest.raises(ConfigError, match="disk"):
+        load_config(env={}, engine={"disk": 3, "disk.path": "/x"})
+    with pytest.raises(ConfigError, match="KVTIER_CHUNK_SIZE"):
+        load_config(env={"KVTIER_CHUNK_SIZE": "[1"})

@@ -311,9 +311,9 @@ def test_kvtier_ctl_against_the_running_api(vllm: Instance, model: str, tmp_path
     assert run("pin", "--tokens-file", str(tmp_path / "prompt.json"), "--ttl", "600"
                ).stdout.startswith("pinned: 4")
     assert run("unpin", "--tokens-file", str(tmp_path / "prompt.json")).returncode == 0
-    via_env = run("status", env={"KVTIER_CONTROL_TOKEN": TOKEN})
+    via_env = run("status", env={"KVTIER_CONTROL__TOKEN": TOKEN})
     assert via_env.returncode == 0, via_env.stderr
-    refused = run("clear", env={"KVTIER_CONTROL_TOKEN": "nope"})
+    refused = run("clear", env={"KVTIER_CONTROL__TOKEN": "nope"})
     assert refused.returncode == 1 and "401" in refused.stderr
     assert "kvtier_tier_hits_total" in run("metrics").stdout
     assert run("clear").stdout.startswith("removed:")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 log = logging.getLogger("kvtier.cli")
@@ -17,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--host", default="127.0.0.1")
     c.add_argument("--port", type=int, default=8800)
     c.add_argument("--token", default="", help="bearer token (prefer --token-file or "
-                   "KVTIER_CONTROLLER_TOKEN)")
+                   "KVTIER_CONTROLLER__TOKEN)")
     c.add_argument("--token-file", default="")
     c.add_argument("--redis-url", default="", help="keep the index in Redis (replicas share it)")
     c.add_argument("--events-port", type=int, default=0, help="port of the KV events SUB socket "
@@ -26,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "heartbeat this long leaves the index")
     c.add_argument("--heartbeat-s", type=float, default=2.0, help="heartbeat period to advise")
     c.add_argument("--control-token-file", default="", help="the instances' management API "
-                   "token (for snapshot resyncs)")
+                   "token (for snapshot resyncs; or KVTIER_CONTROL__TOKEN)")
     c.add_argument("--tokenizer", action="append", default=[], metavar="MODEL=PATH",
                    help="tokenizer folder for lookups of string prompts (repeatable)")
     c.set_defaults(func=_controller)
@@ -35,17 +34,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     router_args.add_parser(subparsers)
 
 
-def _secret(value: str, path: str, env: str, what: str) -> str:
-    if value and path:
-        sys.exit(f"kvtier: give {what} or {what}-file, not both")
-    if path:
-        try:
-            value = open(os.path.expanduser(path)).read().strip()
-        except OSError as e:
-            sys.exit(f"kvtier: {what}-file: cannot read {path}: {e.strerror}")
-        if not value:
-            sys.exit(f"kvtier: {what}-file: {path} is empty")
-    return value or os.environ.get(env, "")
+def _secret(section: str, value: str, path: str, flags: tuple[str, str]) -> str:
+    from kvtier.config import ConfigError, cli_token
+
+    try:
+        return cli_token(section, value, path, flags)
+    except ConfigError as e:
+        sys.exit(f"kvtier controller: {e.key}: {e.problem}")
 
 
 def _controller(args: argparse.Namespace) -> int:
@@ -55,10 +50,10 @@ def _controller(args: argparse.Namespace) -> int:
     from kvtier.cluster.state import MemoryState, RedisState
     from kvtier.config import is_loopback
 
-    token = _secret(args.token, args.token_file, "KVTIER_CONTROLLER_TOKEN", "--token")
+    token = _secret("controller", args.token, args.token_file, ("--token", "--token-file"))
     if not token and not is_loopback(args.host):
         sys.exit(f"kvtier controller: refusing to serve on {args.host} without a token "
-                 "(--token-file or KVTIER_CONTROLLER_TOKEN), or bind 127.0.0.1")
+                 "(--token-file or KVTIER_CONTROLLER__TOKEN), or bind 127.0.0.1")
     if args.ttl_s <= 0 or args.heartbeat_s <= 0 or args.heartbeat_s >= args.ttl_s:
         sys.exit("kvtier controller: need 0 < --heartbeat-s < --ttl-s")
     tokenizers = {}
@@ -67,7 +62,8 @@ def _controller(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             sys.exit(f"kvtier controller: --tokenizer {item!r}: expected MODEL=PATH")
         tokenizers[name] = path
-    control_token = _secret("", args.control_token_file, "KVTIER_CONTROL_TOKEN", "--control-token")
+    control_token = _secret("control", "", args.control_token_file,
+                            ("--control-token", "--control-token-file"))
     try:
         state = RedisState(args.redis_url, args.ttl_s) if args.redis_url \
             else MemoryState(args.ttl_s)

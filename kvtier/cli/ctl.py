@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kvtier.control.client import TOKEN_ENV, ControlClient, ControlError, read_token
+from kvtier.control.client import ControlClient, ControlError
 
 URL_ENV = "KVTIER_CONTROL_URL"
 ADDRESSED = ("lookup", "evict", "move", "pin", "unpin", "compress", "decompress")
@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ctl.add_argument("--url", default=os.environ.get(URL_ENV, "http://127.0.0.1:8700"),
                      help=f"the API (default ${URL_ENV} or http://127.0.0.1:8700)")
     auth = ctl.add_mutually_exclusive_group()
-    auth.add_argument("--token", help=f"bearer token (default ${TOKEN_ENV})")
+    auth.add_argument("--token", help="bearer token (default $KVTIER_CONTROL__TOKEN)")
     auth.add_argument("--token-file", help="a file holding the bearer token")
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
     sub = ctl.add_subparsers(dest="op", required=True)
@@ -115,8 +115,10 @@ def _chunk(spec: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Call the API; print its answer."""
+    from kvtier.config import ConfigError, cli_token
+
     try:
-        client = ControlClient(args.url, read_token(args.token, args.token_file))
+        client = ControlClient(args.url, cli_token("control", args.token, args.token_file))
         if args.op in ("status", "health"):
             result = getattr(client, args.op)()
         elif args.op == "metrics":
@@ -126,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
             result = client.call(args.op, build_request(args))
     except ControlError as err:
         print(f"kvtier ctl {args.op}: {err}", file=sys.stderr)
+        return 1
+    except ConfigError as err:  # a token file that cannot be read
+        print(f"kvtier ctl {args.op}: {err.key}: {err.problem}", file=sys.stderr)
         return 1
     except OSError as err:  # a tokens or chunk file that cannot be read
         print(f"kvtier ctl {args.op}: {err.strerror}: {err.filename}", file=sys.stderr)

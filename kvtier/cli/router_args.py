@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--controller", default="", help="the controller's URL (lookups, and "
                    "instances discovered from its registrations)")
     p.add_argument("--controller-token-file", default="", help="the controller's token "
-                   "(or KVTIER_CONTROLLER_TOKEN)")
+                   "(or KVTIER_CONTROLLER__TOKEN)")
     p.add_argument("--instance", action="append", default=[], metavar="URL",
                    help="a vllm serve base URL (repeatable)")
     p.add_argument("--prefill", action="append", default=[], metavar="URL",
@@ -42,6 +42,7 @@ def _router(args: argparse.Namespace) -> int:
     from kvtier.cluster.router import Router
     from kvtier.cluster.router_app import build_router_app
     from kvtier.cluster.tokens import PromptTokens
+    from kvtier.config import ConfigError, cli_token
 
     if bool(args.prefill) != bool(args.decode):
         sys.exit("kvtier router: PD mode needs both --prefill and --decode")
@@ -57,12 +58,11 @@ def _router(args: argparse.Namespace) -> int:
         sys.exit("kvtier router: --alpha and --cooldown-s must be >= 0, --lookup-timeout-s > 0")
     if args.model_path and not os.path.isdir(args.model_path):
         sys.exit(f"kvtier router: --model-path {args.model_path} is not a folder")
-    token = os.environ.get("KVTIER_CONTROLLER_TOKEN", "")
-    if args.controller_token_file:
-        try:
-            token = open(os.path.expanduser(args.controller_token_file)).read().strip()
-        except OSError as e:
-            sys.exit(f"kvtier router: --controller-token-file: {e.strerror}")
+    try:
+        token = cli_token("controller", "", args.controller_token_file,
+                          ("--controller-token", "--controller-token-file"))
+    except ConfigError as e:
+        sys.exit(f"kvtier router: {e.key}: {e.problem}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the router logs its own line
     tokens = PromptTokens(args.model_path or None)
     tokens.load()

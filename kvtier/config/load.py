@@ -4,104 +4,84 @@ Sources, later wins: a YAML file (``path`` or ``$KVTIER_CONFIG``), then
 ``KVTIER_*`` environment variables (``KVTIER_CHUNK_SIZE=256``; nested keys
 with a double underscore: ``KVTIER_MEMORY__MAX_BYTES=4GiB``), then a dict the
 engine integration passes (vLLM's ``kv_connector_extra_config``; nested dicts
-or dotted keys such as ``"disk.path"``).
+or dotted keys such as ``"disk.path"``). A source that gives a section's
+``token`` or ``token_file`` replaces both as earlier sources gave them.
 
-Unknown keys and impossible values raise :class:`ConfigError` naming the key.
-Each component receives only its own section.
+Each source is validated on its own (so a bad value is an error even where a later
+source overrides it), then the merge as a whole, then what spans keys (token files,
+exposed hosts, tiers that need other keys). Errors are :class:`ConfigError` naming the
+key. Each component receives only its own section.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from pydantic import ValidationError
 
 from kvtier.config.cluster import peer_from_controller, validate_cluster, validate_controller
+from kvtier.config.fields import config_error, secret_keys
+from kvtier.config.secrets import DEPRECATED_TOKEN_ENV, TOKEN_SECTIONS, deprecated_env_token
 from kvtier.config.sections import ControlConfig, KvtierConfig
-from kvtier.config.values import (CODEC_MODULES, CodecName, TierName, WritePolicy, is_loopback,
-                                  parse_enum, parse_size)
+from kvtier.config.values import CODEC_MODULES, TierName, WritePolicy, is_loopback
 from kvtier.errors import ConfigError
 
 ENV_PREFIX = "KVTIER_"
 ENV_FILE = "KVTIER_CONFIG"
-# KVTIER_* variables that are not configuration keys (tooling, tests, `kvtier ctl`).
+# KVTIER_* variables that are not configuration keys: tooling and tests, `kvtier ctl`'s
+# URL, and the deprecated token spellings (read by kvtier.config.secrets, not as keys).
 NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
-                            "KVTIER_CONTROL_TOKEN", "KVTIER_CONTROL_URL",
-                            "KVTIER_TRANSFER_TOKEN", "KVTIER_CONTROLLER_TOKEN",
-                            "KVTIER_LMCACHE_VENV"})
-# Keys whose values are secrets: never shown in an error message, and taken from the
-# environment as the raw string (not parsed as YAML, which would turn "0x1f" into 31).
-SECRET_KEYS = frozenset({"control.token", "controller.token", "redis.url", "transfer.token",
-                         "peer.controller_token"})
+                            "KVTIER_CONTROL_URL", "KVTIER_LMCACHE_VENV", *DEPRECATED_TOKEN_ENV})
+# Keys whose values are secrets (the fields declared repr=False): never shown in an error
+# message, and taken from the environment as the raw string (YAML would read "0x1f" as 31).
+SECRET_KEYS = secret_keys(KvtierConfig)
 
 
-def _coerce(key: str, ftype: Any, value: Any) -> Any:
-    if key in SECRET_KEYS:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got a {type(value).__name__}")
-        return value
-    if key.endswith("bytes"):
-        return parse_size(key, value)
-    if ftype in ("bool", bool):
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if ftype in ("int", int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if ftype in ("float", float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
-    if ftype in ("str", str):
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return str(value)
-    if ftype == "WritePolicy":
-        return parse_enum(key, WritePolicy, value)
-    if ftype == "CodecName":
-        return parse_enum(key, CodecName, value)
-    if ftype == "list[str]":
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, f"expected a list of strings, got {value!r}")
-        return list(value)
-    if ftype == "list[TierName]":
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(key, f"expected a list of tier names, got {value!r}")
-        tiers = [parse_enum(f"{key}[{i}]", TierName, v) for i, v in enumerate(value)]
-        if len(set(tiers)) != len(tiers):
-            raise ConfigError(key, f"a tier is listed twice: {value!r}")
-        return tiers
-    raise AssertionError(f"no coercion for {key}: {ftype}")
+def _put(node: dict[str, Any], raw_key: Any, value: Any, prefix: str = "") -> None:
+    """Set ``raw_key`` (any case, ``-`` for ``_``, dotted for nesting) in ``node``."""
+    name = str(raw_key).strip().lower().replace("-", "_")
+    head, dot, rest = name.partition(".")
+    if dot:  # dotted form from an engine dict: "disk.path"
+        value, name = {rest: value}, head
+    if isinstance(value, Mapping):
+        sub = node.setdefault(name, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(prefix + name, "given both as a value and as a mapping of keys")
+        for k, v in value.items():
+            _put(sub, k, v, f"{prefix}{name}.")
+    elif isinstance(node.get(name), dict):
+        raise ConfigError(prefix + name, "given both as a value and as a mapping of keys")
+    else:
+        node[name] = value
 
 
-def _apply(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for raw_key, value in data.items():
-        name = str(raw_key).strip().lower().replace("-", "_")
-        key = f"{prefix}{name}"
-        if "." in name:  # dotted form from an engine dict: "disk.path"
-            head, rest = name.split(".", 1)
-            _apply(obj, {head: {rest: value}}, prefix)
-            continue
-        if name not in fields:
-            raise ConfigError(key, f"unknown key (known: {', '.join(sorted(fields))})")
-        current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, Mapping):
-                raise ConfigError(key, f"expected a mapping, got {value!r}")
-            _apply(current, value, f"{key}.")
+def _source(data: Mapping[str, Any]) -> dict[str, Any]:
+    """One source as nested plain dicts, checked on its own."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        _put(out, k, v)
+    try:
+        KvtierConfig.model_validate(out)
+    except ValidationError as e:
+        raise config_error(e, KvtierConfig) from None
+    return out
+
+
+def _merge(base: dict[str, Any], later: dict[str, Any]) -> None:
+    """``later`` over ``base``; a section's token and token_file count as one setting."""
+    for name, value in later.items():
+        old = base.get(name)
+        if isinstance(old, dict) and isinstance(value, dict):
+            if name in TOKEN_SECTIONS and ("token" in value or "token_file" in value):
+                old.pop("token", None)
+                old.pop("token_file", None)
+            _merge(old, value)
         else:
-            setattr(obj, name, _coerce(key, fields[name].type, value))
+            base[name] = value
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
@@ -109,52 +89,26 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
             continue
-        path = name[len(ENV_PREFIX):].lower().split("__")
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        # YAML scalars give "true" -> bool, "256" -> int, "[a, b]" -> list.
-        secret = ".".join(path) in SECRET_KEYS
-        node[path[-1]] = raw if secret or not raw.strip() else yaml.safe_load(raw)
+        key = ".".join(name[len(ENV_PREFIX):].lower().split("__"))
+        if key in SECRET_KEYS or not raw.strip():
+            _put(out, key, raw)
+            continue
+        try:  # YAML scalars give "true" -> bool, "256" -> int, "[a, b]" -> list
+            _put(out, key, yaml.safe_load(raw))
+        except yaml.YAMLError:
+            raise ConfigError(key, f"${name} is not a YAML value") from None
     return out
 
 
-def _validate(cfg: KvtierConfig) -> None:
-    if cfg.chunk_size <= 0:
-        raise ConfigError("chunk_size", f"must be positive, got {cfg.chunk_size}")
-    checks = [("memory.max_bytes", cfg.memory.max_bytes, 0),
-              ("disk.max_bytes", cfg.disk.max_bytes, 0),
-              ("disk.write_queue", cfg.disk.write_queue, 1),
-              ("redis.ttl_s", cfg.redis.ttl_s, 0),
-              ("redis.max_value_bytes", cfg.redis.max_value_bytes, 1024),
-              ("redis.write_queue", cfg.redis.write_queue, 1),
-              ("control.port", cfg.control.port, 0),
-              ("control.max_body_bytes", cfg.control.max_body_bytes, 1024),
-              ("control.max_concurrency", cfg.control.max_concurrency, 1),
-              ("control.workers", cfg.control.workers, 1)]
-    for key, value, low in checks:
-        if value < low:
-            raise ConfigError(key, f"must be >= {low}, got {value}")
-    if cfg.control.port > 65535:
-        raise ConfigError("control.port", f"must be a TCP port, got {cfg.control.port}")
-    _validate_control(cfg.control)
+def _check(cfg: KvtierConfig) -> None:
+    """What no single key can check: keys that depend on others, token files, packages."""
+    r = cfg.redis
+    if r.reconnect_backoff_max_s < r.reconnect_backoff_s:
+        raise ConfigError("redis.reconnect_backoff_max_s", "must be >= redis.reconnect_backoff_s "
+                          f"({r.reconnect_backoff_s}), got {r.reconnect_backoff_max_s}")
+    _check_control(cfg.control)
     validate_controller(cfg.controller)
     validate_cluster(cfg.transfer, cfg.peer, TierName.PEER in cfg.tiers)
-    for key, value in (("load_timeout_s", cfg.load_timeout_s),
-                       ("redis.timeout_s", cfg.redis.timeout_s),
-                       ("redis.contains_timeout_s", cfg.redis.contains_timeout_s)):
-        if value <= 0:
-            raise ConfigError(key, f"must be positive, got {value}")
-    for key, value, low in (("redis.orphan_part_ttl_s", cfg.redis.orphan_part_ttl_s, 1),
-                            ("redis.reconnect_backoff_s", cfg.redis.reconnect_backoff_s, 0)):
-        if value < low:
-            raise ConfigError(key, f"must be >= {low}, got {value}")
-    if cfg.redis.reconnect_backoff_max_s < cfg.redis.reconnect_backoff_s:
-        raise ConfigError("redis.reconnect_backoff_max_s", "must be >= redis.reconnect_backoff_s "
-                          f"({cfg.redis.reconnect_backoff_s}), got "
-                          f"{cfg.redis.reconnect_backoff_max_s}")
-    if not cfg.tiers:
-        raise ConfigError("tiers", "at least one tier is needed")
     if TierName.DISK in cfg.tiers and not cfg.disk.path:
         raise ConfigError("disk.path", "the disk tier is enabled but has no path")
     if cfg.write_policy is WritePolicy.WRITE_BACK and cfg.tiers[0] is not TierName.MEMORY:
@@ -166,9 +120,7 @@ def _validate(cfg: KvtierConfig) -> None:
                               "install kvtier[codecs]")
 
 
-def _validate_control(ctl: ControlConfig) -> None:
-    if ctl.request_timeout_s <= 0:
-        raise ConfigError("control.request_timeout_s", "must be positive")
+def _check_control(ctl: ControlConfig) -> None:
     if not ctl.port:
         return
     token = ctl.resolve_token()  # a token file that cannot be read stops start-up here
@@ -178,24 +130,41 @@ def _validate_control(ctl: ControlConfig) -> None:
                           "port could clear the cache or admit chunks), or bind 127.0.0.1")
 
 
+def _read_file(path: str | Path) -> Mapping[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(ENV_FILE, f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:  # its text is not shown: the file may hold a token
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(ENV_FILE, f"{p} is not valid YAML{where}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(ENV_FILE, f"{p} must hold a YAML mapping")
+    return data
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
                 engine: Mapping[str, Any] | None = None) -> KvtierConfig:
     """Build the validated configuration from file, environment and engine dict."""
     env = os.environ if env is None else env
-    cfg = KvtierConfig()
+    merged: dict[str, Any] = {}
     path = path or env.get(ENV_FILE)
     if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise ConfigError(ENV_FILE, f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(ENV_FILE, f"{p} must hold a YAML mapping")
-        _apply(cfg, data)
-    _apply(cfg, _env_overrides(env))
+        _merge(merged, _source(_read_file(path)))
+    _merge(merged, _source(_env_overrides(env)))
     if engine:
-        _apply(cfg, engine)
-    cfg.transfer.take_env_token(env)
+        _merge(merged, _source(engine))
+    # The deprecated KVTIER_TRANSFER_TOKEN, as before: only where no source gave a token.
+    old_token = deprecated_env_token("transfer", env).strip()
+    transfer = merged.get("transfer", {})
+    if old_token and not transfer.get("token") and not transfer.get("token_file"):
+        merged.setdefault("transfer", {})["token"] = old_token
+    try:
+        cfg = KvtierConfig.model_validate(merged)
+    except ValidationError as e:
+        raise config_error(e, KvtierConfig) from None
     peer_from_controller(cfg.controller, cfg.peer)
-    _validate(cfg)
+    _check(cfg)
     return cfg

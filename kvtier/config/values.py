@@ -1,16 +1,17 @@
 """Layer 0: single configuration values: the closed sets (tiers, write policy, codecs)
-and parsing of sizes, enums, hosts and URLs. No I/O but reading a token file."""
+and parsing of sizes, enums, hosts and URLs. No I/O (tokens: :mod:`kvtier.config.secrets`)."""
 
 from __future__ import annotations
 
 import enum
 import ipaddress
 import re
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from kvtier.errors import ConfigError
+
+E = TypeVar("E", bound=enum.Enum)
 
 
 class TierName(str, enum.Enum):
@@ -69,25 +70,43 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
                "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
 
 
-def parse_size(key: str, value: Any) -> int:
-    """``4096``, ``"4KiB"``, ``"2 GB"`` -> bytes."""
-    if isinstance(value, bool):
-        raise ConfigError(key, f"expected a size in bytes, got {value!r}")
+def size_bytes(value: Any) -> int:
+    """``4096``, ``"4KiB"``, ``"2 GB"`` -> bytes; ValueError (naming no key) otherwise."""
+    if isinstance(value, bool):  # YAML's "yes" / "true": not a size
+        raise ValueError(f"expected a size in bytes, got {value!r}")
     if isinstance(value, (int, float)):
         return int(value)
     m = _SIZE_RE.match(str(value))
     if not m:
-        raise ConfigError(key, f"expected a size such as 4096 or '2GiB', got {value!r}")
+        raise ValueError(f"expected a size such as 4096 or '2GiB', got {value!r}")
     return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
 
 
-def parse_enum(key: str, cls: type[enum.Enum], value: Any) -> Any:
-    """The member of ``cls`` named by ``value`` (case-insensitive); ConfigError otherwise."""
+def parse_size(key: str, value: Any) -> int:
+    """``4096``, ``"4KiB"``, ``"2 GB"`` -> bytes; ConfigError naming ``key`` otherwise."""
+    try:
+        return size_bytes(value)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def enum_member(cls: type[E], value: Any) -> E:
+    """The member of ``cls`` named by ``value`` (case-insensitive); ValueError otherwise."""
+    if isinstance(value, cls):
+        return value
     try:
         return cls(str(value).strip().lower())
     except ValueError:
-        names = ", ".join(m.value for m in cls)
-        raise ConfigError(key, f"unknown value {value!r} (known: {names})") from None
+        names = ", ".join(str(m.value) for m in cls)
+        raise ValueError(f"unknown value {value!r} (known: {names})") from None
+
+
+def host_port(value: Any) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port) (brackets of ``[::1]`` dropped); ValueError otherwise."""
+    host, sep, port = str(value).strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def is_loopback(host: str) -> bool:
@@ -109,19 +128,3 @@ def redact_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
     except ValueError:  # not parsable as a URL: show nothing of it
         return "<unparsable url>"
-
-
-def read_token(section: str, token: str, token_file: str) -> str:
-    """A bearer token given as ``token`` or in the file ``token_file``; "" if neither."""
-    if token and token_file:
-        raise ConfigError(f"{section}.token_file", "give token or token_file, not both")
-    if not token_file:
-        return token
-    path = Path(token_file).expanduser()
-    try:
-        text = path.read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"{section}.token_file", f"cannot read {path}: {e.strerror}") from None
-    if not text:
-        raise ConfigError(f"{section}.token_file", f"{path} is empty")
-    return text

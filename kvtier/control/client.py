@@ -1,25 +1,20 @@
 """Layer 7: a small HTTP client of the management API (stdlib only), for ``kvtier ctl``.
 
-The token comes from the caller (``--token``, ``--token-file`` or
-``KVTIER_CONTROL_TOKEN``); it is sent only in the ``Authorization`` header
-and never appears in an exception's message.
+The token comes from the caller (``kvtier ctl`` reads it with :func:`kvtier.config.cli_token`);
+it is sent only in the ``Authorization`` header and never appears in an exception's message.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 from kvtier.codecs import encode
 from kvtier.codecs.format import ChunkData
 from kvtier.keys import ChunkKey
-
-TOKEN_ENV = "KVTIER_CONTROL_TOKEN"
 
 
 class ControlError(Exception):
@@ -29,15 +24,6 @@ class ControlError(Exception):
         super().__init__(f"{status}: {message}" if status else message)
         self.status = status
         self.message = message
-
-
-def read_token(token: str | None = None, token_file: str | None = None) -> str:
-    """The token to send: ``token``, else the file's content, else $KVTIER_CONTROL_TOKEN."""
-    if token:
-        return token
-    if token_file:
-        return Path(token_file).expanduser().read_text().strip()
-    return os.environ.get(TOKEN_ENV, "")
 
 
 def encode_chunk(key: ChunkKey, chunk: ChunkData) -> str:

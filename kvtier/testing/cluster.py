@@ -98,7 +98,7 @@ def controller(log_path: Path, token: str = "", redis_url: str = "", ttl_s: floa
     if redis_url:
         args += ["--redis-url", redis_url]
     proc = KvtierProcess(args + list(extra or []), port, log_path, token,
-                         {"KVTIER_CONTROLLER_TOKEN": token} if token else {})
+                         {"KVTIER_CONTROLLER__TOKEN": token} if token else {})
     proc.events = f"tcp://{HOST}:{events_port}"
     return proc
 
