@@ -72,13 +72,17 @@ def test_a_background_load_past_its_timeout_is_cut_short_and_recomputed(
 
 def test_a_slow_tier_does_not_stall_a_request_that_is_decoding(model: str,
                                                                 tmp_path: Path) -> None:
-    """A request decodes while another's hit takes 4 s to read: it finishes before
-    that hit's first token (with loads inside the step it would wait for the read)."""
+    """A request decodes while another's hit takes 8 s to read: it finishes before
+    that hit's first token (with loads inside the step it would wait for the read).
+
+    The decoder's 12 tokens take about 0.5 s here; the read's 8 s leave room for a
+    machine many times slower (a run on a machine busy with other work once took
+    over 4 s for 24 tokens, and the test, then with a 4 s read, failed)."""
     slow_doc, other = doc(model, 23), doc(model, 24, 300)
     cfg = kvtier_cfg(tmp_path, prefetch=False)
     _run(model, [[req(slow_doc)]], cfg)
-    res = _run(model, [[req(other, max_tokens=24), req(slow_doc, max_tokens=4)]], cfg,
-               delay_s=4.0)
+    res = _run(model, [[req(other, max_tokens=12), req(slow_doc, max_tokens=4)]], cfg,
+               delay_s=8.0)
     decoding, slow = res["rounds"][0]
     assert slow["num_cached_tokens"] == 4 * CHUNK
     assert res["kvtier_worker"]["async_loads"] == 1
