@@ -11,12 +11,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
-import httpx
 import pytest
 
 from kvtier.net.backoff import JITTER, Backoff
 from kvtier.net.http import (HttpClient, HttpError, Redirected, StatusError, TooLarge,
-                             Unreachable, arequest, shown_url)
+                             Unreachable, arequest, async_client, shown_url)
 
 
 class Clock:
@@ -228,7 +227,7 @@ def test_unreachable_and_unusable_urls() -> None:
 
 def test_the_async_call_follows_the_same_rules(server: Server) -> None:
     async def go() -> None:
-        async with httpx.AsyncClient() as client:
+        async with async_client() as client:
             got = await arequest(client, "POST", server.url + "/ok", timeout_s=5.0, token="t",
                                  json_body=[1])
             assert got.json() == {"got": [1], "auth": "Bearer t"}

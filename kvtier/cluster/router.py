@@ -7,9 +7,9 @@ router and, after a failure, a cooldown during which it is not chosen. The
 controller is asked ``/v1/lookup`` with a bounded timeout; when it fails the
 router routes by load and does not ask again for ``controller_backoff_s``
 (so a dead controller costs no request a timeout). Calls to the controller go
-through :func:`kvtier.net.http.arequest` (bounded, no redirect followed) on the
-router's own httpx client; forwarding requests to instances does not (that is
-a streaming proxy, see :mod:`kvtier.cluster.router_app`).
+through :func:`kvtier.net.http.arequest` (bounded, no redirect followed) on a
+client of their own; forwarding requests to instances does not (that is a
+streaming proxy on ``Router.client``, see :mod:`kvtier.cluster.router_app`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.cluster.choice import Candidate, Choice, choose
 from kvtier.net.backoff import Backoff
-from kvtier.net.http import HttpError, arequest
+from kvtier.net.http import HttpError, arequest, async_client
 
 log = logging.getLogger("kvtier.router")
 MAX_CONTROLLER_ANSWER = 4 * 1024**2
@@ -98,6 +98,7 @@ class Router:
         self.metrics = RouterMetrics()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=3.0),
                                         limits=httpx.Limits(max_connections=512))
+        self.ctl_client = async_client()  # the controller's calls: see the module docstring
 
     # -- controller
     async def lookup(self, model: str, ids: list[int], salt: str | None) -> dict[str, int] | None:
@@ -107,7 +108,7 @@ class Router:
             return None
         t0 = time.perf_counter()
         try:
-            out = (await arequest(self.client, "POST", f"{self.controller}/v1/lookup",
+            out = (await arequest(self.ctl_client, "POST", f"{self.controller}/v1/lookup",
                                   json_body={"model": model, "token_ids": ids, "salt": salt},
                                   token=self.controller_token, timeout_s=self.lookup_timeout_s,
                                   max_bytes=MAX_CONTROLLER_ANSWER)).json()
@@ -132,7 +133,7 @@ class Router:
         """Follow the controller's registrations (instances with a URL join the pool)."""
         while self.controller and not self.pd:
             try:
-                resp = await arequest(self.client, "GET", f"{self.controller}/v1/instances",
+                resp = await arequest(self.ctl_client, "GET", f"{self.controller}/v1/instances",
                                       token=self.controller_token, timeout_s=2.0,
                                       max_bytes=MAX_CONTROLLER_ANSWER)
                 seen = {norm(i["url"]): i["instance"] for i in resp.json()["instances"]
@@ -191,6 +192,7 @@ class Router:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.ctl_client.aclose()
 
 
 def describe(b: Backend, c: Choice, reason: str, prompt_tokens: int | None,

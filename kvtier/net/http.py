@@ -17,8 +17,8 @@
 
 Sync callers hold an :class:`HttpClient` (pooled keep-alive connections; the
 httpx client is made on first use, which costs ~15 ms, and so after any fork);
-async callers (the router) pass their own ``httpx.AsyncClient`` to
-:func:`arequest`.
+async callers (the router) pass an ``httpx.AsyncClient`` to :func:`arequest`,
+best one from :func:`async_client` (no environment proxies or redirects).
 """
 
 from __future__ import annotations
@@ -210,6 +210,13 @@ class HttpClient:
             client, self._client = self._client, None
         if client is not None:
             client.close()
+
+
+def async_client(max_connections: int = 16) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for :func:`arequest`: nothing taken from the environment
+    (a proxy would see the token), redirects off, every call gives its own timeout."""
+    return httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                             limits=httpx.Limits(max_connections=max_connections))
 
 
 async def arequest(client: httpx.AsyncClient, method: str, url: str, *, timeout_s: float,
