@@ -11,8 +11,8 @@
   replica whose Redis state outlived it) and ``AllBlocksCleared`` queue a
   **resync**: the instance's
   management API ``/v1/snapshot`` replaces what the index holds for it (on a
-  background thread, bounded: :class:`kvtier.net.http.HttpClient`). Without a management API the index follows
-  the events alone.
+  background thread, bounded: :class:`kvtier.net.http.HttpClient`). Without a
+  management API the index follows the events alone.
 - **Lookup**: keys are computed with :class:`~kvtier.keys.ChunkHasher` from the
   namespace fields each instance registered (so salts work), once per
   distinct namespace; an instance's cached prefix is its leading held keys.

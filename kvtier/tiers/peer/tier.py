@@ -5,7 +5,8 @@ Where the chunks are comes from a static list of transfer servers
 Presence checks run in vLLM's scheduler on every lookup, so they are kept
 to milliseconds: answers are cached for ``cache_s``, every wait is bounded by
 ``contains_timeout_s``, and a peer (or controller) that failed is skipped
-for ``backoff_s`` (a fixed :class:`kvtier.net.backoff.Backoff`). Reads (``get_many``, in the worker) use ``timeout_s``.
+for ``backoff_s`` (a fixed :class:`kvtier.net.backoff.Backoff`). Reads
+(``get_many``, in the worker) use ``timeout_s``.
 Every chunk is verified on arrival (header, key, both checksums, see
 :func:`kvtier.transfer.wire.read_chunks`); a bad chunk, a refused connection,
 a peer that is down: each is a miss, counted, never an exception.
