@@ -98,7 +98,9 @@ class Router:
         self.metrics = RouterMetrics()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=3.0),
                                         limits=httpx.Limits(max_connections=512))
-        self.ctl_client = async_client()  # the controller's calls: see the module docstring
+        # The controller's calls (see the module docstring); as many connections as the
+        # forwarding client, so concurrent lookups never wait for one.
+        self.ctl_client = async_client(max_connections=512)
 
     # -- controller
     async def lookup(self, model: str, ids: list[int], salt: str | None) -> dict[str, int] | None:

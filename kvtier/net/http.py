@@ -149,6 +149,7 @@ class _Body:
         return False
 
     def result(self) -> Response:
+        """The answer once the body is in; StatusError for a non-2xx one."""
         body = b"".join(self.parts)
         if not self.ok:
             raise StatusError(self.url, self.status, body[:self.limit])
@@ -212,7 +213,7 @@ class HttpClient:
             client.close()
 
 
-def async_client(max_connections: int = 16) -> httpx.AsyncClient:
+def async_client(max_connections: int = 100) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for :func:`arequest`: nothing taken from the environment
     (a proxy would see the token), redirects off, every call gives its own timeout."""
     return httpx.AsyncClient(trust_env=False, follow_redirects=False,
