@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -149,6 +150,66 @@ def test_pd_mode_prefills_one_token_then_decodes(fakes: tuple[FakeOpenAI, FakeOp
         status, out, headers = post(r, {"model": "m", "prompt": [5, 6]})
         assert status == 200 and out["choices"][0]["text"] == "b"
         assert headers["x-kvtier-prefill-instance"] == "none"
+
+
+class FakeController:
+    """Answers the router's ``/v1/lookup`` and ``/v1/instances``, or redirects them."""
+
+    def __init__(self, instance: str) -> None:
+        self.auth: list[str | None] = []
+        self.redirect = False
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.auth.append(self.headers.get("Authorization"))
+                if outer.redirect:
+                    self.send_response(307)
+                    self.send_header("Location", "http://127.0.0.1:1/elsewhere")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                n = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(n)
+                data = json.dumps({"instances": [{"instance": "i1", "url": instance,
+                                                  "cached_tokens": 256}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *a: Any) -> None:
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_router_lookup_sends_the_token_and_backs_off_a_refused_redirect() -> None:
+    from kvtier.cluster.router import Router
+
+    ctl = FakeController("http://127.0.0.1:9/")
+
+    async def go() -> list[dict[str, int] | None]:
+        r = Router(["http://127.0.0.1:9"], controller=ctl.url, controller_token="t",
+                   controller_backoff_s=60.0)
+        try:
+            out = [await r.lookup("m", [1, 2, 3], None)]
+            ctl.redirect = True
+            out += [await r.lookup("m", [1, 2, 3], None), await r.lookup("m", [1], None)]
+            assert r.backends["http://127.0.0.1:9"].name == "i1"
+            return out
+        finally:
+            await r.close()
+
+    try:
+        assert asyncio.run(go()) == [{"http://127.0.0.1:9": 256}, None, None]
+        assert ctl.auth == ["Bearer t", "Bearer t"]  # the third was skipped: backoff
+    finally:
+        ctl.server.shutdown()
+        ctl.server.server_close()
 
 
 def test_bench_cluster_dispatches_parts_and_prints_its_table(

@@ -208,6 +208,25 @@ def test_an_instance_that_stops_heartbeating_leaves_the_index(ctl: KvtierProcess
     assert 'kvtier_controller_requests_total{code="404",op="heartbeat"}' in ctl.call("/metrics")[1]
 
 
+def test_the_registrar_registers_heartbeats_and_backs_off_when_refused(
+        ctl: KvtierProcess) -> None:
+    from kvtier.cluster.agent import Registrar
+
+    names = lambda: [i["instance"] for i in ctl.call("/v1/instances")[1]["instances"]]  # noqa
+    good = Registrar(ctl.url, body("agent1"), TOKEN, heartbeat_s=0.2, timeout_s=2.0)
+    bad = Registrar(ctl.url, body("agent2"), "wrong", heartbeat_s=0.2, timeout_s=2.0,
+                    max_backoff_s=1.0)
+    try:
+        assert good.registered.wait(10) and "agent1" in names()
+        time.sleep(4.0)  # past the 3 s TTL: only the heartbeats keep it
+        assert "agent1" in names() and good.registrations == 1
+        assert not bad.registered.is_set() and "agent2" not in names()
+        assert bad.backoff.delay_s == 1.0  # 401s: doubled from 0.5 up to its cap
+    finally:
+        good.close()
+        bad.close()
+
+
 @pytest.mark.redis
 def test_a_redis_index_answers_the_same_lookup_from_a_second_replica(tmp_path: Path) -> None:
     require_redis()

@@ -13,12 +13,13 @@ from pathlib import Path
 import kvtier
 
 ROOT = Path(kvtier.__file__).parent
-LAYERS = {"errors": 0, "config": 0, "keys": 1, "codecs": 2, "tiers": 3, "transfer": 3,
-          "store": 4, "engine": 5, "connectors": 6, "control": 7, "cluster": 7, "testing": 8,
-          "bench": 8, "cli": 9}
+LAYERS = {"errors": 0, "config": 0, "net": 0, "keys": 1, "codecs": 2, "tiers": 3,
+          "transfer": 3, "store": 4, "engine": 5, "connectors": 6, "control": 7, "cluster": 7,
+          "testing": 8, "bench": 8, "cli": 9}
 NOT_FROM = {"testing": {"bench"}}  # same layer, but only one way
-NO_TORCH = {"keys", "tiers", "transfer", "store"}  # codecs may use torch where it works on tensors
-NO_ENGINE = {"keys", "codecs", "tiers", "transfer", "store"}
+# codecs may use torch where it works on tensors
+NO_TORCH = {"net", "keys", "tiers", "transfer", "store"}
+NO_ENGINE = {"net", "keys", "codecs", "tiers", "transfer", "store"}
 
 
 def layer_of(path: Path, root: Path = ROOT) -> str:

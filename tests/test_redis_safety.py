@@ -16,7 +16,6 @@ from kvtier.codecs import ChunkMeta
 from kvtier.keys import ChunkKey
 from kvtier.testing.redis_proc import RedisClusterProcess, RedisProcess
 from kvtier.tiers.redis import RedisTier
-from kvtier.tiers.redis.conn import JITTER, Backoff
 from kvtier.tiers.redis.split import SplitChunks
 from tests.test_tier_redis import MAX_VALUE, tier_at
 from tests.tier_conformance import make_chunk, new_keys, same
@@ -133,18 +132,6 @@ def test_cluster_parts_are_kept_once_their_head_is_written(
 
 
 # -- a hung server ----------------------------------------------------------------
-
-def test_backoff_doubles_with_jitter_up_to_its_max_and_resets() -> None:
-    b = Backoff(0.1, 0.5)
-    waits = [b.failed() for _ in range(5)]
-    for wait, nominal in zip(waits, [0.1, 0.2, 0.4, 0.5, 0.5]):
-        assert nominal * (1 - JITTER) <= wait <= nominal * (1 + JITTER)
-    assert not b.may_ask()
-    time.sleep(0.5 * (1 + JITTER) + 0.02)
-    assert b.may_ask() and not b.may_ask()  # one probe at a time
-    b.succeeded()
-    assert b.may_ask() and b.may_ask() and b.delay_s == 0
-
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     t0 = time.monotonic()

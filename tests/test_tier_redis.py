@@ -18,7 +18,7 @@ from kvtier.config import RedisConfig
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
 from kvtier.tiers.redis import RedisTier
-from kvtier.tiers.redis.conn import JITTER
+from kvtier.net.backoff import JITTER
 from kvtier.tiers.redis.values import PART_TTL_MARGIN_S
 from tests.tier_conformance import TierConformance, as_version, make_chunk, new_keys, same
 

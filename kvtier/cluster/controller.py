@@ -11,8 +11,8 @@
   replica whose Redis state outlived it) and ``AllBlocksCleared`` queue a
   **resync**: the instance's
   management API ``/v1/snapshot`` replaces what the index holds for it (on a
-  background thread, bounded). Without a management API the index follows
-  the events alone.
+  background thread, bounded: :class:`kvtier.net.http.HttpClient`). Without a
+  management API the index follows the events alone.
 - **Lookup**: keys are computed with :class:`~kvtier.keys.ChunkHasher` from the
   namespace fields each instance registered (so salts work), once per
   distinct namespace; an instance's cached prefix is its leading held keys.
@@ -20,20 +20,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
-import urllib.request
 from typing import Any, Callable
 
 from kvtier.cluster import models as m
 from kvtier.cluster.events import parse_batch
 from kvtier.cluster.state import MemoryState, RedisState
 from kvtier.keys import ChunkHasher, Namespace
+from kvtier.net.http import HttpClient, HttpError, shown_url
 
 log = logging.getLogger(__name__)
+MAX_SNAPSHOT = 256 * 1024**2
+"""The bound on a snapshot's answer: ~7 million keys (36 bytes each, as hex in JSON)."""
 Observer = Callable[[str, str], None]  # (what, label): counts events and resyncs
 
 
@@ -49,6 +50,7 @@ class Controller:
         self.events_endpoint = events_endpoint
         self.control_token = control_token
         self.timeout_s = timeout_s
+        self._http = HttpClient(timeout_s, MAX_SNAPSHOT)
         self.tokenizer_paths = dict(tokenizers or {})
         self._tokenizers: dict[str, Any] = {}
         self.observe = observe or (lambda what, label: None)
@@ -151,16 +153,13 @@ class Controller:
         rec = next((r for r in self.state.instances() if r["instance"] == instance), None)
         if rec is None or not rec.get("control"):
             return False
-        req = urllib.request.Request(rec["control"].rstrip("/") + "/v1/snapshot")
-        if self.control_token:
-            req.add_header("Authorization", f"Bearer {self.control_token}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-                snap = json.loads(resp.read())
+            snap = self._http.request("GET", rec["control"].rstrip("/") + "/v1/snapshot",
+                                      token=self.control_token).json()
             tiers = {t: [bytes.fromhex(k) for k in keys] for t, keys in snap["tiers"].items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (HttpError, ValueError, KeyError, TypeError) as e:
             log.warning("resync of %s from %s failed: %s", instance,
-                        rec["control"], e)
+                        shown_url(rec["control"]), e)
             self.observe("resync", "failed")
             return False
         self.state.replace(instance, tiers)
@@ -255,4 +254,5 @@ class Controller:
         self._resyncs.put(None)
         for t in self._threads:
             t.join(5)
+        self._http.close()
         self.state.close()

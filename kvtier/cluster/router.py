@@ -6,7 +6,10 @@ those with a ``url``). Each has a count of requests in flight through this
 router and, after a failure, a cooldown during which it is not chosen. The
 controller is asked ``/v1/lookup`` with a bounded timeout; when it fails the
 router routes by load and does not ask again for ``controller_backoff_s``
-(so a dead controller costs no request a timeout).
+(so a dead controller costs no request a timeout). Calls to the controller go
+through :func:`kvtier.net.http.arequest` (bounded, no redirect followed) on a
+client of their own; forwarding requests to instances does not (that is a
+streaming proxy on ``Router.client``, see :mod:`kvtier.cluster.router_app`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.cluster.choice import Candidate, Choice, choose
+from kvtier.net.backoff import Backoff
+from kvtier.net.http import HttpError, arequest, async_client
 
 log = logging.getLogger("kvtier.router")
+MAX_CONTROLLER_ANSWER = 4 * 1024**2
+"""The bound on a lookup's or an instance list's answer (one line per instance)."""
 
 
 @dataclass
@@ -85,38 +92,38 @@ class Router:
         self.policy, self.alpha = policy, alpha
         self.lookup_timeout_s, self.cooldown_s = lookup_timeout_s, cooldown_s
         self.controller_backoff_s, self.discover_s = controller_backoff_s, discover_s
-        self._controller_down_until = 0.0
+        # Fixed and unjittered: --controller-backoff means "route by load for that long".
+        self._controller = Backoff(controller_backoff_s, controller_backoff_s, jitter=0.0)
         self.turn = 0
         self.metrics = RouterMetrics()
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=3.0),
                                         limits=httpx.Limits(max_connections=512))
+        # The controller's calls (see the module docstring); as many connections as the
+        # forwarding client, so concurrent lookups never wait for one.
+        self.ctl_client = async_client(max_connections=512)
 
     # -- controller
-    def _ctl_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.controller_token}"} if self.controller_token \
-            else {}
-
     async def lookup(self, model: str, ids: list[int], salt: str | None) -> dict[str, int] | None:
         """Cached tokens per instance URL, or None (no controller, or it failed)."""
-        if not self.controller or time.monotonic() < self._controller_down_until:
+        if not self.controller or not self._controller.ready():
             self.metrics.lookups.labels("skipped").inc()
             return None
         t0 = time.perf_counter()
         try:
-            resp = await self.client.post(f"{self.controller}/v1/lookup", json={
-                "model": model, "token_ids": ids, "salt": salt}, headers=self._ctl_headers(),
-                timeout=self.lookup_timeout_s)
-            resp.raise_for_status()
-            out = resp.json()
+            out = (await arequest(self.ctl_client, "POST", f"{self.controller}/v1/lookup",
+                                  json_body={"model": model, "token_ids": ids, "salt": salt},
+                                  token=self.controller_token, timeout_s=self.lookup_timeout_s,
+                                  max_bytes=MAX_CONTROLLER_ANSWER)).json()
             hits = {norm(i["url"]): int(i["cached_tokens"]) for i in out["instances"]
                     if i.get("url")}
             names = {norm(i["url"]): i["instance"] for i in out["instances"] if i.get("url")}
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-            self._controller_down_until = time.monotonic() + self.controller_backoff_s
+        except (HttpError, ValueError, KeyError, TypeError) as e:
+            wait = self._controller.failed()
             self.metrics.lookups.labels("failed").inc()
             log.warning("controller lookup failed (%s: %s); routing by load "
-                        "for %.0f s", type(e).__name__, e, self.controller_backoff_s)
+                        "for %.0f s", type(e).__name__, e, wait)
             return None
+        self._controller.succeeded()
         self.metrics.phase.labels("lookup").observe(time.perf_counter() - t0)
         self.metrics.lookups.labels("ok").inc()
         for url, name in names.items():
@@ -128,9 +135,9 @@ class Router:
         """Follow the controller's registrations (instances with a URL join the pool)."""
         while self.controller and not self.pd:
             try:
-                resp = await self.client.get(f"{self.controller}/v1/instances",
-                                             headers=self._ctl_headers(), timeout=2.0)
-                resp.raise_for_status()
+                resp = await arequest(self.ctl_client, "GET", f"{self.controller}/v1/instances",
+                                      token=self.controller_token, timeout_s=2.0,
+                                      max_bytes=MAX_CONTROLLER_ANSWER)
                 seen = {norm(i["url"]): i["instance"] for i in resp.json()["instances"]
                         if i.get("url")}
                 for url, name in seen.items():
@@ -142,7 +149,7 @@ class Router:
                     if not b.static and url not in seen and not b.inflight:
                         log.info("%s left the controller", b.name)
                         del self.backends[url]
-            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            except (HttpError, ValueError, KeyError, TypeError):
                 pass  # keep what we know
             await asyncio.sleep(self.discover_s)
 
@@ -187,6 +194,7 @@ class Router:
 
     async def close(self) -> None:
         await self.client.aclose()
+        await self.ctl_client.aclose()
 
 
 def describe(b: Backend, c: Choice, reason: str, prompt_tokens: int | None,

@@ -3,8 +3,9 @@
 A :class:`PeerPool` per peer address keeps up to ``max_connections`` open,
 authenticated connections and lends one per call (thread-safe; a call never
 shares a connection). A connection that failed in any way is closed, never
-returned. After a failure the peer is skipped for ``backoff_s``: a peer that
-is down or hung costs one bounded wait, then nothing.
+returned. After a failure the peer is skipped for ``backoff_s`` (a fixed
+:class:`kvtier.net.backoff.Backoff`): a peer that is down or hung costs one
+bounded wait, then nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +22,7 @@ from kvtier.transfer.wire import (FRAME, Op, Refused, Status, WireError, frame, 
                                 keys_body, parse_contains, parse_frame, read_chunks,
                                 read_message, recv_exact, set_timeout)
 from kvtier.keys import ChunkKey
+from kvtier.net.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,15 @@ class PeerPool:
         self.host, self.port = host, port
         self.token = token
         self.max_connections = max_connections
-        self.backoff_s = backoff_s
+        # Fixed and unjittered: peer.backoff_s means "skipped for that long".
+        self.backoff = Backoff(backoff_s, backoff_s, jitter=0.0)
         self._idle: list[tuple[str, PeerConnection]] = []
         self._lock = threading.Lock()
-        self._retry_at = 0.0
         self._logged = False
 
     def available(self) -> bool:
         """False while the peer is in its backoff after a failure."""
-        return time.monotonic() >= self._retry_at
+        return self.backoff.ready()
 
     def call(self, namespace: str, timeout_s: float,
              fn: Callable[[PeerConnection], object]) -> object:
@@ -129,6 +130,7 @@ class PeerPool:
             conn.close()
             self._failed(exc)
             raise
+        self.backoff.succeeded()
         with self._lock:
             if len(self._idle) < self.max_connections:
                 self._idle.append((namespace, conn))
@@ -149,11 +151,11 @@ class PeerPool:
             raise
 
     def _failed(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self.backoff_s
+        wait = self.backoff.failed()
         if not self._logged or isinstance(exc, Refused):
             self._logged = True
             log.warning("kvtier peer %s: %s; a miss, not asked again for %.1fs",
-                        self.address, exc or type(exc).__name__, self.backoff_s)
+                        self.address, exc or type(exc).__name__, wait)
 
     def close(self) -> None:
         with self._lock:

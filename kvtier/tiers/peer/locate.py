@@ -3,21 +3,22 @@
 ``POST {controller_url}/v1/locate`` with ``{"keys": [32-hex keys], "exclude":
 instance id or null}`` and a bearer token answers ``{"holders": [{"instance",
 "transfer": "host:port", "chunks": leading keys held, "tiers": {...}}]}``,
-most chunks first. The answer is parsed defensively (size-bounded, every
-field checked); anything off is a failure the caller turns into a miss.
+most chunks first. The call goes through :class:`kvtier.net.http.HttpClient`
+(bounded wait, no redirect, body cut past ``MAX_ANSWER``); the answer is
+parsed defensively (every field checked); anything off is a failure the
+caller turns into a miss.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 from dataclasses import dataclass
 from typing import Sequence
-from urllib.parse import urlsplit
 
 from kvtier.config.cluster import parse_address
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
+from kvtier.net.http import HttpClient, HttpError, StatusError, TooLarge
 
 MAX_ANSWER = 1024**2
 
@@ -35,29 +36,20 @@ class LocateError(Exception):
     """The controller could not be asked or answered something unusable."""
 
 
-def locate(url: str, token: str, keys: Sequence[ChunkKey], exclude: str | None,
-           timeout_s: float) -> list[Holder]:
+def locate(http: HttpClient, url: str, token: str, keys: Sequence[ChunkKey],
+           exclude: str | None, timeout_s: float) -> list[Holder]:
     """Holders of ``keys``' leading chunks, most first; LocateError on any failure."""
-    parts = urlsplit(url.rstrip("/"))
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    body = json.dumps({"keys": [k.hex() for k in keys], "exclude": exclude or None}).encode()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=timeout_s)
+    body = {"keys": [k.hex() for k in keys], "exclude": exclude or None}
     try:
-        conn.request("POST", f"{parts.path}/v1/locate", body, headers)
-        resp = conn.getresponse()
-        data = resp.read(MAX_ANSWER + 1)
-        if resp.status != 200:
-            raise LocateError(f"controller answered {resp.status}")
-    except (OSError, http.client.HTTPException) as exc:
+        resp = http.request("POST", f"{url.rstrip('/')}/v1/locate", token=token,
+                            json_body=body, timeout_s=timeout_s, max_bytes=MAX_ANSWER)
+    except StatusError as exc:  # a redirect too: the controller answers directly
+        raise LocateError(f"controller answered {exc.status}") from None
+    except TooLarge:
+        raise LocateError("controller answer too large") from None
+    except HttpError as exc:
         raise LocateError(f"controller unreachable: {exc}") from None
-    finally:
-        conn.close()
-    if len(data) > MAX_ANSWER:
-        raise LocateError("controller answer too large")
-    return parse_holders(data, len(keys))
+    return parse_holders(resp.body, len(keys))
 
 
 def parse_holders(data: bytes, num_keys: int) -> list[Holder]:

@@ -5,7 +5,8 @@ Where the chunks are comes from a static list of transfer servers
 Presence checks run in vLLM's scheduler on every lookup, so they are kept
 to milliseconds: answers are cached for ``cache_s``, every wait is bounded by
 ``contains_timeout_s``, and a peer (or controller) that failed is skipped
-for ``backoff_s``. Reads (``get_many``, in the worker) use ``timeout_s``.
+for ``backoff_s`` (a fixed :class:`kvtier.net.backoff.Backoff`). Reads
+(``get_many``, in the worker) use ``timeout_s``.
 Every chunk is verified on arrival (header, key, both checksums, see
 :func:`kvtier.transfer.wire.read_chunks`); a bad chunk, a refused connection,
 a peer that is down: each is a miss, counted, never an exception.
@@ -27,10 +28,12 @@ from kvtier.codecs import ChunkData
 from kvtier.transfer.wire import MAX_KEYS, Refused, WireError
 from kvtier.config.cluster import PeerConfig, parse_address
 from kvtier.keys import ChunkKey
+from kvtier.net.backoff import Backoff
+from kvtier.net.http import HttpClient
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.buffer_pool import BufferPool
 from kvtier.transfer.client import PeerConnection, PeerPool
-from kvtier.tiers.peer.locate import LocateError, locate
+from kvtier.tiers.peer.locate import MAX_ANSWER, LocateError, locate
 
 _FAILURES = (OSError, WireError, Refused, ValueError)
 _CACHE_MAX = 65536
@@ -56,7 +59,9 @@ class PeerTier(Tier):
         self._static = [a for a in cfg.peers if a != own_address]
         self._cache: dict[ChunkKey, tuple[float, str | None]] = {}  # key -> (expiry, holder)
         self._lock = threading.Lock()
-        self._controller_retry_at = 0.0
+        # Fixed and unjittered: peer.backoff_s means "skipped for that long".
+        self._controller = Backoff(cfg.backoff_s, cfg.backoff_s, jitter=0.0)
+        self._http = HttpClient(cfg.contains_timeout_s, MAX_ANSWER)  # connects on first use
         self._buffers = BufferPool(read_pool_bytes)
         self.peer_stats = {"contains_calls": 0, "locate_calls": 0, "skipped": 0}
 
@@ -125,18 +130,19 @@ class PeerTier(Tier):
         return holder
 
     def _locate(self, keys: list[ChunkKey]) -> list[str | None | bool]:
-        if time.monotonic() < self._controller_retry_at:
+        if not self._controller.ready():
             self.stats.add(errors=1)
             self._count("skipped")
             return [False] * len(keys)
         try:
             self._count("locate_calls")
-            holders = locate(self.cfg.controller_url, self.cfg.controller_token, keys,
-                             self.cfg.instance_id or None, self.cfg.contains_timeout_s)
+            holders = locate(self._http, self.cfg.controller_url, self.cfg.controller_token,
+                             keys, self.cfg.instance_id or None, self.cfg.contains_timeout_s)
         except LocateError:
-            self._controller_retry_at = time.monotonic() + self.cfg.backoff_s
+            self._controller.failed()
             self.stats.add(errors=1)
             return [False] * len(keys)
+        self._controller.succeeded()
         out: list[str | None | bool] = [None] * len(keys)
         for h in holders:  # most chunks first; skip ourselves and peers in backoff
             if h.transfer != self.own_address and h.chunks and self._pool(h.transfer).available():
@@ -210,6 +216,7 @@ class PeerTier(Tier):
             pools = list(self._pools.values())
         for pool in pools:
             pool.close()
+        self._http.close()
 
 
 __all__ = ["PeerConnection", "PeerTier"]

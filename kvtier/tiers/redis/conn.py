@@ -11,63 +11,24 @@ After a failure the server is not asked for a backoff that starts at
 ``reconnect_backoff_max_s``, with +-20% jitter so that many instances do not
 retry in step. When the backoff has passed, one call probes the server (the
 others keep skipping it meanwhile); a success resets the backoff. A skipped
-call costs nothing and counts ``errors``.
+call costs nothing and counts ``errors``. The backoff is
+:class:`kvtier.net.backoff.Backoff`.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
-import time
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 from kvtier.config import RedisConfig, redact_url
+from kvtier.net.backoff import Backoff
 from kvtier.tiers.base import TierStats
 from kvtier.tiers.redis.resp import RespPacker, packing_connection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-JITTER = 0.2
-
-
-class Backoff:
-    """When a failing server may be asked again: grows from ``first_s`` by doubling to
-    ``max_s``, jittered, reset by a success; one probe at a time once it has passed."""
-
-    def __init__(self, first_s: float, max_s: float) -> None:
-        self.first_s = first_s
-        self.max_s = max(first_s, max_s)
-        self.delay_s = 0.0  # 0 while the server is healthy
-        self._retry_at = 0.0
-        self._lock = threading.Lock()
-
-    def may_ask(self) -> bool:
-        """Whether to ask the server now; claims the probe when a backoff has passed."""
-        if self.delay_s == 0.0:
-            return True
-        with self._lock:
-            now = time.monotonic()
-            if now < self._retry_at:
-                return False
-            self._retry_at = now + self.delay_s  # others skip while this call probes
-            return True
-
-    def failed(self) -> float:
-        """The server failed a call: the delay before the next probe."""
-        with self._lock:
-            self.delay_s = min(self.max_s, 2 * self.delay_s if self.delay_s else self.first_s)
-            wait = self.delay_s * random.uniform(1 - JITTER, 1 + JITTER)
-            self._retry_at = time.monotonic() + wait
-            return wait
-
-    def succeeded(self) -> None:
-        """The server answered: ask it freely again."""
-        if self.delay_s:
-            with self._lock:
-                self.delay_s = 0.0
-                self._retry_at = 0.0
 
 
 class RedisConnection:
@@ -89,7 +50,7 @@ class RedisConnection:
     def call(self, op: Callable[[Any], T], fallback: T, quick: bool = False) -> T:
         """Run ``op`` on a client (``quick``: the presence-check one); a failing server
         gives ``fallback`` and a backoff. Never raises for the server's failures."""
-        if not self.backoff.may_ask():
+        if not self.backoff.claim():
             self.stats.add(errors=1)
             return fallback
         try:
