@@ -5,9 +5,13 @@ demo:
 	scripts/setup.sh --demo
 	.venv/bin/kvtier demo
 
+# One test worker per core, at most 4 (each runs its own vLLM instances on its own core;
+# see tests/conftest.py). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test:
 	scripts/setup.sh --services
-	.venv/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 # Unit tests only: no vLLM, no servers (seconds).
 test-fast:
