@@ -2,9 +2,9 @@
 
 A chunk key is a chained hash: ``key[i] = H(key[i-1] || tokens of chunk i)``,
 so a key names a chunk *and* everything before it. The chain is seeded by a
-:class:`Namespace` digest, so any difference in model, KV layout, chunk size,
-hash version, tensor-parallel rank, pipeline stage, LoRA adapter or tenant
-salt gives disjoint keys.
+:class:`Namespace` digest, so any difference in model, KV layout, the engine's
+page format, chunk size, hash version, tensor-parallel rank, pipeline stage,
+LoRA adapter, codec class or tenant salts gives disjoint keys.
 
 Keys never depend on Python's ``hash()`` or PYTHONHASHSEED: the same tokens
 give the same keys in every process, on every machine.
@@ -23,7 +23,8 @@ ChunkKey = NewType("ChunkKey", bytes)
 """16 bytes of xxh3-128; ``key.hex()`` is its printable form."""
 
 HASH_ALGORITHM = "xxh3_128"
-HASH_VERSION = 1
+HASH_VERSION = 2
+"""2: the namespace gained page_format, codec_class and cache_salt (keys of 1 never match)."""
 KEY_BYTES = 16
 
 
@@ -39,27 +40,35 @@ class Namespace:
     """This shard's tensor-parallel rank: each rank's KV heads are its own chunks."""
     tp_size: int = 1
     salt: str = ""
-    """Tenant salt (vLLM's per-request ``cache_salt``); tenants never share KV."""
+    """The instance's salt (``salt`` in kvtier's config): deployments with different
+    salts never share KV, whatever their requests say."""
     pp_size: int = 1
     layer_start: int = 0
     """First layer of this pipeline stage (the layout gives the stage's layer count)."""
     lora: str = ""
     """Identity of the LoRA adapter (a digest of its files), "" for the base model."""
+    page_format: str = ""
+    """How the engine packs a page beyond the layout signature (vLLM-CPU: the attention
+    ISA whose kernel writes the pages, e.g. ``amx`` or ``vec``)."""
+    codec_class: str = "lossless"
+    """``lossless``, or the lossy codecs this instance opted in to (``q8``): lossy KV is
+    never keyed like the engine's own."""
+    cache_salt: str = ""
+    """The request's tenant salt (vLLM's ``cache_salt``), combined with ``salt``."""
     hash_algorithm: str = HASH_ALGORITHM
     hash_version: int = HASH_VERSION
 
-    def with_salt(self, salt: str | None) -> Namespace:
-        """The same namespace for another tenant."""
-        if not salt or salt == self.salt:
-            return self
-        return replace(self, salt=salt)
+    def with_salt(self, cache_salt: str | None) -> Namespace:
+        """The same namespace for a request's tenant salt (the instance salt stays)."""
+        return self.with_inputs(cache_salt, self.lora or None)
 
-    def with_inputs(self, salt: str | None, lora: str | None) -> Namespace:
-        """The same namespace for a request's tenant salt and LoRA adapter."""
-        salt, lora = salt or self.salt, lora or ""
-        if salt == self.salt and lora == self.lora:
+    def with_inputs(self, cache_salt: str | None, lora: str | None) -> Namespace:
+        """The same namespace for a request's tenant salt and LoRA adapter; the
+        instance's ``salt`` is kept, so two deployments never meet through a request."""
+        cache_salt, lora = cache_salt or "", lora or ""
+        if cache_salt == self.cache_salt and lora == self.lora:
             return self
-        return replace(self, salt=salt, lora=lora)
+        return replace(self, cache_salt=cache_salt, lora=lora)
 
     def seed(self) -> ChunkKey:
         """Digest of every field, canonically encoded (sorted JSON)."""

@@ -16,18 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers
-from kvtier.keys import ChunkHasher, ChunkKey, Namespace
 from kvtier.testing.procs import free_port
 
 ROOT = str(Path(__file__).resolve().parents[1])
-TINY_LAYOUT = "vllm_cpu:L4:H2:D64:B128:bfloat16"
 MODEL_ID = "cluster"
 CHUNK = 256
-
-
-def chunk_keys(prompt: list[int]) -> list[ChunkKey]:
-    """The whole chunks' keys every instance of the tests computes for ``prompt``."""
-    return ChunkHasher(Namespace(MODEL_ID, TINY_LAYOUT, CHUNK)).keys(prompt)
 
 
 class Instance:

@@ -171,3 +171,27 @@ def test_codec_config_keys() -> None:
     with pytest.raises(ConfigError, match="memory.codec"):  # memory always holds raw chunks
         load_config(env={}, engine={"memory.codec": "zstd"})
     assert {c.value for c in CodecName} == {c.name.lower() for c in Codec}
+
+
+def test_a_store_refuses_lossy_chunks_it_did_not_opt_in_to(tmp_path) -> None:
+    """One process with disk.codec q8 on a shared folder must not make raw / zstd
+    readers serve lossy KV: they count it foreign and leave it; a q8 reader reads it."""
+    from kvtier.config import DiskConfig
+    from kvtier.store import ChunkStore
+    from kvtier.tiers.disk import DiskTier
+
+    chunk = kv((1, 2, 2, 16, 128), "bfloat16")
+    writer = DiskTier(DiskConfig(path=str(tmp_path)))
+    writer.put_many([(KEY, compress(chunk, Codec.Q8))])
+    for codec, served in ((Codec.RAW, False), (Codec.ZSTD, False), (Codec.Q8, True)):
+        tier = DiskTier(DiskConfig(path=str(tmp_path)))
+        store = ChunkStore([tier], codecs=[codec])
+        (got,) = store.get_many([KEY])
+        assert (got is not None) is served, codec
+        if got is not None:
+            assert got.meta.codec is Codec.RAW
+            got.release()
+        assert tier.stats.foreign == (0 if served else 1) and tier.stats.corrupt == 0
+        assert tier.contains_many([KEY]) == [True]  # left in place for who opted in
+        store.close()
+    writer.close()

@@ -34,6 +34,26 @@ def test_a_zstd_disk_tier_serves_hits_bitwise_equal(model: str, tmp_path: Path) 
     assert same_output(hit, own_hit(model, prompt, 4 * CHUNK))
 
 
+def test_an_instance_never_serves_another_instances_lossy_chunks(model: str,
+                                                                   tmp_path: Path) -> None:
+    """Two instances on one folder: one writes q8 (it opted in), the other (raw) must
+    miss every chunk and answer exactly as cold; the q8 instance still hits its own."""
+    prompt = doc(model, 25)
+    lossy = kvtier_cfg(tmp_path, ["disk"], **{"disk.codec": "q8"})
+    plain = kvtier_cfg(tmp_path, ["disk"])
+    tail = req(doc(model, 26, 40), max_tokens=1)  # gives the saves their engine step
+    run(model, [[req(prompt)], [tail]], lossy)
+    files = list((tmp_path / "chunks").rglob("*.kvc"))
+    assert files and all(parse_header(bytes.fromhex(f.stem), f.read_bytes()[:HEADER_SIZE])
+                         .meta.codec is Codec.Q8 for f in files)
+    (raw,), = run(model, [[req(prompt)]], plain, prefix_caching=False)
+    (cold,), = run(model, [[req(prompt)]], kvtier_cfg(tmp_path / "cold", ["disk"]),
+                   prefix_caching=False)  # an empty folder: the same connector, no hit
+    assert raw["num_cached_tokens"] == 0 and same_output(raw, cold)
+    (own,), = run(model, [[req(prompt)]], lossy, prefix_caching=False)
+    assert own["num_cached_tokens"] == 4 * CHUNK
+
+
 def test_bench_codecs_runs_end_to_end_at_toy_size(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-m", "kvtier.cli.main", "bench", "codecs", "--quick",

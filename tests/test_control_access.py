@@ -209,6 +209,25 @@ def test_a_checked_chunk_is_admitted_and_loads_bitwise(guarded: Setup) -> None:
     assert admit(guarded, encode_chunk(key, zipped), tier="disk") == (200, {"admitted": 1})
 
 
+def test_a_lossy_chunk_is_admitted_only_with_lossy_true(guarded: Setup) -> None:
+    """A q8 chunk would make this instance serve lossy KV: refused unless the caller
+    says lossy: true; then this instance (only) reads it back."""
+    from kvtier.codecs import compress
+
+    key, chunk = real_chunk(guarded)
+    q8 = compress(ChunkData(chunk.meta, chunk.payload.copy()), Codec.Q8)
+    assert call(guarded.url, "clear", {}, TOKEN)[0] == 200
+    code, res = admit(guarded, encode_chunk(key, q8))
+    assert code == 400 and "lossy" in res["error"] and res["error"].startswith("chunks[0]"), res
+    assert [t.usage().num_chunks for t in guarded.store.tiers] == [0, 0]
+    assert Codec.Q8 not in guarded.store.lossy_ok
+    assert admit(guarded, encode_chunk(key, q8), lossy=True) == (200, {"admitted": 1})
+    assert Codec.Q8 in guarded.store.lossy_ok
+    (got,) = guarded.store.get_many([key])
+    assert got is not None and got.meta.codec is Codec.RAW
+    got.release()
+
+
 def poisoned(s: Setup) -> dict[str, tuple[str, dict]]:
     """Requests ``admit`` must refuse, each with the field and words its error names."""
     key, chunk = real_chunk(s)

@@ -39,7 +39,8 @@ from typing import Any, Iterator
 import pytest
 
 from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers
-from kvtier.keys import ChunkHasher, Namespace
+from kvtier.keys import ChunkHasher
+from kvtier.testing.vllm_cpu import key_namespace
 from kvtier.testing.procs import free_port
 from kvtier.testing.redis_proc import RedisProcess, command
 from tests.redis_server import require_redis
@@ -47,7 +48,6 @@ from tests.vllm_run import CHUNK, doc, model, req, run  # noqa: F401
 
 pytestmark = [pytest.mark.vllm, pytest.mark.redis]
 
-TINY_LAYOUT = "vllm_cpu:L4:H2:D64:B128:bfloat16"
 MODEL_ID = "faults"
 DOC_TOKENS = 700  # 2 whole chunks + 188 tokens
 NUM_DOCS = 8  # 0-3 main, 4-5 new during the healthy baseline, 6-7 while Redis is paused
@@ -80,8 +80,8 @@ class Stack:
         self.rows: list[dict[str, Any]] = []
         self.reference: dict[int, list[int]] = {}
         self.docs = [doc(model, 300 + i, DOC_TOKENS) for i in range(NUM_DOCS)]
-        self.keys = [ChunkHasher(Namespace(MODEL_ID, TINY_LAYOUT, CHUNK)).keys(d)
-                     for d in self.docs]
+        hasher = ChunkHasher(key_namespace(model, {"model_id": MODEL_ID}))
+        self.keys = [hasher.keys(d) for d in self.docs]
 
     def start(self) -> None:
         extra = {"tiers": ["memory", "disk", "redis"], "memory.max_bytes": "1MiB",

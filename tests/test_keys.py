@@ -51,8 +51,9 @@ def test_granule_must_divide_the_chunk_size(granule: int) -> None:
 
 @pytest.mark.parametrize("field,value", [
     ("model_id", "other"), ("layout", "flash_attn:L4:H2:D64:B16:bfloat16"), ("chunk_size", 8),
-    ("tp_rank", 1), ("tp_size", 2), ("salt", "tenant-b"), ("hash_version", 2),
-    ("hash_algorithm", "blake3"),
+    ("tp_rank", 1), ("tp_size", 2), ("salt", "tenant-b"), ("hash_version", 1),
+    ("hash_algorithm", "blake3"), ("pp_size", 2), ("layer_start", 2), ("lora", "adapter"),
+    ("page_format", "cpu_attn:amx"), ("codec_class", "q8"), ("cache_salt", "tenant-b"),
 ])
 def test_every_namespace_field_separates_keys(field: str, value: object) -> None:
     other = dataclasses.replace(NS, **{field: value})
@@ -62,7 +63,19 @@ def test_every_namespace_field_separates_keys(field: str, value: object) -> None
 
 def test_with_salt() -> None:
     assert NS.with_salt(None) is NS and NS.with_salt("") is NS
-    assert NS.with_salt("t").salt == "t"
+    assert NS.with_salt("t").cache_salt == "t"
+
+
+def test_a_requests_salt_combines_with_the_instance_salt() -> None:
+    """Two deployments with different salts sharing tiers never meet through a request
+    that carries the same cache_salt (the request's salt used to replace the instance's)."""
+    a = dataclasses.replace(NS, salt="deployment-a").with_salt("tenant")
+    b = dataclasses.replace(NS, salt="deployment-b").with_salt("tenant")
+    assert (a.salt, a.cache_salt) == ("deployment-a", "tenant")
+    assert a.seed() != b.seed()
+    assert dataclasses.replace(NS, salt="x").with_inputs("t", "lora").salt == "x"
+    # A request without a salt is not the tenant "" of another deployment either.
+    assert dataclasses.replace(NS, salt="a").seed() != dataclasses.replace(NS, salt="b").seed()
 
 
 def test_bad_tokens_rejected() -> None:

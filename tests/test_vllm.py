@@ -28,15 +28,14 @@ from typing import Any
 import pytest
 
 from kvtier.config import DiskConfig
-from kvtier.keys import ChunkHasher, Namespace
+from kvtier.keys import ChunkHasher
 from kvtier.testing.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE
-from kvtier.testing.vllm_cpu import vllm_env
+from kvtier.testing.vllm_cpu import key_namespace, vllm_env
 from kvtier.tiers.disk import DiskTier
 from tests.vllm_run import CHUNK, doc, kvtier_cfg, model, own_hit, req, run, same_output  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
-TINY_LAYOUT = "vllm_cpu:L4:H2:D64:B128:bfloat16"
 
 
 def test_new_instance_gets_kv_of_the_first_bitwise_equal(model: str, tmp_path: Path) -> None:
@@ -112,7 +111,7 @@ def test_corrupt_chunk_on_disk_is_detected_and_recomputed(model: str, tmp_path: 
     (cold,), = run(model, [[req(prompt)]], None)
     cfg = kvtier_cfg(tmp_path, ["disk"], model_id="corrupt-test")
     run(model, [[req(prompt)]], cfg)
-    keys = ChunkHasher(Namespace("corrupt-test", TINY_LAYOUT, CHUNK)).keys(prompt)
+    keys = ChunkHasher(key_namespace(model, {"model_id": "corrupt-test"})).keys(prompt)
     files = list((tmp_path / "chunks").rglob(f"{keys[2].hex()}*"))
     assert len(files) == 1, "chunk 2 should be on disk under its key"
     data = bytearray(files[0].read_bytes())

@@ -249,13 +249,14 @@ def test_weights_revision_and_quantization_are_part_of_the_model_identity() -> N
     def cfg(**model: Any) -> Any:
         return SimpleNamespace(model_config=SimpleNamespace(model="/m/llama", **model))
     plain = load_config()
-    assert model_identity(cfg(revision=None, quantization=None), plain) == "/m/llama"
+    assert model_identity(cfg(revision=None, quantization=None), plain).startswith(
+        "/m/llama|config=")
     names = {model_identity(cfg(revision=r, quantization=q), plain)
              for r in (None, "v2") for q in (None, "fp8")}
     assert len(names) == 4  # each changes the KV of the same tokens: never shared
     renamed = load_config(engine={"model_id": "llama"})
-    assert model_identity(cfg(revision="v2", quantization="fp8"), renamed) == \
-        "llama@v2|quantization=fp8"
+    assert model_identity(cfg(revision="v2", quantization="fp8"), renamed).startswith(
+        "llama@v2|quantization=fp8|config=")
 
 
 def lower_tier_planner(**cfg: Any) -> tuple[SchedulerPlanner, Any]:

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from kvtier.keys import ChunkHasher, Namespace
+from kvtier.keys import ChunkHasher
+from kvtier.testing.vllm_cpu import key_namespace
 from kvtier.testing.models import build_lora
 from tests.vllm_run import CHUNK, doc, kvtier_cfg, model, own_hit, req, run, same_output  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
-TINY_LAYOUT = "vllm_cpu:L4:H2:D64:B128:bfloat16"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_a_failed_load_never_stores_chunks_computed_without_its_kv(model: str,
     document = doc(model, 23)
     cfg = kvtier_cfg(tmp_path, ["disk"], model_id="failed-load")
     run(model, [[req(document[:600])]], cfg)  # chunks 0 and 1 on disk
-    keys = ChunkHasher(Namespace("failed-load", TINY_LAYOUT, CHUNK)).keys(document)
+    keys = ChunkHasher(key_namespace(model, {"model_id": "failed-load"})).keys(document)
     (f,) = (tmp_path / "chunks").rglob(f"{keys[1].hex()}.kvc")
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF  # chunk 1 is promised, then fails its checksum

@@ -23,13 +23,13 @@ import zmq
 from vllm.distributed.kv_events import AllBlocksCleared, BlockStored, KVEventBatch
 
 from kvtier.bench.serve.servers import EngineSettings, ServeConfig, Servers
-from kvtier.keys import ChunkHasher, Namespace
+from kvtier.keys import ChunkHasher
+from kvtier.testing.vllm_cpu import key_namespace
 from kvtier.testing.procs import free_port
 from tests.vllm_run import CHUNK, doc, model  # noqa: F401
 
 pytestmark = pytest.mark.vllm
 
-TINY_LAYOUT = "vllm_cpu:L4:H2:D64:B128:bfloat16"
 MODEL_ID = "surfaces"
 
 
@@ -124,7 +124,8 @@ def test_hits_show_in_vllm_metrics_log_line_and_kv_events(model: str, served: Se
     prompt = doc(model, 501)
     assert served.ask(prompt) == 0
     assert served.ask(prompt) == 4 * CHUNK
-    keys = [bytes(k) for k in ChunkHasher(Namespace(MODEL_ID, TINY_LAYOUT, CHUNK)).keys(prompt)]
+    hasher = ChunkHasher(key_namespace(model, {"model_id": MODEL_ID}))
+    keys = [bytes(k) for k in hasher.keys(prompt)]
 
     def stored_in(medium: str, events: list[Any]) -> set[bytes]:
         return {h for e in events if isinstance(e, BlockStored) and e.medium == medium

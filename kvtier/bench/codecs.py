@@ -10,14 +10,17 @@ Setup, all in one run:
    bytes (payloads; the 128-byte header is the same for all), GB/s of raw bytes.
    Lossless codecs must give back the exact bytes.
 3. **outputs**: each codec's encoded chunks are written to the folder under
-   the keys of a per-codec tenant salt (``codec-<name>``); a second, fresh
-   vLLM instance then asks every prompt once per codec (salted, one request at
-   a time), so every request hits its whole chunks from disk, decoded by the
-   store's read path. Each codec's greedy tokens and logprobs are compared with
-   the raw codec's (the baseline: the same hit, undecoded): token agreement =
-   share of generated positions with the same token; logprob differences over
-   the positions before a prompt's first differing token (after it the
-   contexts differ). Lossless codecs must be bitwise equal.
+   the keys of a per-codec tenant salt (``codec-<name>``), in the namespace the
+   capture instance reported (a lossy codec's chunks in that namespace's lossy
+   codec class: kvtier never serves lossy KV to an instance that did not opt in).
+   A fresh vLLM instance then asks every prompt once per lossless codec (salted,
+   one request at a time), and one more instance per lossy codec, configured with
+   that codec, asks them for it; every request hits its whole chunks from disk,
+   decoded by the store's read path. Each codec's greedy tokens and logprobs are
+   compared with the raw codec's (the baseline: the same hit, undecoded): token
+   agreement = share of generated positions with the same token; logprob
+   differences over the positions before a prompt's first differing token (after
+   it the contexts differ). Lossless codecs must be bitwise equal.
 
    A last row, ``raw+1ulp``, is the model's own sensitivity: the raw chunks
    with the lowest mantissa bit of half the values flipped at random (about
@@ -32,6 +35,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,24 +68,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # A save runs in the engine step after the one that computed it: the short
         # last request gives the last prompt's saves that step.
         tail = _req(make_document(model, 16, 10_000), None, 1)
-        run_instance({"model": model, "kvtier": cfg, "sequential": True,
-                      "rounds": [[_req(p, None, 1) for p in prompts] + [tail]]},
-                     timeout_s=args.timeout_s)
+        captured = run_instance({"model": model, "kvtier": cfg, "sequential": True,
+                                 "rounds": [[_req(p, None, 1) for p in prompts] + [tail]]},
+                                timeout_s=args.timeout_s)
         capture_s = time.perf_counter() - t0
+        if not captured.get("kvtier_namespace"):
+            raise RuntimeError("the capture instance did not report its key namespace")
+        hasher = ChunkHasher(Namespace(**captured["kvtier_namespace"]))
         tier = DiskTier(DiskConfig(path=str(work / "chunks")))
-        hasher, keys, chunks = _captured(tier, prompts)
+        keys, chunks = _captured(tier, hasher, prompts)
         sizes = [_size_and_speed(chunks, c, args.repeats) for c in codecs]
-        variants = {_salt(c): (lambda ch, c=c: compress(ch, c)) for c in codecs}
+        variants = {c: (lambda ch, c=c: compress(ch, c)) for c in codecs}
         variants[NOISE] = _one_ulp_noise
-        for salt, encode in variants.items():
-            salted = hasher.with_salt(salt)
+        for variant, encode in variants.items():
+            lossy = variant if isinstance(variant, Codec) and variant.lossy else None
+            ns = hasher.namespace if lossy is None else replace(
+                hasher.namespace, codec_class=lossy.name.lower())
+            salted = ChunkHasher(ns).with_salt(_salt(variant))
             tier.put_many([(k, encode(chunks[key])) for p in prompts
                            for k, key in zip(salted.keys(p), hasher.keys(p))])
         tier.close()
         t0 = time.perf_counter()
-        rounds = [[_req(p, salt, args.max_tokens) for p in prompts] for salt in variants]
-        outs = run_instance({"model": model, "kvtier": cfg, "sequential": True, "rounds": rounds},
-                            timeout_s=args.timeout_s)["rounds"]
+        plain = [v for v in variants if not (isinstance(v, Codec) and v.lossy)]
+        by_variant = dict(zip(plain, run_instance(
+            {"model": model, "kvtier": cfg, "sequential": True,
+             "rounds": [[_req(p, _salt(v), args.max_tokens) for p in prompts] for v in plain]},
+            timeout_s=args.timeout_s)["rounds"]))
+        for codec in (c for c in codecs if c.lossy):  # an instance that opted in to it
+            (by_variant[codec],) = run_instance(
+                {"model": model, "kvtier": {**cfg, "disk.codec": codec.name.lower()},
+                 "sequential": True,
+                 "rounds": [[_req(p, _salt(codec), args.max_tokens) for p in prompts]]},
+                timeout_s=args.timeout_s)["rounds"]
+        outs = [by_variant[c] for c in codecs] + [by_variant[NOISE]]
         hits_s = time.perf_counter() - t0
         rows = []
         for codec, size, out in zip(codecs, sizes, outs):
@@ -109,24 +128,13 @@ def _req(prompt: list[int], salt: str | None, max_tokens: int) -> dict[str, Any]
     return {"prompt": prompt, "salt": salt, "max_tokens": max_tokens}
 
 
-def _salt(codec: Codec) -> str:
-    return f"codec-{codec.name.lower()}"
+def _salt(variant: Codec | str) -> str:
+    return f"codec-{variant.name.lower()}" if isinstance(variant, Codec) else variant
 
 
-def _captured(tier: DiskTier, prompts: Sequence[list[int]]
-              ) -> tuple[ChunkHasher, list[ChunkKey], dict[ChunkKey, ChunkData]]:
-    """The capture's chunks, by key (private copies), and the hasher that named them."""
-    from kvtier.engine.layout import LayoutKind, PagedLayout
-
-    any_key = next(iter(tier.iter_keys()), None)
-    if any_key is None:
-        raise RuntimeError("the capture instance stored no chunk (see its log)")
-    first = tier.get_many([any_key])[0]
-    assert first is not None
-    b, layers, heads, block, d2 = first.meta.shape
-    layout = PagedLayout(LayoutKind.VLLM_CPU, layers, heads, d2 // 2, block, first.meta.dtype)
-    first.release()
-    hasher = ChunkHasher(Namespace(MODEL_ID, layout.signature(), CHUNK))
+def _captured(tier: DiskTier, hasher: ChunkHasher, prompts: Sequence[list[int]]
+              ) -> tuple[list[ChunkKey], dict[ChunkKey, ChunkData]]:
+    """The capture's chunks, by key (private copies)."""
     keys = [k for p in prompts for k in hasher.keys(p)]
     chunks: dict[ChunkKey, ChunkData] = {}
     for key, chunk in zip(keys, tier.get_many(keys)):
@@ -134,7 +142,7 @@ def _captured(tier: DiskTier, prompts: Sequence[list[int]]
             raise RuntimeError(f"chunk {key.hex()} was not stored by the capture instance")
         chunks[key] = ChunkData(chunk.meta, chunk.payload.copy())
         chunk.release()
-    return hasher, keys, chunks
+    return keys, chunks
 
 
 def _one_ulp_noise(chunk: ChunkData) -> ChunkData:

@@ -35,8 +35,11 @@ class KeyNamespace(_Strict):
     pp_size: int = Field(1, ge=1)
     layer_start: int = Field(0, ge=0)
     lora: str = Field("", max_length=256)
+    page_format: str = Field("", max_length=64)
+    codec_class: str = Field("lossless", max_length=64)
+    cache_salt: str = Field("", max_length=1024)
     hash_algorithm: str = Field("xxh3_128", max_length=32)
-    hash_version: int = 1
+    hash_version: int = 2
 
 
 class Register(_Strict):

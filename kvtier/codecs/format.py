@@ -68,6 +68,11 @@ class Codec(enum.IntEnum):
     """Lossy: as Q8 with 4 bits."""
 
     @property
+    def lossy(self) -> bool:
+        """Whether decoding gives other bytes than the engine computed."""
+        return self in (Codec.Q8, Codec.Q4)
+
+    @property
     def lossless(self) -> bool:
         """Whether decoding gives back the exact bytes that were encoded."""
         return self not in (Codec.Q8, Codec.Q4)

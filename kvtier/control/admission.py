@@ -58,8 +58,10 @@ def decode_b64(field: str, data: str, max_bytes: int) -> bytes:
         raise Refused(f"{field}: not base64") from None
 
 
-def admit_chunk(field: str, key: ChunkKey, blob: bytes, want: ChunkShape) -> ChunkData:
-    """The checked chunk (payload as given: raw or compressed), or :class:`Refused`."""
+def admit_chunk(field: str, key: ChunkKey, blob: bytes, want: ChunkShape,
+                lossy_ok: bool = False) -> ChunkData:
+    """The checked chunk (payload as given: raw or compressed), or :class:`Refused`.
+    A chunk in a lossy codec is refused unless ``lossy_ok`` (the caller's ``lossy: true``)."""
     try:
         header = parse_header(key, blob)
     except CorruptChunk as exc:
@@ -72,6 +74,9 @@ def admit_chunk(field: str, key: ChunkKey, blob: bytes, want: ChunkShape) -> Chu
     if (meta.dtype, meta.shape) != (want.meta.dtype, want.meta.shape):
         raise Refused(f"{field}: {meta.dtype} {list(meta.shape)} does not match this "
                       f"instance's layout ({want.meta.dtype} {list(want.meta.shape)})")
+    if meta.codec.lossy and not lossy_ok:
+        raise Refused(f"{field}: encoded with {meta.codec.name.lower()}, a lossy codec (hits "
+                      "would differ from the engine's own KV); send lossy: true to accept it")
     payload = np.frombuffer(blob, dtype=np.uint8)[HEADER_SIZE:]
     try:
         verify_payload(key, header, payload)

@@ -147,7 +147,8 @@ class CacheAPI:
             seen.add(c.index)
             blob = decode_b64(f"{field}.data", c.data, self.chunk_bytes + 128)
             want = ChunkShape.expected(self.layout, self.hasher, c.index, len(req.tokens))
-            items.append((keys[c.index], admit_chunk(f"{field}.data", keys[c.index], blob, want)))
+            items.append((keys[c.index], admit_chunk(f"{field}.data", keys[c.index], blob, want,
+                                                     lossy_ok=req.lossy)))
         return m.Admitted(admitted=manage.admit(self.store, items, tier))
 
     def snapshot(self) -> m.Snapshot:

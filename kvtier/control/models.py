@@ -116,6 +116,8 @@ class AdmitRequest(_Strict):
     salt: Optional[str] = Field(None, max_length=1024)
     chunks: list[AdmitChunk] = Field(min_length=1, max_length=4096)
     tier: TierField
+    lossy: bool = Field(False, description="accept chunks in a lossy codec (q8, q4): this "
+                        "instance then serves lossy KV for them")
 
 
 # -- responses -------------------------------------------------------------------

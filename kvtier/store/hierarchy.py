@@ -24,7 +24,7 @@ from typing import Sequence
 
 from kvtier.codecs import ChunkData, ChunkMeta, Codec, check_codec, decompress
 from kvtier.config import WritePolicy
-from kvtier.errors import ConfigError, CorruptChunk
+from kvtier.errors import ConfigError, CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.latency import LatencyHistogram
 from kvtier.store.writer import BackgroundWriter
@@ -87,6 +87,10 @@ class ChunkStore:
         self.write_policy = write_policy
         sizes = list(queue_sizes or [256] * len(self.lower))
         self.codecs = list(codecs or [Codec.RAW] * len(self.lower))
+        self.lossy_ok: set[Codec] = {c for c in self.codecs if c.lossy}
+        """Lossy codecs this instance opted in to (configured, or applied by an operator
+        with ``lossy: true``); a chunk in any other lossy codec is refused, a miss
+        counted ``foreign``: lossy KV reaches only an instance that asked for it."""
         # No decoded chunk may be larger than a memory slot (the engine's chunk).
         self.max_decoded_bytes = self.memory.arena.slot_bytes if self.memory else None
         self.latency = {"load": LatencyHistogram(), "store": LatencyHistogram()}
@@ -137,6 +141,12 @@ class ChunkStore:
         or None when it does not decode: counted ``corrupt`` and deleted from the tier."""
         if chunk.meta.codec is Codec.RAW:
             return chunk
+        if chunk.meta.codec.lossy and chunk.meta.codec not in self.lossy_ok:
+            chunk.release()
+            tier._count_foreign(ForeignChunk(
+                f"chunk {key.hex()} is {chunk.meta.codec.name.lower()}-encoded (lossy) and "
+                "this instance did not opt in to that codec"))
+            return None
         try:
             bound = self.max_decoded_bytes
             if bound is not None and chunk.meta.raw_nbytes > bound:

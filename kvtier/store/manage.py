@@ -23,7 +23,9 @@ def locate(store: ChunkStore, keys: Sequence[ChunkKey]) -> dict[str, list[bool]]
 def admit(store: ChunkStore, items: Sequence[tuple[ChunkKey, ChunkData]],
           tier: str | None = None) -> int:
     """Store chunks given by the caller into one tier (synchronously) or the
-    hierarchy (memory now, lower tiers in the background); returns chunks held."""
+    hierarchy (memory now, lower tiers in the background); returns chunks held.
+    Chunks in a lossy codec opt this instance in to it (the caller checked consent)."""
+    store.lossy_ok.update(c.meta.codec for _, c in items if c.meta.codec.lossy)
     if tier is None:
         store.put_many(items)
         return sum(store.memory.contains_many([k for k, _ in items])) if store.memory \
@@ -80,8 +82,11 @@ def recode(store: ChunkStore, keys: Sequence[ChunkKey], tier: str, codec: Codec)
     quantized values from now on. A chunk that does not decode is skipped and
     counted ``corrupt``. Raises ValueError when a lossy codec cannot encode the
     chunks' layout (nothing is rewritten then). Returns how many chunks were
-    rewritten. Reads decode any codec transparently (see ChunkStore.get_many).
+    rewritten. Reads decode any codec transparently (see ChunkStore.get_many); a
+    lossy one opts this instance in to it (other instances sharing the tier refuse it).
     """
+    if codec.lossy:
+        store.lossy_ok.add(codec)
     t = store.tier(tier)
     chunks = t.get_many(keys)
     items = []

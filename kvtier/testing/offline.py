@@ -141,15 +141,29 @@ def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool, round_
     return results
 
 
-def _worker_totals() -> dict[str, float] | None:
-    """kvtier's counters since start in this process's worker (one-process mode only)."""
+def _worker_connector() -> Any:
+    """This process's kvtier worker connector (one-process mode), or None."""
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-        stats = getattr(get_kv_transfer_group(), "_stats", None)
+        return get_kv_transfer_group()
     except Exception:  # no connector here (vLLM alone, or workers in other processes)
         return None
+
+
+def _worker_totals() -> dict[str, float] | None:
+    """kvtier's counters since start in this process's worker (one-process mode only)."""
+    stats = getattr(_worker_connector(), "_stats", None)
     return dict(getattr(stats, "totals", {})) if stats is not None else None
+
+
+def _worker_namespace() -> dict[str, Any] | None:
+    """The key namespace of this process's worker (one-process mode only): what a
+    tool needs to write chunks this instance would read."""
+    import dataclasses
+
+    engine = getattr(getattr(_worker_connector(), "worker", None), "engine", None)
+    return dataclasses.asdict(engine.hasher.namespace) if engine is not None else None
 
 
 def _main() -> int:
@@ -184,7 +198,8 @@ def _main() -> int:
     startup = time.perf_counter() - t0
     rounds = [_generate(llm, reqs, spec.get("sequential", False), i, spec.get("progress", False))
               for i, reqs in enumerate(spec["rounds"])]
-    result = {"startup_s": startup, "rounds": rounds, "kvtier_worker": _worker_totals()}
+    result = {"startup_s": startup, "rounds": rounds, "kvtier_worker": _worker_totals(),
+              "kvtier_namespace": _worker_namespace()}
     del llm  # shuts the engine (and the connector's background writers) down
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()

@@ -2,13 +2,19 @@
 
 - :func:`fast_dtype`: the model dtype that runs fast on this CPU;
 - :func:`vllm_env`: threads pinned the same way in every run, engine KV size;
-- :func:`memory_utilization`: a ``gpu_memory_utilization`` that fits what a run needs.
+- :func:`memory_utilization`: a ``gpu_memory_utilization`` that fits what a run needs;
+- :func:`key_namespace`: the key namespace an instance stores under.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvtier.keys import Namespace
 
 GiB = 1 << 30
 
@@ -64,3 +70,36 @@ def memory_utilization(model: str | os.PathLike[str], kv_space_gib: float = 1.0,
     weights = sum(p.stat().st_size for p in Path(model).glob("*.safetensors"))
     need = weights + kv_space_gib * GiB + slack_gib * GiB
     return round(min(0.9, max(0.05, need / node_memory_bytes())), 3)
+
+
+def key_namespace(model: str | os.PathLike[str], kvtier: dict | None = None,
+                  dtype: str = "bfloat16", **engine: object) -> Namespace:
+    """The key namespace (shard 0) a vLLM instance of ``model`` with kvtier's extra
+    config ``kvtier`` stores under, computed here as the connector computes it (from
+    vLLM's own engine config: model config digest, attention ISA, ...), so a test or a
+    tool can name the chunks an instance wrote. Imports vLLM (seconds, once)."""
+    import json
+
+    return _key_namespace(str(model), json.dumps(kvtier or {}, sort_keys=True), dtype,
+                          json.dumps(engine, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _key_namespace(model: str, kvtier: str, dtype: str, engine: str) -> Namespace:
+    import json
+
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvtier.config import load_config
+    from kvtier.connectors.vllm.keys import all_shards, shard_namespace
+
+    extra = json.loads(kvtier)
+    args = EngineArgs(model=model, dtype=dtype, enforce_eager=True,
+                      kv_transfer_config=KVTransferConfig(
+                          kv_connector="KvtierConnector",
+                          kv_connector_module_path="kvtier.connectors.vllm",
+                          kv_role="kv_both", kv_connector_extra_config=extra),
+                      **json.loads(engine))
+    vllm_config = args.create_engine_config()
+    return shard_namespace(vllm_config, load_config(engine=extra), all_shards(vllm_config)[0])

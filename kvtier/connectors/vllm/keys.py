@@ -3,11 +3,16 @@
 Every input that changes a prompt's KV is in its keys, or the request bypasses
 kvtier; a configuration that cannot be served correctly is refused at start-up:
 
-- the engine: model (with its revision and quantization), KV layout (the pipeline stage's layers, KV heads per
-  rank, head size, dtype, block size) and chunk size form the namespace;
+- the engine: model (with its revision, quantization, weights format when dummy and a
+  digest of its config and overrides: rope scaling, ``hf_overrides``), KV layout (the
+  pipeline stage's layers, KV heads per rank, head size, dtype, block size), the page
+  format the engine's attention kernel writes (vLLM-CPU's attention ISA), chunk size
+  and codec class (lossless, or the lossy codecs this instance opted in to) form the
+  namespace;
 - the shard: each tensor-parallel rank and pipeline stage stores its own KV
   under its own keys, and a chunk is a hit only when every shard holds it;
-- the request: the tenant salt (``cache_salt``) and the LoRA adapter, by a
+- the request: the tenant salt (``cache_salt``, combined with the instance's
+  ``salt``) and the LoRA adapter, by a
   digest of its files (the same adapter shares under any name, on any
   instance; a changed adapter never matches an old one);
 - bypassed: prompt embeddings, multimodal inputs (their KV depends on the
@@ -112,24 +117,80 @@ def worker_shard(vllm_config: VllmConfig) -> Shard:
 
 def model_identity(vllm_config: Any, cfg: KvtierConfig) -> str:
     """The model as far as its KV goes: ``model_id`` (default: vLLM's model name or path),
-    plus the weights' revision and quantization when set (both change the KV of the
-    same tokens; ``model_id`` only renames the model, so they are kept with it too)."""
+    plus the weights' revision and quantization when set, ``weights=dummy`` for random
+    weights, and a digest of what else changes the KV of the same tokens (``model_id``
+    only renames the model, so all of these are kept with it)."""
     mc = vllm_config.model_config
     name = cfg.model_id or str(mc.model)
     revision, quant = getattr(mc, "revision", None), getattr(mc, "quantization", None)
-    return name + (f"@{revision}" if revision else "") + (f"|quantization={quant}"
-                                                           if quant else "")
+    load = getattr(getattr(vllm_config, "load_config", None), "load_format", None)
+    dummy = str(getattr(load, "value", load)) == "dummy"
+    return (name + (f"@{revision}" if revision else "")
+            + (f"|quantization={quant}" if quant else "") + ("|weights=dummy" if dummy else "")
+            + f"|config={_config_digest(vllm_config)}")
+
+
+# Config fields that name where a model lives or who wrote it, not what it computes.
+_CONFIG_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path")
+
+
+def _config_digest(vllm_config: Any) -> str:
+    """Digest of the model's config as vLLM runs it (after ``hf_overrides``: rope scaling,
+    layer counts, ...), the overrides themselves, and the KV cache's scale settings."""
+    mc, cc = vllm_config.model_config, getattr(vllm_config, "cache_config", None)
+    hf = getattr(mc, "hf_config", None)
+    conf = hf.to_dict() if hasattr(hf, "to_dict") else {}
+    for k in _CONFIG_IGNORED:
+        conf.pop(k, None)
+    overrides = getattr(mc, "hf_overrides", None)
+    blob = {"hf_config": conf, "hf_overrides": overrides if not callable(overrides)
+            else getattr(overrides, "__qualname__", repr(overrides)),
+            "calculate_kv_scales": getattr(cc, "calculate_kv_scales", None)}
+    text = json.dumps(blob, sort_keys=True, default=str)
+    return xxhash.xxh3_64_hexdigest(text.encode())
+
+
+def page_format(vllm_config: Any, layout: PagedLayout) -> str:
+    """How the engine's attention kernel packs the pages, beyond the layout signature.
+
+    vLLM-CPU picks an attention ISA at run time (``amx``, ``vec``, ``vec16``, ``neon``,
+    ...) and hands it to the kernel that writes the pages; AMX reshapes KV for its
+    tiles. Asked from vLLM with the inputs its attention builder uses, never guessed from
+    CPU flags; every ISA is its own format (hosts of different CPU generations sharing a
+    tier never exchange pages one of them packed differently). On other platforms the
+    layout signature says it all ("")."""
+    if layout.kind is not LayoutKind.VLLM_CPU:
+        return ""
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        return "cpu_attn:" + str(_get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(),
+                                               cc.cache_dtype))
+    except Exception as exc:  # a vLLM without this function: we cannot tell the format
+        raise UnsupportedConfig(
+            "kvtier cannot tell which attention ISA vLLM-CPU writes KV pages with "
+            f"({type(exc).__name__}: {exc}); pages of different ISAs may differ, so "
+            "kvtier refuses to key them as one format") from exc
+
+
+def codec_class(cfg: KvtierConfig) -> str:
+    """``lossless``, or the lossy codecs of this instance's tiers ("q8", "q4+q8")."""
+    lossy = sorted({c.value for c in (cfg.disk.codec, cfg.redis.codec) if not c.lossless})
+    return "+".join(lossy) or "lossless"
 
 
 def shard_namespace(vllm_config: VllmConfig, cfg: KvtierConfig, shard: Shard) -> Namespace:
     """The key namespace of one shard: same model, layout, stage, rank, chunking => same KV."""
     pc = vllm_config.parallel_config
-    return Namespace(model_id=model_identity(vllm_config, cfg),
-                     layout=engine_layout(vllm_config, shard.pp_rank).signature(),
+    layout = engine_layout(vllm_config, shard.pp_rank)
+    return Namespace(model_id=model_identity(vllm_config, cfg), layout=layout.signature(),
                      chunk_size=cfg.chunk_size, tp_rank=shard.tp_rank,
                      tp_size=pc.tensor_parallel_size, salt=cfg.salt,
                      pp_size=pc.pipeline_parallel_size,
-                     layer_start=stage_layers(vllm_config, shard.pp_rank)[0])
+                     layer_start=stage_layers(vllm_config, shard.pp_rank)[0],
+                     page_format=page_format(vllm_config, layout),
+                     codec_class=codec_class(cfg))
 
 
 def check_supported(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig | None) -> None:
