@@ -44,6 +44,8 @@ def test_sampling_is_deterministic_per_request_and_follows_the_rate() -> None:
     share = sum(sampled(r, 0.05) for r in ids) / len(ids)
     assert 0.04 < share < 0.06
     assert [sampled(r, 0.05) for r in ids[:500]] == [sampled(r, 0.05) for r in ids[:500]]
+    # vLLM's random suffix on the caller's id does not change the answer
+    assert all(sampled(f"{r}-1f2e3d4c", 0.05) == sampled(r, 0.05) for r in ids[:2000])
     # a lower rate samples a subset of what a higher rate samples
     assert all(sampled(r, 0.1) for r in ids if sampled(r, 0.02))
 

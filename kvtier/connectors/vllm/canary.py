@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import re
 import threading
 from collections import Counter
 from typing import Sequence
@@ -53,6 +54,10 @@ log = logging.getLogger("kvtier.vllm")
 # two prompts): q8 0.0058, q4 0.095; the bounds leave room, and stay far below the
 # 1.4 of a wrong chunk.
 LOSSY_TOLERANCE = {Codec.Q8: 0.05, Codec.Q4: 0.3}
+# vLLM makes its internal id "<caller's id>-<8 random hex>"; the caller's id is hashed,
+# so that the same request is sampled in every run (offline ids "0".."379" never are
+# at the default 1%, which keeps test runs deterministic).
+_VLLM_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 
 def sampled(req_id: str, rate: float) -> bool:
@@ -62,7 +67,7 @@ def sampled(req_id: str, rate: float) -> bool:
         return False
     if rate >= 1:
         return True
-    digest = hashlib.blake2b(req_id.encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(_VLLM_SUFFIX.sub("", req_id).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64 < rate
 
 
