@@ -55,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--tier", required=True)
     clear = sub.add_parser("clear", help="delete every chunk of a tier, or of all")
     clear.add_argument("--tier")
+    resume = sub.add_parser("resume", help="put a tier the canary took out of service back "
+                            "(default: every such tier)")
+    resume.add_argument("--tier")
     admit = sub.add_parser("admit", help="store encoded chunks of a prompt (checked first)")
     _tokens(admit, required=True)
     admit.add_argument("--chunk", action="append", required=True, metavar="INDEX=FILE",

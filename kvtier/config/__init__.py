@@ -12,13 +12,13 @@ from kvtier.config.cluster import ControllerConfig, PeerConfig, TransferConfig, 
 from kvtier.config.load import load_config
 from kvtier.config.secrets import cli_token, env_token, read_token, read_token_file, token_env
 from kvtier.config.sections import (ControlConfig, DiskConfig, KvtierConfig, MemoryConfig,
-                                    RedisConfig)
+                                    RedisConfig, VerifyConfig)
 from kvtier.config.values import (CodecName, TierName, WritePolicy, is_loopback, parse_size,
                                   redact_url)
 from kvtier.errors import ConfigError
 
 __all__ = ["CodecName", "ConfigError", "ControlConfig", "ControllerConfig", "DiskConfig",
            "KvtierConfig", "MemoryConfig", "PeerConfig", "RedisConfig", "TierName",
-           "TransferConfig", "WritePolicy", "cli_token", "env_token", "is_loopback",
+           "TransferConfig", "VerifyConfig", "WritePolicy", "cli_token", "env_token", "is_loopback",
            "load_config", "parse_address", "parse_size", "read_token", "read_token_file",
            "redact_url", "token_env"]

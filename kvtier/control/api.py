@@ -99,6 +99,13 @@ class CacheAPI:
         self.pins.prune()
         return m.Removed(removed=removed)
 
+    def resume(self, req: m.ResumeRequest) -> m.Resumed:
+        """Put a tier the canary took out of service (``tier``, or every one) back in
+        service: the store reads it again, lookups count it again."""
+        service = self.store.service
+        names = [self._tier("tier", req.tier)] if req.tier else service.out_of_service
+        return m.Resumed(resumed=[n for n in names if n is not None and service.resume(n)])
+
     def pin(self, req: m.PinRequest) -> m.Pinned:
         """Protect memory-tier chunks from eviction, for ever or for ``ttl_s``."""
         return m.Pinned(pinned=self.pins.pin(self.keys(req), req.ttl_s), expires_in_s=req.ttl_s)
@@ -167,5 +174,8 @@ class CacheAPI:
             tiers[t.name] = m.TierStatus(used_bytes=u.used_bytes, capacity_bytes=u.capacity_bytes,
                                          num_chunks=u.num_chunks, write_queue=queues.get(t.name),
                                          **t.stats.as_dict())
+        service = self.store.service
         return m.Status(namespace=self.hasher.namespace.layout, chunk_size=self.hasher.chunk_size,
-                        pinned_chunks=self.pins.count(), tiers=tiers)
+                        pinned_chunks=self.pins.count(), tiers=tiers,
+                        out_of_service=service.out_of_service, verify_checks=service.checks,
+                        verify_mismatches=dict(service.mismatches))

@@ -125,6 +125,7 @@ def build_app(api: CacheAPI, metrics: ControlMetrics, runner: OpRunner) -> FastA
     op("evict", m.InTier, m.Removed, api.evict)
     op("move", m.MoveRequest, m.Moved, api.move)
     op("clear", m.ClearRequest, m.Removed, api.clear, optional=True)  # no body: every tier
+    op("resume", m.ResumeRequest, m.Resumed, api.resume, optional=True)  # no body: every tier
     op("pin", m.PinRequest, m.Pinned, api.pin)
     op("unpin", m.Chunks, m.Unpinned, api.unpin)
     op("compress", m.CompressRequest, m.Recoded, api.compress)

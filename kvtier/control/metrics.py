@@ -66,10 +66,25 @@ class StoreCollector(Collector):
             buckets, total = store.latency[op].snapshot()
             yield HistogramMetricFamily(f"kvtier_{op}_seconds", doc, buckets=buckets,
                                         sum_value=total)
+        yield from self._verify()
         pins = GaugeMetricFamily("kvtier_pinned_chunks", "Memory-tier chunks pinned through "
                                  "the management API.")
         pins.add_metric([], self.api.pins.count())
         yield pins
+
+    def _verify(self) -> list[Metric]:
+        service = self.api.store.service
+        checks = CounterMetricFamily("kvtier_verify_checks", "Stored copies the canary "
+                                     "compared with the engine's recompute.")
+        checks.add_metric([], service.checks)
+        bad = CounterMetricFamily("kvtier_verify_mismatch", "Stored copies that were not "
+                                  "the engine's KV (deleted), by tier.", labels=["tier"])
+        out = GaugeMetricFamily("kvtier_tier_out_of_service", "1 while the canary holds the "
+                                "tier out of service (until resumed).", labels=["tier"])
+        for t in self.api.store.tiers:
+            bad.add_metric([t.name], service.mismatches[t.name])
+            out.add_metric([t.name], 0 if service.readable(t.name) else 1)
+        return [checks, bad, out]
 
     def _usage(self) -> list[Metric]:
         used = GaugeMetricFamily("kvtier_tier_used_bytes", "Bytes the tier uses.",

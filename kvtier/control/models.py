@@ -101,6 +101,12 @@ class ClearRequest(_Strict):
     tier: TierField
 
 
+class ResumeRequest(_Strict):
+    """Put a tier the canary took out of service back in service, or every such tier."""
+
+    tier: TierField
+
+
 class AdmitChunk(_Strict):
     """One encoded chunk (128-byte header + payload, as the disk tier writes it)."""
 
@@ -167,6 +173,12 @@ class Recoded(BaseModel):
     recoded: int
 
 
+class Resumed(BaseModel):
+    """Tiers put back in service (those that were out of it)."""
+
+    resumed: list[str]
+
+
 class Admitted(BaseModel):
     """Chunks the store holds afterwards."""
 
@@ -199,6 +211,11 @@ class Status(BaseModel):
     chunk_size: int
     pinned_chunks: int
     tiers: dict[str, TierStatus]
+    out_of_service: list[str] = Field(default_factory=list, description="tiers the canary "
+                                      "took out of service (not read) until resumed")
+    verify_checks: int = Field(0, description="stored copies the canary compared")
+    verify_mismatches: dict[str, int] = Field(default_factory=dict, description="per tier: "
+                                              "copies that were not the engine's KV")
 
 
 class Snapshot(BaseModel):

@@ -197,15 +197,27 @@ class CacheEngine:
         the rest to the lower tiers. Only what a tier takes is reported stored."""
         if not self.store.lower and self.store.memory is None:
             return 0
-        items, runs = [], []
-        for i in todo:
-            blocks = self._blocks(i, n_tok)
+        chunks = self.gather_chunks(n_tok, block_ids, todo)
+        return self.store.put_many([(keys[i], chunk) for i, chunk in chunks])
+
+    def gather_chunks(self, num_tokens: int, block_ids: Sequence[int], chunks: Sequence[int]
+                      ) -> list[tuple[int, ChunkData]]:
+        """Private copies of chunks ``chunks`` of a request of ``num_tokens`` tokens, out
+        of paged KV into fresh buffers (the store is not touched): one batched gather.
+        A chunk whose blocks are not all in ``block_ids`` is left out."""
+        transfer = self._bound(None)
+        out, runs = [], []
+        for i in chunks:
+            blocks = self._blocks(i, num_tokens)
+            if blocks[-1] >= len(block_ids):
+                continue
             meta = ChunkMeta(self.layout.dtype, self.layout.chunk_shape(len(blocks)))
             buf = np.empty(meta.raw_nbytes, dtype=np.uint8)
             runs.append(Run(buf, [block_ids[b] for b in blocks]))
-            items.append((keys[i], ChunkData(meta, buf)))
-        transfer.gather(runs)
-        return self.store.put_many(items)
+            out.append((i, ChunkData(meta, buf)))
+        if runs:
+            transfer.gather(runs)
+        return out
 
     # -- retrieve -------------------------------------------------------------
 

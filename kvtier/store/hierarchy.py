@@ -27,6 +27,7 @@ from kvtier.config import WritePolicy
 from kvtier.errors import ConfigError, CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.latency import LatencyHistogram
+from kvtier.store.service import TierService
 from kvtier.store.writer import BackgroundWriter
 from kvtier.tiers.base import HasContains, Tier, lookup_prefix
 from kvtier.tiers.memory import MemoryTier, Slot
@@ -96,6 +97,7 @@ class ChunkStore:
         self.latency = {"load": LatencyHistogram(), "store": LatencyHistogram()}
         """Seconds an engine spent per batch loaded / stored (fed by the cache engine)."""
         self._events = _EventLog() if track_events else None
+        self.service = TierService()  # tiers the canary took out of service are not read
         self._tier_events = {t.name: _EventLog() for t in self.lower} if track_events else {}
         self.writers = [BackgroundWriter(t, q, codec=c, on_written=self._tier_events[t.name].stored
                                          if track_events else None)
@@ -113,17 +115,20 @@ class ChunkStore:
 
     def lookup(self, keys: Sequence[ChunkKey]) -> int:
         """Number of leading keys present in some tier. No payload moves."""
-        return lookup_prefix(self.tiers, keys)
+        return lookup_prefix([t for t in self.tiers if self.service.readable(t.name)], keys)
 
     # -- reads ----------------------------------------------------------------
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
         """Chunks for the keys (None = miss). Release every returned chunk."""
         found: list[ChunkData | None] = [None] * len(keys)
-        if self.memory is not None:  # raw, unless the management API compressed it
+        if self.memory is not None and self.service.readable(self.memory.name):
+            # raw, unless the management API compressed it
             found = [None if c is None else self._raw(self.memory, k, c)
                      for k, c in zip(keys, self.memory.get_many(keys))]
         for tier in self.lower:
+            if not self.service.readable(tier.name):
+                continue
             missing = [i for i, c in enumerate(found) if c is None]
             if not missing:
                 break
@@ -135,6 +140,22 @@ class ChunkStore:
             for i, chunk in hits:
                 found[i] = chunk
         return found
+
+    def read_each(self, key: ChunkKey) -> list[tuple[Tier, Codec, ChunkData]]:
+        """``key`` as each tier in service holds it (tier, stored codec, decoded to raw),
+        each read on its own, nothing promoted: the canary compares every copy.
+        Read-only tiers (peers) are skipped. Release every chunk."""
+        out = []
+        for tier in self.tiers:
+            if tier.read_only or not self.service.readable(tier.name) \
+                    or not tier.contains_many([key])[0]:
+                continue
+            (chunk,) = tier.get_many([key])
+            codec = chunk.meta.codec if chunk is not None else Codec.RAW
+            raw = self._raw(tier, key, chunk) if chunk is not None else None
+            if raw is not None:
+                out.append((tier, codec, raw))
+        return out
 
     def _raw(self, tier: Tier, key: ChunkKey, chunk: ChunkData) -> ChunkData | None:
         """The chunk decoded to RAW (a private copy; the tier's buffer is released),

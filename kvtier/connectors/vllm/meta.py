@@ -45,6 +45,9 @@ class SaveSpec:
     block_ids: list[int]
     start_chunk: int
     release: bool = False
+    verify: int = 0
+    """The canary: chunks ``[start_chunk, verify)`` were a hit kvtier did not serve;
+    the worker compares vLLM's fresh KV of them with every tier's stored copy."""
 
 
 @dataclass
@@ -71,6 +74,8 @@ class KvtierWorkerMeta(KVConnectorWorkerMetadata):
     """(request id, tokens loaded before the failure, key of the chunk that failed)."""
     tiers: dict[str, tuple[list[ChunkKey], list[ChunkKey]]] = field(default_factory=dict)
     """Per tier: (keys stored, keys removed) by the worker, for vLLM's KV events."""
+    service: dict[str, bool] = field(default_factory=dict)
+    """Tiers the canary took out of service (True) or an operator put back (False)."""
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         """Merge the reports of several workers."""
@@ -79,5 +84,7 @@ class KvtierWorkerMeta(KVConnectorWorkerMetadata):
         for name, (stored, removed) in other.tiers.items():
             mine = tiers.get(name, ([], []))
             tiers[name] = (mine[0] + stored, mine[1] + removed)
+        service = {t: out or other.service.get(t, False) for t, out in self.service.items()}
+        service.update({t: out for t, out in other.service.items() if t not in service})
         return KvtierWorkerMeta(self.stored + other.stored, self.evicted + other.evicted,
-                                self.failed + other.failed, tiers)
+                                self.failed + other.failed, tiers, service)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvtier.config import KvtierConfig
+from kvtier.connectors.vllm.canary import CanarySampler
 from kvtier.connectors.vllm.keys import Bypass, request_inputs
 from kvtier.connectors.vllm.meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec, SaveSpec
 from kvtier.connectors.vllm.surfaces import EventLog, KvtierStats
@@ -51,6 +52,7 @@ class _Request:
     in_memory: int = 0  # leading chunks of the hit the workers' memory tiers hold
     load_async: bool = False  # the last hit answered needs a lower-tier read
     pending_load: tuple[int, int] | None = None
+    verify: int = 0  # the canary: leading chunks that were a hit, recomputed and checked
 
 
 class SchedulerPlanner:
@@ -76,6 +78,7 @@ class SchedulerPlanner:
         self.bypasses: Counter[str] = Counter()
         self.stats = KvtierStats()
         self.events = EventLog(cfg.chunk_size)
+        self.canary = CanarySampler(cfg.verify)
 
     # -- lookup ---------------------------------------------------------------
 
@@ -92,6 +95,10 @@ class SchedulerPlanner:
         self.stats.add(lookups=1)
         if hit <= num_computed_tokens:
             return 0
+        if self.saves and self.canary.sample(request.request_id):  # recompute, then compare
+            st.verify = st.hit[0].chunks
+            self.stats.add(verify_sampled=1)
+            return 0
         self.stats.add(hit_tokens=hit - num_computed_tokens)
         return hit - num_computed_tokens
 
@@ -105,7 +112,7 @@ class SchedulerPlanner:
         return st.load_async
 
     def _lookup(self, st: _Request) -> None:
-        sources = [self.index] + (self.shared.tiers if self.shared is not None else [])
+        sources = self.canary.sources(self.index, self.shared.tiers if self.shared else [])
         st.hit = _common_hit([lookup_hit(sources, h, st.prompt, k)
                               for h, k in zip(st.hashers, st.keys)], st.hashers[0], st.prompt)
         st.in_memory = min(lookup_prefix([self.index], hit.keys) for hit in st.hit)
@@ -115,7 +122,7 @@ class SchedulerPlanner:
         into memory now, before the request is scheduled."""
         st = self._state(request)
         if st is None or not st.keys[0] or not self.loads or self.shared is None \
-                or not self.cfg.prefetch:
+                or not self.cfg.prefetch or self.canary.sample(request.request_id):
             return
         self._lookup(st)
         assert st.hit is not None
@@ -209,7 +216,7 @@ class SchedulerPlanner:
             start = earlier.start_chunk if earlier is not None else st.saved_chunks
             self._held[req_id] = SaveSpec(req_id, st.prompt[:n_save * cs],
                                           [k[:n_save] for k in st.keys], list(st.block_ids),
-                                          start)
+                                          start, verify=min(st.verify, n_save))
             self.events.know(st.keys[0][:n_save], st.prompt)
             st.saved_chunks = n_save
 
@@ -221,6 +228,7 @@ class SchedulerPlanner:
         if isinstance(meta, KvtierWorkerMeta):
             self.index.update(meta.stored, meta.evicted)
             self.index.update(evicted=[key for _, _, key in meta.failed])
+            self.canary.apply(meta.service)
             for tier, (stored, removed) in meta.tiers.items():
                 self.events.report(tier, stored, removed)
             for req_id, loaded, _ in meta.failed:

@@ -46,7 +46,14 @@ COUNTERS = {
     "async_loads": "Loads from lower tiers done in the background (vLLM's asynchronous loads)",
     "async_timeouts": "Background loads cut short by load_timeout_s (the rest recomputed)",
     "async_wait_seconds": "Seconds requests waited for their background loads",
+    "verify_sampled": "Requests with a hit served cold for the canary (verify.sample_rate)",
+    "verify_checks": "Stored copies the canary compared with vLLM's recompute",
+    "verify_mismatches": "Stored copies that were not vLLM's KV (deleted; by tier: "
+                         "verify_mismatch)",
+    "verify_tiers_out": "Tiers the canary took out of service (until resumed)",
+    "verify_skipped": "Chunks the canary did not check (its queue was full)",
 }
+MISMATCH = "verify_mismatch_"  # + tier: a stats key, the tier label of verify_mismatch
 
 
 @dataclass
@@ -105,12 +112,18 @@ class KvtierPromMetrics(KVConnectorPromMetrics):
                                         labelnames=labelnames)
             for engine, values in per_engine_labelvalues.items():
                 self._counters[(engine, name)] = counter.labels(*values)
+        self._labels = per_engine_labelvalues
+        self._mismatch = self._counter_cls(
+            name="vllm:kvtier_verify_mismatch", labelnames=labelnames + ["tier"],
+            documentation="Stored copies that were not vLLM's KV, by tier (the canary)")
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for name, value in transfer_stats_data.items():
             counter = self._counters.get((engine_idx, name))
             if counter is not None and value:
                 counter.inc(value)
+            elif name.startswith(MISMATCH) and value and engine_idx in self._labels:
+                self._mismatch.labels(*self._labels[engine_idx], name[len(MISMATCH):]).inc(value)
 
 
 class EventLog:

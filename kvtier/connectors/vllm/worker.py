@@ -21,6 +21,7 @@ import torch
 from kvtier.codecs import ChunkMeta
 from kvtier.config import KvtierConfig
 from kvtier.connectors.vllm.async_loads import AsyncLoads
+from kvtier.connectors.vllm.canary import Canary
 from kvtier.connectors.vllm.keys import all_shards, shard_namespace, worker_shard
 from kvtier.connectors.vllm.layerwise import LayerwiseLoads
 from kvtier.connectors.vllm.meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec
@@ -60,6 +61,7 @@ class KvtierWorker:
         self._awaiting_store: set[str] = set()  # finished, their saves still in flight
         self._async: AsyncLoads | None = None
         self._layerwise = LayerwiseLoads()
+        self._canary: Canary | None = None
 
     def register(self, vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check the engine's KV tensors against the expected layout; build the store."""
@@ -82,6 +84,8 @@ class KvtierWorker:
         self.engine.register(tensors)
         self._layerwise = LayerwiseLoads(kv_caches)
         self._async = AsyncLoads(self.engine, self.config.load_timeout_s)
+        if self.config.verify.sample_rate > 0:
+            self._canary = Canary(self.config.verify, self.engine)
         for hook in ENGINE_READY_HOOKS:
             try:
                 hook(self.config, self.engine, self.shard)
@@ -172,6 +176,8 @@ class KvtierWorker:
             return
         chunk_bytes = self.layout.chunk_nbytes(self.config.chunk_size // self.layout.block_size)
         for save in meta.saves:
+            if save.verify > save.start_chunk and self._canary is not None:
+                self._canary.submit(save, self.shard)  # a private copy, checked elsewhere
             t0 = time.perf_counter()
             try:
                 n = self.engine.store_kv(save.token_ids, save.block_ids,
@@ -222,14 +228,20 @@ class KvtierWorker:
         self.engine.complete_stores()  # accelerators: stores whose copy to host finished
         events = self.engine.store.drain_events()
         failed, self._failed = self._failed, []
-        if not any(s or r for s, r in events.tiers.values()) and not failed:
+        if self._canary is not None:
+            self._canary.drain(self.stats)
+        service = self.engine.store.service.take_changes()
+        if not any(s or r for s, r in events.tiers.values()) and not failed and not service:
             return None
-        return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed, events.tiers)
+        return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed, events.tiers,
+                                service)
 
     def shutdown(self) -> None:
         """Finish background loads and writes (bounded) and close the tiers."""
         if self._async is not None:
             self._async.close()
+        if self._canary is not None:
+            self._canary.close()
         if self.engine is not None:
             self.engine.complete_stores(wait=True)
             self.engine.store.close()
