@@ -31,6 +31,12 @@ def _bind_worker_to_a_core() -> None:
 
 _bind_worker_to_a_core()
 
+# The canary (verify.sample_rate, default 0.01) serves a sampled hit cold; vLLM's
+# server gives requests random ids, so a test asserting exact hits through it would
+# fail now and then. Tests run without it unless they ask (tests/test_vllm_canary.py
+# sets its rate in the connector's config, which wins over the environment).
+os.environ.setdefault("KVTIER_VERIFY__SAMPLE_RATE", "0")
+
 
 CHEAP_SHARED = frozenset({"model"})
 """Module-scoped fixtures that cost nothing to set up twice (a cached model path)."""

@@ -170,8 +170,8 @@ def test_copies_that_match_are_only_counted(store: ChunkStore) -> None:
 
 
 def test_the_config_section_defaults_and_bounds() -> None:
-    cfg = load_config(engine={})
+    cfg = load_config(env={}, engine={})
     assert (cfg.verify.sample_rate, cfg.verify.max_mismatches) == (0.01, 3)
-    assert load_config(engine={"verify.sample_rate": 1.0}).verify.sample_rate == 1.0
+    assert load_config(env={}, engine={"verify.sample_rate": 1.0}).verify.sample_rate == 1.0
     with pytest.raises(Exception, match="verify.sample_rate"):
-        load_config(engine={"verify.sample_rate": 1.5})
+        load_config(env={}, engine={"verify.sample_rate": 1.5})

@@ -161,7 +161,7 @@ def check(code: int, raw: bytes, what: str) -> None:
 
 def fuzz(served: Setup, spec: dict[str, Any], examples: int, derandomize: bool) -> None:
     ops = operations(spec)
-    assert len(ops) == 13, [p for _, p, _ in ops]  # 9 operations, status, snapshot, health, metrics
+    assert len(ops) == 14, [p for _, p, _ in ops]  # 10 operations, status, snapshot, health, metrics
     hints = hints_for(served)
     schemas = spec["components"]["schemas"]
 
