@@ -138,7 +138,9 @@ class KvtierConnector(KvtierSurfaces, KVConnectorBase_V1):
             return False
 
     def reset_cache(self) -> bool:
-        """``reset_prefix_cache(reset_connector=True)``: empty every kvtier tier."""
+        """``reset_prefix_cache(reset_connector=True)``: empty every tier kvtier writes
+        (memory, disk, Redis; never a peer's), as a barrier: nothing computed, queued or
+        read before it is served or stored after it (:meth:`SchedulerPlanner.reset`)."""
         if self.planner is not None:
             self.planner.reset()
         return True
