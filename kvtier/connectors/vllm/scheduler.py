@@ -37,6 +37,7 @@ from kvtier.connectors.vllm.requests import RequestState, common_hit
 from kvtier.connectors.vllm.surfaces import EventLog, KvtierStats
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
 from kvtier.store import ChunkStore, KeyIndex, lookup_hit, lookup_prefix
+from kvtier.tiers.base import HasContains
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -101,7 +102,7 @@ class SchedulerPlanner:
         return st.load_async
 
     def _lookup(self, st: RequestState) -> None:
-        sources: list = [self.index]
+        sources: list[HasContains] = [self.index]
         if self.shared is not None and self._workers_epoch == self.epoch:  # past the barrier
             sources += self.shared.tiers
         st.hit = common_hit([lookup_hit(sources, h, st.prompt, k)
