@@ -237,7 +237,7 @@ def test_a_reset_drops_saves_planned_before_it_and_releases_their_requests() -> 
     assert p.num_new_matched_tokens(request("l", 600), 0) == 2 * CS
     p.accept_load(request("l", 600), 2 * CS)
     p.num_new_matched_tokens(request("f", 900), 0)
-    p.build(step(new=[("l", [1, 2, 3, 4, 5], 0, 88), ("f", [10, 11, 12, 13, 14, 15, 16, 17], 0, 900)]))
+    p.build(step(new=[("l", [1, 2, 3, 4, 5], 0, 88), ("f", list(range(10, 18)), 0, 900)]))
     assert p.finish("f") is True  # its save is held (the step loads): it keeps its blocks
     done(p)  # the step went well: the held save is ready for the next step...
     p.reset()  # ...but it copies KV computed before the reset
