@@ -251,3 +251,22 @@ def test_a_reset_drops_saves_planned_before_it_and_releases_their_requests() -> 
     p.num_new_matched_tokens(request("n", 600), 0)
     (save,) = p.build(step(new=[("n", [40, 41, 42, 43, 44], 0, 600)])).saves
     assert save.req_id == "n"
+
+
+def test_after_a_reset_vllm_is_asked_for_a_few_steps_and_close_clears_again() -> None:
+    shared = HeldTier()
+    p = planner(ChunkStore([shared]))
+    assert not p.reset_pending
+    p.reset()
+    assert p.reset_pending  # an idle engine steps, so its workers pass the barrier now
+    for _ in range(8):
+        p.build(step())
+    assert not p.reset_pending  # bounded: a worker that never reports costs 8 steps
+    shared.put_many([(key(1), chunk(1))])  # a worker's write, flushed at its shutdown
+    p.close()  # the workers never passed the reset: the shared tiers are cleared again
+    assert list(shared.iter_keys()) == []
+    p = planner(ChunkStore([HeldTier()]))
+    p.reset()
+    p.build(step())
+    done(p, KvtierWorkerMeta(epoch=1))
+    assert not p.reset_pending

@@ -48,3 +48,20 @@ def test_after_new_weights_and_a_reset_nothing_from_before_is_served(model: str,
                   actions={"0": NEW_WEIGHTS})
     assert hit["num_cached_tokens"] == 4 * CHUNK
     assert same_output(hit, own)
+
+
+def test_a_reset_just_before_shutdown_leaves_no_old_kv_behind(model: str,
+                                                              tmp_path: Path) -> None:
+    """The workers hear of a reset only with the next step; an instance reset and then
+    shut down without one still leaves only what was written before its reset's clear
+    deleted (its scheduler clears the shared tiers again after the workers' last writes)."""
+    prompt = doc(model, 32)
+    cfg = kvtier_cfg(tmp_path)
+    held_write = {"PYTHONPATH": f"{SLOW}{os.pathsep}{ROOT}", "TEST_DISK_HOLD_FIRST_WRITE": "1"}
+    first = run_instance({"model": model, "kvtier": cfg, "prefix_caching": False,
+                          "rounds": [[req(prompt)]], "env": held_write,
+                          "actions": {"1": NEW_WEIGHTS + ["reset_connector"]}})
+    assert first["actions"] == {"1": [4, True]}
+    (after,), = run(model, [[req(prompt)]], cfg, prefix_caching=False,
+                    actions={"0": NEW_WEIGHTS})
+    assert after["num_cached_tokens"] == 0  # the old weights' chunks are gone

@@ -19,7 +19,8 @@ connector, e.g. a peer system; used only when ``kvtier`` is null),
 (needs ``multiprocess`` and a ``VLLM_CPU_OMP_THREADS_BIND`` with one group per
 rank in ``env``), ``max_lora_rank`` (turns LoRA on; a request's ``lora`` is
 ``{"name", "id", "path"}``), ``actions`` (``{"<round>": [action, ...]}``: run
-before that round, in order; their results are the result's ``actions``):
+before that round, in order, or after the last one for ``"<number of rounds>"``;
+their results are the result's ``actions``):
 
 - ``"perturb_weights"``: scale every layer's input norm by 1.25 in place
   (``LLM.apply_model``; one-process mode), as a weight update in an RL loop
@@ -228,12 +229,13 @@ def _main() -> int:
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
     rounds, acted = [], {}
-    for i, reqs in enumerate(spec["rounds"]):
+    for i in range(len(spec["rounds"]) + 1):
         actions = spec.get("actions", {}).get(str(i), [])
         if actions:
             acted[str(i)] = [_act(llm, a) for a in actions]
-        rounds.append(_generate(llm, reqs, spec.get("sequential", False), i,
-                                spec.get("progress", False)))
+        if i < len(spec["rounds"]):
+            rounds.append(_generate(llm, spec["rounds"][i], spec.get("sequential", False), i,
+                                    spec.get("progress", False)))
     result = {"startup_s": startup, "rounds": rounds, "kvtier_worker": _worker_totals(),
               "kvtier_namespace": _worker_namespace(), "actions": acted}
     del llm  # shuts the engine (and the connector's background writers) down

@@ -145,6 +145,11 @@ class KvtierConnector(KvtierSurfaces, KVConnectorBase_V1):
             self.planner.reset()
         return True
 
+    def has_pending_push_work(self) -> bool:
+        """Keep vLLM stepping (empty steps) after a reset until every worker has cleared
+        its store: an idle engine would otherwise leave their queued writes landing."""
+        return self.planner is not None and self.planner.reset_pending
+
     def shutdown(self) -> None:
         """Finish background writes (bounded) and close the tiers."""
         if self.worker is not None:

@@ -68,6 +68,7 @@ class SchedulerPlanner:
         self._releases: list[str] = []
         self.epoch = 0  # resets so far; the workers clear their stores when it grows
         self._workers_epoch = 0  # the epoch every worker has reported passing
+        self._nudges = 0  # empty steps still asked for, so idle workers pass a reset
         self._async: list[str] = []  # accepted asynchronous loads, planned next build
         self._prefetch: dict[str, list[list[ChunkKey]]] = {}  # seen, not yet scheduled
         self.bypasses: Counter[str] = Counter()
@@ -141,6 +142,7 @@ class SchedulerPlanner:
         the last step that turned out safe."""
         for req_id in getattr(out, "preempted_req_ids", None) or ():
             self._drop_held(req_id, reason="preempted")
+        self._nudges = max(0, self._nudges - 1)
         meta = KvtierMetadata(saves=self._ready, releases=self._releases, epoch=self.epoch)
         self._ready, self._releases = [], []
         for req_id in self._async:
@@ -279,6 +281,7 @@ class SchedulerPlanner:
             self.shared.clear()
         self.index = KeyIndex()
         self.epoch += 1  # (between steps: no load of the next step is planned yet)
+        self._nudges = 8
         for save in [*self._held.values(), *self._ready]:  # of KV from before the reset
             if save.release:
                 self._releases.append(save.req_id)  # its blocks are freed, nothing saved
@@ -287,9 +290,19 @@ class SchedulerPlanner:
             st.stale = st.stale or bool(st.block_ids or st.saved_chunks or st.pending_load)
         self.events.cleared()
 
+    @property
+    def reset_pending(self) -> bool:
+        """A reset the workers have not passed yet: vLLM should run (empty) steps, so
+        they clear their stores now rather than at the next request (a few at most)."""
+        return self._workers_epoch != self.epoch and self._nudges > 0
+
     def close(self) -> None:
-        """Close the shared tiers this process opened."""
+        """Close the shared tiers this process opened. If the workers never passed the
+        last reset, clear them again: the workers' writes, flushed at their shutdown
+        (before this one), may have landed after the first clear."""
         if self.shared is not None:
+            if self._workers_epoch != self.epoch:
+                self.shared.clear()
             self.shared.close()
 
     # -- requests -------------------------------------------------------------
