@@ -92,8 +92,8 @@ class CacheEngine:
         self.blocks_per_chunk = hasher.chunk_size // layout.block_size
         self._transfer: PagedTransfer | None = None
         self._kv: list[torch.Tensor] | None = None
-        self._inflight: deque[tuple[PendingCopy, list[ChunkKey], list, list[ChunkMeta]]] = \
-            deque()  # stores whose copy to host is still running (accelerators)
+        self._inflight: deque[tuple[PendingCopy, list[ChunkKey], list, list[ChunkMeta], int]] \
+            = deque()  # stores whose copy to host is still running (accelerators), by epoch
 
     def register(self, kv_caches: Sequence[torch.Tensor], use_kernels: bool = True) -> None:
         """Bind the engine's per-layer KV tensors (checked against the layout).
@@ -143,6 +143,7 @@ class CacheEngine:
                   kv_caches: Sequence[torch.Tensor] | None, start_chunk: int,
                   keys: Sequence[ChunkKey] | None) -> int:
         transfer = self._bound(kv_caches)
+        epoch = self.store.gate.epoch  # a clear from now on drops this store at commit
         keys = list(self.hasher.keys(token_ids) if keys is None else keys)
         n_tok = len(token_ids)
         todo = [i for i in range(start_chunk, len(keys))
@@ -168,9 +169,9 @@ class CacheEngine:
             self.store.memory.abort(slots)
             raise
         if pending is None:
-            self.store.commit([keys[i] for i in todo], slots, metas)
+            self.store.commit([keys[i] for i in todo], slots, metas, epoch)
         else:  # published by complete_stores once the copy to host is done
-            self._inflight.append((pending, [keys[i] for i in todo], slots, metas))
+            self._inflight.append((pending, [keys[i] for i in todo], slots, metas, epoch))
         return len(todo)
 
     @property
@@ -181,13 +182,13 @@ class CacheEngine:
     def complete_stores(self, wait: bool = False) -> int:
         """Publish stores whose copy to host has finished (accelerators: the copy
         overlaps the engine's next work); ``wait``: all of them. Returns chunks
-        published. Until then a stored chunk is not found (a miss, never wrong KV)."""
+        published. Until then a stored chunk is not found (a miss, never wrong KV); one
+        gathered before a clear of the store is dropped (its slots given back)."""
         n = 0
         while self._inflight and (wait or self._inflight[0][0].done()):
-            pending, keys, slots, metas = self._inflight.popleft()
+            pending, keys, slots, metas, epoch = self._inflight.popleft()
             pending.wait()
-            self.store.commit(keys, slots, metas)
-            n += len(keys)
+            n += len(keys) if self.store.commit(keys, slots, metas, epoch) else 0
         return n
 
     def _store_without_memory(self, todo: list[int], keys: list[ChunkKey], n_tok: int,

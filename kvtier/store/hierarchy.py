@@ -11,21 +11,24 @@
   thread); reads decode whatever codec a chunk's header names, bounded by the
   size of a memory slot, so a chunk that does not decode is a counted,
   deleted miss, never an exception or a large allocation.
+- clear: a barrier (:mod:`kvtier.store.epoch`): a write queued, a promotion
+  read or a save gathered before it never lands after it.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from kvtier.codecs import ChunkData, ChunkMeta, Codec, check_codec, decompress
 from kvtier.config import WritePolicy
 from kvtier.errors import ConfigError, CorruptChunk, ForeignChunk
 from kvtier.keys import ChunkHasher, ChunkKey
+from kvtier.store.epoch import EpochGate
+from kvtier.store.events import EventLog, StoreEvents
 from kvtier.store.latency import LatencyHistogram
 from kvtier.store.service import TierService
 from kvtier.store.writer import BackgroundWriter
@@ -35,51 +38,12 @@ from kvtier.tiers.memory import MemoryTier, Slot
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class StoreEvents:
-    """Keys that entered or left this process's memory tier since the last drain.
-
-    Net effect: a key stored and then evicted in the same period is only in
-    ``evicted`` (and the other way round), so the order of applying the two
-    lists does not matter.
-    """
-
-    stored: list[ChunkKey] = field(default_factory=list)
-    evicted: list[ChunkKey] = field(default_factory=list)
-    tiers: dict[str, tuple[list[ChunkKey], list[ChunkKey]]] = field(default_factory=dict)
-    """Per tier (memory too): (keys stored, keys removed) by this process."""
-
-
-class _EventLog:
-    """Net memory-tier changes since the last drain (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._state: dict[ChunkKey, bool] = {}  # key -> present now
-        self._lock = threading.Lock()
-
-    def record(self, added: Sequence[ChunkKey], removed: Sequence[ChunkKey]) -> None:
-        with self._lock:
-            for key in added:
-                self._state[key] = True
-            for key in removed:
-                self._state[key] = False
-
-    def drain(self) -> StoreEvents:
-        with self._lock:
-            state, self._state = self._state, {}
-        return StoreEvents([k for k, there in state.items() if there],
-                           [k for k, there in state.items() if not there])
-
-    def stored(self, keys: Sequence[ChunkKey]) -> None:
-        self.record(keys, ())
-
-
 class ChunkStore:
     """Tiers in order, fastest first; ``tiers[0]`` may be a :class:`MemoryTier`."""
 
     def __init__(self, tiers: Sequence[Tier], write_policy: WritePolicy = WritePolicy.WRITE_THROUGH,
                  queue_sizes: Sequence[int] | None = None, track_events: bool = False,
-                 codecs: Sequence[Codec] | None = None) -> None:
+                 codecs: Sequence[Codec] | None = None, clear_wait_s: float = 10.0) -> None:
         if not tiers:
             raise ValueError("a ChunkStore needs at least one tier")
         self.tiers = list(tiers)
@@ -96,11 +60,13 @@ class ChunkStore:
         self.max_decoded_bytes = self.memory.arena.slot_bytes if self.memory else None
         self.latency = {"load": LatencyHistogram(), "store": LatencyHistogram()}
         """Seconds an engine spent per batch loaded / stored (fed by the cache engine)."""
-        self._events = _EventLog() if track_events else None
+        self.gate = EpochGate(clear_wait_s)
+        """The store's epoch: what started before a :meth:`clear` never lands after it."""
         self.service = TierService()  # tiers the canary took out of service are not read
-        self._tier_events = {t.name: _EventLog() for t in self.lower} if track_events else {}
+        self._events = EventLog() if track_events else None
+        self._tier_events = {t.name: EventLog() for t in self.lower} if track_events else {}
         self.writers = [BackgroundWriter(t, q, codec=c, on_written=self._tier_events[t.name].stored
-                                         if track_events else None)
+                                         if track_events else None, gate=self.gate)
                         for t, q, c in zip(self.lower, sizes, self.codecs) if not t.read_only]
         if self.memory is not None:
             self.memory.on_evict = self._on_memory_evict
@@ -122,6 +88,7 @@ class ChunkStore:
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
         """Chunks for the keys (None = miss). Release every returned chunk."""
         found: list[ChunkData | None] = [None] * len(keys)
+        epoch = self.gate.epoch  # a chunk read before a clear is not promoted after it
         if self.memory is not None and self.service.readable(self.memory.name):
             # raw, unless the management API compressed it
             found = [None if c is None else self._raw(self.memory, k, c)
@@ -136,7 +103,7 @@ class ChunkStore:
             raw = [(i, self._raw(tier, keys[i], c)) for i, c in zip(missing, got) if c is not None]
             hits = [(i, c) for i, c in raw if c is not None]
             if hits and self.memory is not None:
-                hits = self._promote([keys[i] for i, _ in hits], hits)
+                hits = self._promote([keys[i] for i, _ in hits], hits, epoch)
             for i, chunk in hits:
                 found[i] = chunk
         return found
@@ -187,12 +154,16 @@ class ChunkStore:
         finally:
             chunk.release()
 
-    def _promote(self, keys: list[ChunkKey], hits: list[tuple[int, ChunkData]]
+    def _promote(self, keys: list[ChunkKey], hits: list[tuple[int, ChunkData]], epoch: int
                  ) -> list[tuple[int, ChunkData]]:
-        """Copy lower-tier hits into memory; hand out the memory copies where that worked."""
+        """Copy lower-tier hits into memory; hand out the memory copies where that worked.
+        Hits read in an ``epoch`` a clear has closed stay out of memory."""
         assert self.memory is not None
-        self.memory.put_many([(k, c) for k, (_, c) in zip(keys, hits)])
-        promoted = self.memory.refs_many(keys)
+        with self.gate.publish(epoch) as ok:
+            if not ok:
+                return hits
+            self.memory.put_many([(k, c) for k, (_, c) in zip(keys, hits)])
+            promoted = self.memory.refs_many(keys)
         out = []
         for (i, lower_chunk), mem_chunk in zip(hits, promoted):
             if mem_chunk is not None:
@@ -218,14 +189,24 @@ class ChunkStore:
         return self.memory.reserve(n) if self.memory is not None else None
 
     def commit(self, keys: Sequence[ChunkKey], slots: Sequence[Slot],
-               metas: Sequence[ChunkMeta]) -> None:
-        """Publish gathered slots; they then flow to the lower tiers in the background."""
+               metas: Sequence[ChunkMeta], epoch: int | None = None) -> bool:
+        """Publish gathered slots; they then flow to the lower tiers in the background.
+
+        ``epoch``: the store's epoch when the gather began (:attr:`gate`); if a clear
+        came since, the slots are given back instead (the chunks predate it). Returns
+        whether they were published."""
         assert self.memory is not None, "commit needs a memory tier"
-        self.memory.commit([(k, s, m, m.raw_nbytes) for k, s, m in zip(keys, slots, metas)])
-        if self.write_policy is WritePolicy.WRITE_THROUGH:
-            for writer in self.writers:
-                chunks = self.memory.refs_many(keys)  # one reference per writer
-                writer.submit([(k, c) for k, c in zip(keys, chunks) if c is not None])
+        epoch = self.gate.epoch if epoch is None else epoch
+        with self.gate.publish(epoch) as ok:
+            if not ok:
+                self.memory.abort(slots)
+                return False
+            self.memory.commit([(k, s, m, m.raw_nbytes) for k, s, m in zip(keys, slots, metas)])
+            refs = [self.memory.refs_many(keys) for _ in self.writers
+                    if self.write_policy is WritePolicy.WRITE_THROUGH]  # one per writer
+        for writer, chunks in zip(self.writers, refs):
+            writer.submit([(k, c) for k, c in zip(keys, chunks) if c is not None], epoch)
+        return True
 
     def put_many(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> int:
         """Store chunks the caller owns (copied; the caller keeps its references).
@@ -236,7 +217,12 @@ class ChunkStore:
         Returns how many chunks memory holds or a background writer took.
         """
         keys = [k for k, _ in items]
-        held = self.memory.put_many(items) if self.memory is not None else [False] * len(keys)
+        epoch = self.gate.epoch
+        with self.gate.publish(epoch) as ok:
+            if not ok:  # a clear is running: nothing lands until it is done
+                return 0
+            held = self.memory.put_many(items) if self.memory is not None \
+                else [False] * len(keys)
         queued = [False] * len(keys)
         for writer in self.writers:
             refs = self.memory.refs_many(keys) if self.memory is not None else [None] * len(keys)
@@ -250,7 +236,7 @@ class ChunkStore:
                 else:  # not in memory: the writer gets a private copy
                     batch.append((key, ChunkData(chunk.meta, chunk.payload.copy())))
                 where.append(j)
-            if writer.submit(batch):
+            if writer.submit(batch, epoch):
                 for j in where:
                     queued[j] = True
         return sum(h or q for h, q in zip(held, queued))
@@ -276,6 +262,24 @@ class ChunkStore:
             if t.name in self._tier_events:
                 self._tier_events[t.name].record((), keys)
         return sum(t.delete_many(keys) for t in tiers)
+
+    def clear(self, tier: str | None = None) -> int:
+        """Delete every chunk of one tier, or of every tier this store writes (a
+        read-only tier, the peer tier, is never cleared); returns how many.
+
+        A barrier (:mod:`kvtier.store.epoch`), whichever tiers it clears: a write
+        still queued is dropped, a chunk read from a lower tier is not promoted, a
+        save gathered before it is not committed, and writes in progress are waited
+        for (bounded) before anything is deleted. What that drops outside the cleared
+        tier is only a later miss. Each process clears its own store; clearing a
+        shared tier twice (TP ranks, the scheduler) is harmless."""
+        tiers = [self.tier(tier)] if tier else self.tiers
+        with self.gate.barrier() as drained:
+            if not drained:
+                log.warning("kvtier: clear: a write still running after %.0f s; what it "
+                            "writes is deleted when it returns", self.gate.wait_s)
+            return sum(self.delete(list(t.iter_keys()), t.name)
+                       for t in tiers if not t.read_only)
 
     def drain_events(self) -> StoreEvents:
         """Memory-tier keys stored and evicted since the last call (for a remote index).

@@ -59,9 +59,9 @@ def move(store: ChunkStore, keys: Sequence[ChunkKey], src: str, dst: str) -> int
 
 
 def clear(store: ChunkStore, tier: str | None = None) -> int:
-    """Delete every chunk of one tier or of all; returns how many were deleted."""
-    tiers = [store.tier(tier)] if tier else store.tiers
-    return sum(store.delete(list(t.iter_keys()), t.name) for t in tiers)
+    """Delete every chunk of one tier or of all (a barrier: :meth:`ChunkStore.clear`);
+    returns how many were deleted."""
+    return store.clear(tier)
 
 
 def pin(store: ChunkStore, keys: Sequence[ChunkKey]) -> int:

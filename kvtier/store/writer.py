@@ -9,6 +9,11 @@ recomputes it, nothing waits.
 A writer may encode what it writes (the tier's configured codec): the work
 runs on its threads, after the check for chunks already present, never on
 the engine's.
+
+With a store's :class:`~kvtier.store.epoch.EpochGate`, each batch records the
+epoch it was submitted in: a batch still queued when the store is cleared is
+dropped (released, never written), and a clear waits (bounded) for the batch
+being written (see :mod:`kvtier.store.epoch`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Callable, Sequence
 
 from kvtier.codecs import ChunkData, Codec, compress
 from kvtier.keys import ChunkKey
+from kvtier.store.epoch import EpochGate
 from kvtier.tiers.base import Tier
 
 log = logging.getLogger(__name__)
@@ -34,8 +40,11 @@ class BackgroundWriter:
 
     def __init__(self, tier: Tier, max_pending: int = 256, num_threads: int = 1,
                  codec: Codec = Codec.RAW,
-                 on_written: Callable[[list[ChunkKey]], None] | None = None) -> None:
+                 on_written: Callable[[list[ChunkKey]], None] | None = None,
+                 gate: EpochGate | None = None) -> None:
         self.tier = tier
+        self.gate = gate
+        """The store's epoch: a batch from an epoch a clear closed is never written."""
         self.codec = codec
         self._refused_logged = False
         self.on_written = on_written
@@ -50,8 +59,11 @@ class BackgroundWriter:
         for t in self._threads:
             t.start()
 
-    def submit(self, items: Sequence[tuple[ChunkKey, ChunkData]]) -> bool:
-        """Queue a batch; never blocks. False (and the batch released) if it does not fit."""
+    def submit(self, items: Sequence[tuple[ChunkKey, ChunkData]], epoch: int | None = None
+               ) -> bool:
+        """Queue a batch; never blocks. False (and the batch released) if it does not fit.
+        ``epoch``: when the chunks' work started (default: now); written only while the
+        gate's epoch is still that one."""
         if not items:
             return True
         with self._cond:
@@ -63,7 +75,9 @@ class BackgroundWriter:
             for _, chunk in items:
                 chunk.release()
             return False
-        self._queue.put(list(items))
+        if epoch is None and self.gate is not None:
+            epoch = self.gate.epoch
+        self._queue.put((epoch, list(items)))
         return True
 
     @property
@@ -96,17 +110,12 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while True:
-            batch = self._queue.get()
-            if batch is _STOP:
+            job = self._queue.get()
+            if job is _STOP:
                 return
+            epoch, batch = job
             try:
-                present = self.tier.contains_many([k for k, _ in batch])
-                todo = [item for item, there in zip(batch, present) if not there]
-                todo = self._encode(todo)
-                if todo:
-                    done = self.tier.put_many(todo)
-                    if self.on_written is not None:
-                        self.on_written([k for (k, _), ok in zip(todo, done) if ok])
+                self._write(epoch, batch)
             except Exception:  # a tier bug must not kill the writer thread
                 log.exception("kvtier: background write to %s failed", self.tier.name)
                 self.tier.stats.add(errors=1)
@@ -116,6 +125,35 @@ class BackgroundWriter:
                 with self._cond:
                     self._pending -= len(batch)
                     self._cond.notify_all()
+
+    def _write(self, epoch: int | None, batch: list[tuple[ChunkKey, ChunkData]]) -> None:
+        if self.gate is None or epoch is None:
+            self._put(batch)
+            return
+        with self.gate.landing(epoch) as ok:
+            if not ok:  # queued before a clear: dropped, never written
+                return
+            done = self._put(batch, report=False)
+        if self.gate.is_open(epoch):
+            if done and self.on_written is not None:
+                self.on_written(done)
+            return
+        # A clear began while this batch was being written and gave up waiting for it
+        # (or will delete it anyway): what landed must not outlive the clear.
+        if done:
+            self.tier.delete_many(done)
+
+    def _put(self, batch: list[tuple[ChunkKey, ChunkData]], report: bool = True
+             ) -> list[ChunkKey]:
+        """Write what the tier lacks; returns the keys newly stored."""
+        present = self.tier.contains_many([k for k, _ in batch])
+        todo = self._encode([item for item, there in zip(batch, present) if not there])
+        if not todo:
+            return []
+        done = [k for (k, _), ok in zip(todo, self.tier.put_many(todo)) if ok]
+        if report and self.on_written is not None:
+            self.on_written(done)
+        return done
 
     def _encode(self, items: list[tuple[ChunkKey, ChunkData]]
                 ) -> list[tuple[ChunkKey, ChunkData]]:

@@ -18,7 +18,15 @@ connector, e.g. a peer system; used only when ``kvtier`` is null),
 :func:`~kvtier.testing.vllm_cpu.memory_utilization`), ``tensor_parallel_size``
 (needs ``multiprocess`` and a ``VLLM_CPU_OMP_THREADS_BIND`` with one group per
 rank in ``env``), ``max_lora_rank`` (turns LoRA on; a request's ``lora`` is
-``{"name", "id", "path"}``).
+``{"name", "id", "path"}``), ``actions`` (``{"<round>": [action, ...]}``: run
+before that round, in order, or after the last one for ``"<number of rounds>"``;
+their results are the result's ``actions``):
+
+- ``"perturb_weights"``: scale every layer's input norm by 1.25 in place
+  (``LLM.apply_model``; one-process mode), as a weight update in an RL loop
+  or a hot swap changes the weights under the same model name;
+- ``"reset_connector"``: ``LLM.reset_prefix_cache(reset_connector=True)``
+  (vLLM's own prefix cache and the KV connector's), its return value.
 
 With ``on_progress``, the child reports each request as it starts and ends
 (lines starting with ``PROGRESS`` on its stdout), so a caller can show progress
@@ -141,6 +149,30 @@ def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool, round_
     return results
 
 
+def _perturb_weights(llm: Any) -> int:
+    """Scale every layer's input norm by 1.25, in place (it feeds q, k and v, so every
+    layer's K and V change); returns how many were scaled. Not the projections
+    themselves: vLLM-CPU repacks linear weights at load, so those would not change."""
+    def scale(model: Any) -> int:
+        import torch
+
+        with torch.no_grad():
+            params = [p for name, p in model.named_parameters()
+                      if name.endswith("input_layernorm.weight")]
+            for p in params:
+                p.mul_(1.25)
+        return len(params)
+    return sum(llm.apply_model(scale))
+
+
+def _act(llm: Any, action: str) -> Any:
+    if action == "perturb_weights":
+        return _perturb_weights(llm)
+    if action == "reset_connector":
+        return llm.reset_prefix_cache(reset_connector=True)
+    raise ValueError(f"unknown action {action!r}")
+
+
 def _worker_connector() -> Any:
     """This process's kvtier worker connector (one-process mode), or None."""
     try:
@@ -196,10 +228,16 @@ def _main() -> int:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
-    rounds = [_generate(llm, reqs, spec.get("sequential", False), i, spec.get("progress", False))
-              for i, reqs in enumerate(spec["rounds"])]
+    rounds, acted = [], {}
+    for i in range(len(spec["rounds"]) + 1):
+        actions = spec.get("actions", {}).get(str(i), [])
+        if actions:
+            acted[str(i)] = [_act(llm, a) for a in actions]
+        if i < len(spec["rounds"]):
+            rounds.append(_generate(llm, spec["rounds"][i], spec.get("sequential", False), i,
+                                    spec.get("progress", False)))
     result = {"startup_s": startup, "rounds": rounds, "kvtier_worker": _worker_totals(),
-              "kvtier_namespace": _worker_namespace()}
+              "kvtier_namespace": _worker_namespace(), "actions": acted}
     del llm  # shuts the engine (and the connector's background writers) down
     sys.stdout.write(json.dumps(result) + "\n")
     sys.stdout.flush()

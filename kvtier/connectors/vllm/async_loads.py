@@ -19,6 +19,13 @@ while the engine keeps running the others, and here
 Also ``prefetch``: keys of a request the scheduler has only seen (not yet
 scheduled) are promoted into memory in the background, so its later load is
 a memory hit.
+
+A clear of the store (vLLM's ``reset_prefix_cache(reset_connector=True)``, the
+management API's ``clear``) is a barrier for both: each load records the
+store's epoch when it is submitted, and one that a clear overtook is reported
+failed (every block recomputed) and never scattered; its chunks, and a
+prefetch's, are not promoted into memory after the clear
+(:mod:`kvtier.store.epoch`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class _Fetch:
     keys: list[ChunkKey]
     deadline: float
     pinned: list[ChunkKey]
+    epoch: int  # the store's, when submitted
     chunks: list[ChunkData | None] = field(default_factory=list)
     done: bool = False
     abandoned: bool = False
@@ -98,7 +106,7 @@ class AsyncLoads:
         memory = self.engine.store.memory
         pinned = [k for k, ok in zip(keys, memory.pin_many(keys)) if ok] if memory else []
         now = time.monotonic()
-        fetch = _Fetch(keys, now + self.timeout_s, pinned)
+        fetch = _Fetch(keys, now + self.timeout_s, pinned, self.engine.store.gate.epoch)
         self._loads[req_id] = (load, fetch, now)
         self._pool.submit(self._read, fetch)
 
@@ -112,20 +120,28 @@ class AsyncLoads:
         if not todo or len(self._prefetching) > 4096:
             return
         self._prefetching.update(todo)
-        self._pool.submit(self._prefetch, todo)
+        self._pool.submit(self._prefetch, todo, self.engine.store.gate.epoch)
 
     def poll(self, place: Callable[[object, list[ChunkData | None]], int]) -> list[Finished]:
         """Complete the loads that are done or past their deadline: ``place(load,
         chunks)`` scatters the chunks and returns the tokens now in KV."""
         now = time.monotonic()
+        gate = self.engine.store.gate
         out = []
         for req_id, (load, fetch, t0) in list(self._loads.items()):
-            if not fetch.done and now < fetch.deadline:
+            stale = not gate.is_open(fetch.epoch)  # a clear came after it started
+            if not fetch.done and now < fetch.deadline and not stale:
                 continue
             del self._loads[req_id]
-            timed_out = not fetch.done
+            timed_out = not fetch.done and not stale
+            chunks = fetch.take()
+            if stale:  # what it read predates the clear: never served, all recomputed
+                _release(chunks)
+                chunks = []
+                log.info("kvtier: %s: the store was cleared during its background load; "
+                         "recomputed", req_id)
             try:
-                loaded = place(load, fetch.take())
+                loaded = place(load, chunks)
             finally:
                 self._unpin(fetch.pinned)
             start, end = load.start_token, load.end_token  # type: ignore[attr-defined]
@@ -148,8 +164,10 @@ class AsyncLoads:
 
     def _read(self, fetch: _Fetch) -> None:
         try:
+            gate = self.engine.store.gate
             for i in range(0, len(fetch.keys), FETCH_BATCH):
-                if fetch.abandoned or time.monotonic() >= fetch.deadline:
+                if fetch.abandoned or time.monotonic() >= fetch.deadline \
+                        or not gate.is_open(fetch.epoch):
                     break
                 got = self.engine.fetch(fetch.keys[i:i + FETCH_BATCH])
                 if not fetch.add(got) or any(c is None for c in got):
@@ -159,9 +177,12 @@ class AsyncLoads:
         finally:
             fetch.done = True
 
-    def _prefetch(self, keys: list[ChunkKey]) -> None:
+    def _prefetch(self, keys: list[ChunkKey], epoch: int) -> None:
+        gate = self.engine.store.gate
         try:
             for i in range(0, len(keys), FETCH_BATCH):
+                if not gate.is_open(epoch):  # a clear since it was asked: moot
+                    break
                 got = self.engine.fetch(keys[i:i + FETCH_BATCH])
                 _release(got)
                 if any(c is None for c in got):

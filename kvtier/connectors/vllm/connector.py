@@ -138,10 +138,17 @@ class KvtierConnector(KvtierSurfaces, KVConnectorBase_V1):
             return False
 
     def reset_cache(self) -> bool:
-        """``reset_prefix_cache(reset_connector=True)``: empty every kvtier tier."""
+        """``reset_prefix_cache(reset_connector=True)``: empty every tier kvtier writes
+        (memory, disk, Redis; never a peer's), as a barrier: nothing computed, queued or
+        read before it is served or stored after it (:meth:`SchedulerPlanner.reset`)."""
         if self.planner is not None:
             self.planner.reset()
         return True
+
+    def has_pending_push_work(self) -> bool:
+        """Keep vLLM stepping (empty steps) after a reset until every worker has cleared
+        its store: an idle engine would otherwise leave their queued writes landing."""
+        return self.planner is not None and self.planner.reset_pending
 
     def shutdown(self) -> None:
         """Finish background writes (bounded) and close the tiers."""

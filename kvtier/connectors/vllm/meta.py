@@ -58,8 +58,9 @@ class KvtierMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = field(default_factory=list)
     releases: list[str] = field(default_factory=list)
     """Finished requests whose held saves were dropped: report them done, save nothing."""
-    reset: bool = False
-    """Empty the memory tier first (``reset_prefix_cache(reset_connector=True)``)."""
+    epoch: int = 0
+    """Resets of kvtier so far (``reset_prefix_cache(reset_connector=True)``): a worker
+    that has seen fewer clears its store first, before any load of the step."""
     prefetch: list[list[list[ChunkKey]]] = field(default_factory=list)
     """Per request seen but not yet scheduled, per shard: keys to promote into memory."""
 
@@ -72,6 +73,9 @@ class KvtierWorkerMeta(KVConnectorWorkerMetadata):
     evicted: list[ChunkKey] = field(default_factory=list)
     failed: list[tuple[str, int, ChunkKey]] = field(default_factory=list)
     """(request id, tokens loaded before the failure, key of the chunk that failed)."""
+    epoch: int = 0
+    """The last reset this worker has passed: the scheduler trusts reports of the
+    current epoch only (anything older describes tiers from before the reset)."""
     tiers: dict[str, tuple[list[ChunkKey], list[ChunkKey]]] = field(default_factory=dict)
     """Per tier: (keys stored, keys removed) by the worker, for vLLM's KV events."""
     service: dict[str, bool] = field(default_factory=dict)
@@ -87,4 +91,5 @@ class KvtierWorkerMeta(KVConnectorWorkerMetadata):
         service = {t: out or other.service.get(t, False) for t, out in self.service.items()}
         service.update({t: out for t, out in other.service.items() if t not in service})
         return KvtierWorkerMeta(self.stored + other.stored, self.evicted + other.evicted,
-                                self.failed + other.failed, tiers, service)
+                                self.failed + other.failed, min(self.epoch, other.epoch), tiers,
+                                service)

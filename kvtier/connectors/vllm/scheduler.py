@@ -13,22 +13,27 @@ vLLM has recomputed them), the others run in the next step's
 in the same step. A request that finishes with a save held keeps its blocks
 (vLLM's delay-free) until the workers report it saved; a preempted request's
 held saves are dropped (its blocks may be reused).
+
+A reset (``reset_prefix_cache(reset_connector=True)``) is a barrier: a new epoch,
+carried to the workers, which clear their stores before any load of that step; until
+all report it, nothing is promised from shared tiers and older reports add nothing;
+saves planned before it are dropped (docs/architecture.md, "Reset and clear").
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvtier.config import KvtierConfig
 from kvtier.connectors.vllm.canary import CanarySampler
 from kvtier.connectors.vllm.keys import Bypass, request_inputs
 from kvtier.connectors.vllm.meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec, SaveSpec
+from kvtier.connectors.vllm.requests import RequestState, common_hit
 from kvtier.connectors.vllm.surfaces import EventLog, KvtierStats
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
-from kvtier.store import ChunkStore, KeyIndex, PrefixHit, lookup_hit, lookup_prefix
+from kvtier.store import ChunkStore, KeyIndex, lookup_hit, lookup_prefix
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -38,21 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvtier.vllm")
 
 _MAX_HASHERS = 1024  # one per (tenant salt, LoRA adapter) seen; bounded
-
-
-@dataclass
-class _Request:
-    prompt: list[int]
-    hashers: list[ChunkHasher]  # one per shard
-    keys: list[list[ChunkKey]]  # one list per shard
-    block_ids: list[int] = field(default_factory=list)
-    saved_chunks: int = 0  # chunks [0, saved_chunks) are stored, or planned to be
-    local_computed: int = 0  # vLLM's own prefix-cache hit at the last lookup
-    hit: list[PrefixHit] | None = None  # per shard, the same length
-    in_memory: int = 0  # leading chunks of the hit the workers' memory tiers hold
-    load_async: bool = False  # the last hit answered needs a lower-tier read
-    pending_load: tuple[int, int] | None = None
-    verify: int = 0  # the canary: leading chunks that were a hit, recomputed and checked
 
 
 class SchedulerPlanner:
@@ -67,12 +57,14 @@ class SchedulerPlanner:
         self._base = [ChunkHasher(ns, cfg.store_partial_chunks, block_size) for ns in namespaces]
         self._blocks_per_chunk = cfg.chunk_size // block_size
         self._hashers: dict[tuple[str | None, str | None], list[ChunkHasher]] = {}
-        self._reqs: dict[str, _Request] = {}
+        self._reqs: dict[str, RequestState] = {}
         self._bypassed: set[str] = set()
         self._held: dict[str, SaveSpec] = {}  # planned this step, saved next step
         self._ready: list[SaveSpec] = []  # held saves whose step had no failure
         self._releases: list[str] = []
-        self._reset = False
+        self.epoch = 0  # resets so far; the workers clear their stores when it grows
+        self._workers_epoch = 0  # the epoch every worker has reported passing
+        self._nudges = 0  # empty steps still asked for, so idle workers pass a reset
         self._async: list[str] = []  # accepted asynchronous loads, planned next build
         self._prefetch: dict[str, list[list[ChunkKey]]] = {}  # seen, not yet scheduled
         self.bypasses: Counter[str] = Counter()
@@ -111,10 +103,11 @@ class SchedulerPlanner:
         st.load_async = st.in_memory * self.cfg.chunk_size < st.local_computed + num_tokens
         return st.load_async
 
-    def _lookup(self, st: _Request) -> None:
-        sources = self.canary.sources(self.index, self.shared.tiers if self.shared else [])
-        st.hit = _common_hit([lookup_hit(sources, h, st.prompt, k)
-                              for h, k in zip(st.hashers, st.keys)], st.hashers[0], st.prompt)
+    def _lookup(self, st: RequestState) -> None:
+        past = self.shared is not None and self._workers_epoch == self.epoch  # the barrier
+        sources = self.canary.sources(self.index, self.shared.tiers if past else [])
+        st.hit = common_hit([lookup_hit(sources, h, st.prompt, k)
+                             for h, k in zip(st.hashers, st.keys)], st.hashers[0], st.prompt)
         st.in_memory = min(lookup_prefix([self.index], hit.keys) for hit in st.hit)
 
     def seen(self, request: Request) -> None:
@@ -122,7 +115,8 @@ class SchedulerPlanner:
         into memory now, before the request is scheduled."""
         st = self._state(request)
         if st is None or not st.keys[0] or not self.loads or self.shared is None \
-                or not self.cfg.prefetch or self.canary.sample(request.request_id):
+                or not self.cfg.prefetch or self._workers_epoch != self.epoch \
+                or self.canary.sample(request.request_id):
             return
         self._lookup(st)
         assert st.hit is not None
@@ -149,8 +143,9 @@ class SchedulerPlanner:
         the last step that turned out safe."""
         for req_id in getattr(out, "preempted_req_ids", None) or ():
             self._drop_held(req_id, reason="preempted")
-        meta = KvtierMetadata(saves=self._ready, releases=self._releases, reset=self._reset)
-        self._ready, self._releases, self._reset = [], [], False
+        self._nudges = max(0, self._nudges - 1)
+        meta = KvtierMetadata(saves=self._ready, releases=self._releases, epoch=self.epoch)
+        self._ready, self._releases = [], []
         for req_id in self._async:
             st = self._reqs.get(req_id)
             if st is not None:
@@ -185,7 +180,7 @@ class SchedulerPlanner:
             self._held = {}
         return meta
 
-    def _plan_load(self, req_id: str, st: _Request, meta: KvtierMetadata,
+    def _plan_load(self, req_id: str, st: RequestState, meta: KvtierMetadata,
                    is_async: bool = False) -> None:
         if st.pending_load is None or st.hit is None:
             return
@@ -201,11 +196,11 @@ class SchedulerPlanner:
         # prompt's chunk: that one is still to be saved.
         st.saved_chunks = max(st.saved_chunks, min(n, st.hit[0].chunks))
 
-    def _plan(self, req_id: str, st: _Request, computed_after: int, meta: KvtierMetadata
+    def _plan(self, req_id: str, st: RequestState, computed_after: int, meta: KvtierMetadata
               ) -> None:
         cs = self.cfg.chunk_size
         self._plan_load(req_id, st, meta)
-        if not self.saves:  # kv_consumer: never stores
+        if not self.saves or st.stale:  # kv_consumer: never stores; stale: see reset()
             return
         if computed_after >= len(st.prompt):
             n_save = len(st.keys[0])  # includes the partial tail if that is enabled
@@ -226,11 +221,14 @@ class SchedulerPlanner:
         meta = output.kv_connector_worker_meta
         failed: dict[str, int] = {}
         if isinstance(meta, KvtierWorkerMeta):
-            self.index.update(meta.stored, meta.evicted)
+            fresh = meta.epoch >= self.epoch  # else from a step before the last reset
+            if fresh:
+                self._workers_epoch = self.epoch
+            self.index.update(meta.stored if fresh else (), meta.evicted)
             self.index.update(evicted=[key for _, _, key in meta.failed])
             self.canary.apply(meta.service)
             for tier, (stored, removed) in meta.tiers.items():
-                self.events.report(tier, stored, removed)
+                self.events.report(tier, stored if fresh else [], removed)
             for req_id, loaded, _ in meta.failed:
                 failed[req_id] = min(loaded, failed.get(req_id, loaded))
                 st = self._reqs.get(req_id)
@@ -279,21 +277,39 @@ class SchedulerPlanner:
             log.debug("kvtier: %s %s: its held save is dropped", req_id, reason)
 
     def reset(self) -> None:
-        """Empty kvtier: the shared tiers now, the workers' memory with the next step."""
-        for tier in self.shared.tiers if self.shared is not None else []:
-            tier.clear()
+        """Empty kvtier, as a barrier (module docstring): the shared tiers and the index
+        now, every worker's store (memory and its own writes) with the next step."""
+        if self.shared is not None:  # workers clear it again after their barrier
+            self.shared.clear()
         self.index = KeyIndex()
-        self._reset = True  # (between steps: no load of this step is planned yet)
+        self.epoch += 1  # (between steps: no load of the next step is planned yet)
+        self._nudges = 8
+        for save in [*self._held.values(), *self._ready]:  # of KV from before the reset
+            if save.release:
+                self._releases.append(save.req_id)  # its blocks are freed, nothing saved
+        self._held, self._ready, self._prefetch = {}, [], {}
+        for st in self._reqs.values():
+            st.stale = st.stale or bool(st.block_ids or st.saved_chunks or st.pending_load)
         self.events.cleared()
 
+    @property
+    def reset_pending(self) -> bool:
+        """A reset the workers have not passed yet: vLLM should run (empty) steps, so
+        they clear their stores now rather than at the next request (a few at most)."""
+        return self._workers_epoch != self.epoch and self._nudges > 0
+
     def close(self) -> None:
-        """Close the shared tiers this process opened."""
+        """Close the shared tiers this process opened. If the workers never passed the
+        last reset, clear them again: the workers' writes, flushed at their shutdown
+        (before this one), may have landed after the first clear."""
         if self.shared is not None:
+            if self._workers_epoch != self.epoch:
+                self.shared.clear()
             self.shared.close()
 
     # -- requests -------------------------------------------------------------
 
-    def _state(self, request: Request) -> _Request | None:
+    def _state(self, request: Request) -> RequestState | None:
         st = self._reqs.get(request.request_id)
         if st is not None or request.request_id in self._bypassed:
             return st
@@ -305,7 +321,7 @@ class SchedulerPlanner:
             return None
         prompt = list(request.prompt_token_ids)
         hashers = self._hashers_for(*inputs)
-        st = self._reqs[request.request_id] = _Request(prompt, hashers,
+        st = self._reqs[request.request_id] = RequestState(prompt, hashers,
                                                        [h.keys(prompt) for h in hashers])
         return st
 
@@ -331,14 +347,3 @@ class SchedulerPlanner:
             hashers = [h.with_inputs(salt, lora) for h in self._base]
             self._hashers[(salt, lora)] = hashers
         return hashers
-
-
-def _common_hit(hits: list[PrefixHit], hasher: ChunkHasher, prompt: list[int]
-                ) -> list[PrefixHit]:
-    """The hit every shard holds: the shards' own when they agree, else the whole
-    chunks they all hold (a head of a partial chunk only counts when all have it)."""
-    if all(h.tokens == hits[0].tokens and h.chunks == hits[0].chunks for h in hits):
-        return hits
-    n = min(h.chunks for h in hits)
-    tokens = min(n * hasher.chunk_size, hasher.covered(len(prompt)))
-    return [PrefixHit(h.keys[:n], tokens, n) for h in hits]

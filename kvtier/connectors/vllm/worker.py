@@ -62,6 +62,8 @@ class KvtierWorker:
         self._async: AsyncLoads | None = None
         self._layerwise = LayerwiseLoads()
         self._canary: Canary | None = None
+        self.epoch = 0  # the scheduler's resets this worker has applied
+        self._reported_epoch = 0
 
     def register(self, vllm_config: VllmConfig, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check the engine's KV tensors against the expected layout; build the store."""
@@ -191,11 +193,18 @@ class KvtierWorker:
         self._awaiting_store.update(meta.releases)
 
     def _reset_if_asked(self, meta: KvtierMetadata | None) -> None:
-        if meta is not None and meta.reset and self.engine is not None:
-            meta.reset = False  # once per step, whichever hook runs first
-            self.engine.complete_stores(wait=True)  # no store from before lands after
-            if self.engine.store.memory is not None:
-                self.engine.store.memory.clear()
+        """The scheduler reset kvtier: clear this worker's store, as a barrier, before any
+        load of the step (once, whichever hook runs first)."""
+        if meta is None or meta.epoch <= self.epoch:
+            return
+        self.epoch = meta.epoch
+        if self.engine is not None:
+            self.engine.complete_stores(wait=True)  # copies to host end before slots go
+            # Memory, and every tier this worker writes (disk, Redis: the scheduler
+            # cleared them, but this worker's queued writes could land after that; each
+            # rank clears them again once its own writes are stopped, idempotently).
+            # Background loads that started before are failed at their poll.
+            self.engine.store.clear()
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         """Finished requests whose held save is done (vLLM may free their blocks), and
@@ -231,10 +240,13 @@ class KvtierWorker:
         if self._canary is not None:
             self._canary.drain(self.stats)
         service = self.engine.store.service.take_changes()
-        if not any(s or r for s, r in events.tiers.values()) and not failed and not service:
+        passed = self.epoch != self._reported_epoch  # the scheduler waits to hear it
+        self._reported_epoch = self.epoch
+        if not any(s or r for s, r in events.tiers.values()) and not failed and not passed \
+                and not service:
             return None
-        return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed, events.tiers,
-                                service)
+        return KvtierWorkerMeta(list(events.stored), list(events.evicted), failed, self.epoch,
+                                events.tiers, service)
 
     def shutdown(self) -> None:
         """Finish background loads and writes (bounded) and close the tiers."""
