@@ -27,6 +27,13 @@ and whole-file reads are in :mod:`kvtier.tiers.disk.files`, the LRU index in
   therefore always asked of the file system (one ``stat`` per key), files
   found that the index does not know are adopted, and files that vanished are
   dropped from it. Only names kvtier writes are ever removed (:mod:`kvtier.tiers.disk.files`).
+- Integrity: with the cluster's key (``mac``), every file is written with a
+  keyed MAC (on the writer's thread) and a file read without a valid one is
+  deleted and counted ``forged``: left in place it would keep promising hits
+  that fail, and block the writers (which skip present keys) from ever
+  storing the real chunk. Only bytes that fail the MAC are deleted, and only
+  if the name still holds the file that was read, so nobody can make a
+  reader delete a chunk written with the key.
 - Failures: a missing file is a plain miss; a file that fails its header or
   checksum is deleted and counted ``corrupt``; a file of another kvtier format
   version (a rolling upgrade sharing the folder) is a miss counted ``foreign``
@@ -46,9 +53,10 @@ import os
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, verify_payload
+from kvtier.codecs import (HEADER_SIZE, ChunkData, ChunkMac, encode_header, parse_header,
+                           verify_payload)
 from kvtier.config import DiskConfig
-from kvtier.errors import CorruptChunk, ForeignChunk
+from kvtier.errors import CorruptChunk, ForeignChunk, ForgedChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.disk import files, folder
 from kvtier.tiers.base import Tier, TierUsage
@@ -59,12 +67,14 @@ log = logging.getLogger(__name__)
 
 
 class DiskTier(Tier):
-    """Chunks as files under ``cfg.path``, bounded by ``cfg.max_bytes``, evicted LRU."""
+    """Chunks as files under ``cfg.path``, bounded by ``cfg.max_bytes``, evicted LRU;
+    signed and verified with ``mac`` (the cluster's integrity key) when given."""
 
     name = "disk"
 
-    def __init__(self, cfg: DiskConfig) -> None:
+    def __init__(self, cfg: DiskConfig, mac: ChunkMac | None = None) -> None:
         super().__init__()
+        self.mac = mac
         self.root = Path(cfg.path).expanduser()
         self._root = str(self.root)  # str paths: pathlib costs ~5% of a 3 MiB write
         self.fsync = cfg.fsync
@@ -186,9 +196,13 @@ class DiskTier(Tier):
         except ForeignChunk as exc:  # another release's file: not ours to delete
             self._count_foreign(exc)
             return None
+        except ForgedChunk as exc:
+            self._count_forged(exc)
+            self._drop_read(key, path, fd)
+            return None
         except CorruptChunk:
             self.stats.add(corrupt=1)
-            self.delete_many([key])
+            self._drop_read(key, path, fd)
             return None
         except OSError:
             self.stats.add(errors=1)
@@ -196,6 +210,16 @@ class DiskTier(Tier):
         finally:
             os.close(fd)
         return chunk
+
+    def _drop_read(self, key: ChunkKey, path: str, fd: int) -> None:
+        """Delete the bad file just read through ``fd``, unless its name now holds another
+        file (a writer replaced it meanwhile: that chunk is not the one that failed)."""
+        try:
+            read, now = os.fstat(fd), os.stat(path)
+        except OSError:  # gone already, or unreadable: nothing to delete here
+            return
+        if (read.st_dev, read.st_ino) == (now.st_dev, now.st_ino):
+            self.delete_many([key])
 
     def _stamp(self, key: ChunkKey, fd: int) -> None:
         """Record the use in the file's times, where every process (and a restart) sees it.
@@ -236,7 +260,7 @@ class DiskTier(Tier):
             if header.payload_len != payload.nbytes:
                 raise CorruptChunk(f"chunk {key.hex()}: file of {st.st_size} bytes, header "
                                    f"says {HEADER_SIZE + header.payload_len}")
-            verify_payload(key, header, payload)
+            verify_payload(key, header, payload, self.mac)
         except (CorruptChunk, OSError):
             self.pool.give(payload)
             raise
@@ -248,7 +272,7 @@ class DiskTier(Tier):
     def _put_new(self, key: ChunkKey, chunk: ChunkData) -> bool:
         payload = memoryview(chunk.payload).cast("B")
         size = HEADER_SIZE + payload.nbytes
-        header = encode_header(key, chunk.meta, payload)
+        header = encode_header(key, chunk.meta, payload, self.mac)
         if not self._index.reserve(size):  # no room the folder's LRU files could make
             self.stats.add(dropped=1)
             return False

@@ -32,6 +32,10 @@ Failures: a connection error or timeout turns the batch into misses /
 ``contains_timeout_s`` those of presence checks). A value of another kvtier
 format version (a rolling upgrade sharing the server) is a miss counted
 ``foreign`` and left in place, logged once. ``OOM`` replies count ``dropped``.
+With the cluster's integrity key (``mac``), values are written with a keyed
+MAC (on the writer's thread) and a value read without a valid one is deleted
+by the rules above and counted ``forged`` (left, it would block the real
+chunk: writers skip present keys).
 Nothing is raised to the caller. Payloads of hits may be read-only views of
 the bytes redis-py returned (no copy).
 """
@@ -42,10 +46,10 @@ import logging
 import threading
 from typing import Any, Iterator, Sequence
 
-from kvtier.codecs import ChunkData, encode_header
+from kvtier.codecs import ChunkData, ChunkMac, encode_header
 from kvtier.codecs.format import Header
 from kvtier.config import RedisConfig
-from kvtier.errors import CorruptChunk, ForeignChunk
+from kvtier.errors import CorruptChunk, ForeignChunk, ForgedChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.redis.conn import RedisConnection
@@ -67,19 +71,21 @@ def _import_redis() -> Any:
 
 
 class RedisTier(Tier):
-    """Chunks in Redis under ``cfg.key_prefix``; see the module docstring for the layout."""
+    """Chunks in Redis under ``cfg.key_prefix``; see the module docstring for the layout.
+    Signed and verified with ``mac`` (the cluster's integrity key) when given."""
 
     name = "redis"
 
-    def __init__(self, cfg: RedisConfig) -> None:
+    def __init__(self, cfg: RedisConfig, mac: ChunkMac | None = None) -> None:
         super().__init__()
         self._redis = _import_redis()
         self.cfg = cfg
-        self._layout = ValueLayout(cfg.key_prefix.encode(), cfg.max_value_bytes)
+        self.mac = mac
+        self._layout = ValueLayout(cfg.key_prefix.encode(), cfg.max_value_bytes, mac)
         self._ttl = cfg.ttl_s or None
         self._part_ttl = cfg.ttl_s + PART_TTL_MARGIN_S if cfg.ttl_s else None
         self._conn = RedisConnection(cfg, self._redis, self.stats)
-        self._split = SplitChunks(self._layout, self.stats)
+        self._split = SplitChunks(self._layout, self.stats, self._count_forged)
         self._count = 0  # chunks stored minus deleted by this object (see usage)
         self._count_lock = threading.Lock()
 
@@ -214,7 +220,7 @@ class RedisTier(Tier):
         :meth:`_keep_parts`); values are not copied."""
         payload = memoryview(chunk.payload).cast("B")
         head = self._head(key)
-        values = self._layout.split(encode_header(key, chunk.meta, payload), payload)
+        values = self._layout.split(encode_header(key, chunk.meta, payload, self.mac), payload)
         return [(head, self._concat(*values[0]), self._ttl)] + [
             (self._layout.part(head, i), self._concat(*v), self.cfg.orphan_part_ttl_s)
             for i, v in enumerate(values[1:], 1)]
@@ -240,6 +246,9 @@ class RedisTier(Tier):
                     split.append((i, header, value))
             except ForeignChunk as exc:  # another release's value: not ours to delete
                 self._count_foreign(exc)
+            except ForgedChunk as exc:  # one SET wrote it: deleted on its first failure
+                self._count_forged(exc)
+                self._delete(client, [self._head(key)])
             except CorruptChunk as exc:
                 self._drop_corrupt(client, key, exc)
         if split:
