@@ -13,15 +13,21 @@ context string of kvtier's own), so the file may hold any secret of at least
 ``MIN_KEY_BYTES`` (32), and the same secret used elsewhere gives another key.
 BLAKE3 releases the GIL and hashes at several GB/s; it is the only MAC kvtier
 uses (no weaker fallback: a configured key without the ``blake3`` package
-stops start-up).
+stops start-up). Readers keep its cost off their I/O: one helper thread per
+key checks a chunk's MAC while the reader reads the next file (disk), or
+checks half of a batch already received (Redis, the transfer channel).
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Any
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
 
-from kvtier.codecs.format import Header, checksum_ok
+import numpy as np
+
+from kvtier.codecs.format import Header, checksum_ok, verify_payload
 from kvtier.config.secrets import MIN_KEY_BYTES
 from kvtier.errors import CorruptChunk, ForgedChunk
 from kvtier.keys import ChunkKey
@@ -29,6 +35,9 @@ from kvtier.keys import ChunkKey
 CONTEXT = "kvtier 2025 chunk MAC v1"
 """BLAKE3 key-derivation context: the MAC key is never the secret itself."""
 INSTALL_HINT = "pip install 'kvtier[integrity]' (blake3; vLLM installs it too)"
+T = TypeVar("T")
+Unchecked = tuple[ChunkKey, Header, "np.ndarray | memoryview"]
+"""A chunk read whose MAC is still to be checked: key, parsed header, payload."""
 
 
 def import_blake3() -> Any:
@@ -49,6 +58,8 @@ class ChunkMac:
             raise ValueError(f"a secret of {len(secret)} bytes; at least {MIN_KEY_BYTES}")
         self._blake3 = import_blake3().blake3
         self._key = self._blake3(secret, derive_key_context=CONTEXT).digest()
+        self._helper: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return "<ChunkMac>"  # never the key
@@ -71,3 +82,37 @@ class ChunkMac:
         what = "carries no MAC" if header.mac is None else "has a MAC this key did not make"
         raise ForgedChunk(f"chunk {key.hex()} {what} (written by a process without this "
                           "cluster's integrity key, or forged)")
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn(*args)`` on this key's helper thread (one, started on first use, shared
+        by every tier holding the key): BLAKE3 releases the GIL, so a reader checks one
+        chunk there while it reads the next. ``fn`` must not wait on the helper itself."""
+        with self._lock:
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvtier-mac")
+        return self._helper.submit(fn, *args)
+
+    def check_all(self, chunks: Sequence[Unchecked]) -> list[CorruptChunk | None]:
+        """Check chunks already in memory (length and MAC), every other one on the helper
+        thread, the rest on this one: per chunk None (valid) or why it is not."""
+        if len(chunks) < 2:
+            return [self._check(c) for c in chunks]
+        helped = {i: self.submit(self._check, c) for i, c in enumerate(chunks) if i % 2}
+        out = [None if i % 2 else self._check(c) for i, c in enumerate(chunks)]
+        for i, future in helped.items():
+            out[i] = future.result()
+        return out
+
+    def _check(self, chunk: Unchecked) -> CorruptChunk | None:
+        try:
+            verify_payload(*chunk, mac=self)
+        except CorruptChunk as exc:  # ForgedChunk included
+            return exc
+        return None
+
+    def close(self) -> None:
+        """Stop the helper thread (after what was submitted). Idempotent."""
+        with self._lock:
+            helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.shutdown(wait=False)

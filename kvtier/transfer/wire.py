@@ -27,12 +27,12 @@ import enum
 import socket
 import struct
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 
 from kvtier.codecs import ChunkMac
-from kvtier.codecs.format import HEADER_SIZE, ChunkData, parse_header, verify_payload
+from kvtier.codecs.format import HEADER_SIZE, ChunkData, Header, parse_header, verify_payload
 from kvtier.errors import CorruptChunk, KvtierError
 from kvtier.keys import KEY_BYTES, ChunkKey
 
@@ -225,8 +225,9 @@ def read_chunks(sock: socket.socket, keys: Sequence[ChunkKey], body_len: int,
     chunk, which matters when the engine's thread holds the GIL between its
     ops. Each entry is then checked in memory: length within the body and
     ``max_chunk``, header (key, lengths, header checksum), payload checksum or,
-    with ``mac``, the chunk's MAC (a ForgedChunk without a valid one); a chunk
-    that fails is a miss. The chunks are views of the buffer, which
+    with ``mac``, the chunk's MAC (a ForgedChunk without a valid one; half of
+    the batch on the key's helper thread); a chunk that fails is a miss. The
+    chunks are views of the buffer, which
     goes back through ``give`` once every one of them is released. Framing
     errors raise WireError.
     """
@@ -235,6 +236,7 @@ def read_chunks(sock: socket.socket, keys: Sequence[ChunkKey], body_len: int,
     out: list[ChunkData | None] = [None] * len(keys)
     later: list[int] = []
     bad: list[CorruptChunk] = []
+    signed: list[tuple[int, Header]] = []  # with a MAC: checked once the body is framed
     pos = 0
     for i, key in enumerate(keys):
         if body_len - pos < 8:
@@ -252,14 +254,21 @@ def read_chunks(sock: socket.socket, keys: Sequence[ChunkKey], body_len: int,
         entry, pos = buf[pos:pos + n], pos + n
         try:
             header = parse_header(key, entry[:HEADER_SIZE])
-            payload = entry[HEADER_SIZE:]
-            verify_payload(key, header, payload, mac)
+            if mac is None:
+                verify_payload(key, header, entry[HEADER_SIZE:])
         except CorruptChunk as exc:
             bad.append(exc)
             continue
-        out[i] = ChunkData(header.meta, payload)
+        out[i] = ChunkData(header.meta, entry[HEADER_SIZE:])
+        signed.append((i, header))
     if pos != body_len:
         raise WireError(f"GET answer has {body_len - pos} bytes after its entries")
+    if mac is not None:
+        why = mac.check_all([(keys[i], h, cast(ChunkData, out[i]).payload) for i, h in signed])
+        for (i, _), exc in zip(signed, why):
+            if exc is not None:
+                out[i] = None
+                bad.append(exc)
     shared = _SharedBuffer(buf, give, sum(c is not None for c in out))
     for chunk in out:
         if chunk is not None:

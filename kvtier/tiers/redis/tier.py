@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
 from kvtier.codecs import ChunkData, ChunkMac, encode_header
 from kvtier.codecs.format import Header
@@ -232,6 +232,7 @@ class RedisTier(Tier):
         values = pipe.execute(raise_on_error=False)
         out: list[ChunkData | None] = [None] * len(keys)
         split: list[tuple[int, Header, bytes]] = []
+        signed: list[tuple[int, Header]] = []  # whole values whose MAC is still to check
         for i, (key, value) in enumerate(zip(keys, values)):
             if value is None:
                 continue
@@ -239,25 +240,36 @@ class RedisTier(Tier):
                 self.stats.add(errors=1)
                 continue
             try:
-                header, whole = self._layout.parse_head(key, value)
-                if whole is not None:
-                    out[i] = whole
-                else:
+                header, whole = self._layout.parse_head(key, value, check=self.mac is None)
+                if whole is None:
                     split.append((i, header, value))
+                elif self.mac is not None:
+                    signed.append((i, header))
+                out[i] = whole
             except ForeignChunk as exc:  # another release's value: not ours to delete
                 self._count_foreign(exc)
-            except ForgedChunk as exc:  # one SET wrote it: deleted on its first failure
-                self._count_forged(exc)
-                self._delete(client, [self._head(key)])
             except CorruptChunk as exc:
-                self._drop_corrupt(client, key, exc)
+                self._drop_bad(client, key, exc)
+        if signed:  # half of them on the key's helper thread
+            assert self.mac is not None
+            why = self.mac.check_all([(keys[i], h, cast(ChunkData, out[i]).payload)
+                                      for i, h in signed])
+            for (i, _), exc in zip(signed, why):
+                if exc is not None:
+                    out[i] = None
+                    self._drop_bad(client, keys[i], exc)
         if split:
             self._split.read(client, keys, split, out)
         return out
 
-    def _drop_corrupt(self, client: Any, key: ChunkKey, exc: CorruptChunk) -> None:
-        log.warning("redis tier: deleting corrupt chunk: %s", exc)
-        self.stats.add(corrupt=1)
+    def _drop_bad(self, client: Any, key: ChunkKey, exc: CorruptChunk) -> None:
+        """A whole value that failed: one SET wrote it, so it is deleted on its first
+        failure; counted ``forged`` (no valid MAC) or ``corrupt``."""
+        if isinstance(exc, ForgedChunk):
+            self._count_forged(exc)
+        else:
+            log.warning("redis tier: deleting corrupt chunk: %s", exc)
+            self.stats.add(corrupt=1)
         self._delete(client, [self._head(key)])
 
     def _delete(self, client: Any, heads: list[bytes]) -> int:

@@ -63,8 +63,10 @@ class ValueLayout:
         out += [[payload[start:start + m]] for start in range(self.first, payload.nbytes, m)]
         return out
 
-    def parse_head(self, key: ChunkKey, value: bytes) -> tuple[Header, ChunkData | None]:
-        """The header of a head value, and the whole chunk when it is not split.
+    def parse_head(self, key: ChunkKey, value: bytes, check: bool = True
+                   ) -> tuple[Header, ChunkData | None]:
+        """The header of a head value, and the whole chunk when it is not split (its
+        payload verified unless ``check`` is False: the caller checks the MAC).
 
         Raises CorruptChunk for a value that cannot be this chunk's head.
         """
@@ -75,7 +77,8 @@ class ValueLayout:
         if rest:
             return header, None
         payload = np.frombuffer(value, dtype=np.uint8, offset=HEADER_SIZE)
-        verify_payload(key, header, payload, self.mac)
+        if check:
+            verify_payload(key, header, payload, self.mac)
         return header, ChunkData(header.meta, payload)
 
     @staticmethod
