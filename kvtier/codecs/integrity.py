@@ -25,8 +25,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
-import numpy as np
-
 from kvtier.codecs.format import Header, checksum_ok, verify_payload
 from kvtier.config.secrets import MIN_KEY_BYTES
 from kvtier.errors import CorruptChunk, ForgedChunk
@@ -36,8 +34,9 @@ CONTEXT = "kvtier 2025 chunk MAC v1"
 """BLAKE3 key-derivation context: the MAC key is never the secret itself."""
 INSTALL_HINT = "pip install 'kvtier[integrity]' (blake3; vLLM installs it too)"
 T = TypeVar("T")
-Unchecked = tuple[ChunkKey, Header, "np.ndarray | memoryview"]
-"""A chunk read whose MAC is still to be checked: key, parsed header, payload."""
+Unchecked = tuple[ChunkKey, Header, Any]
+"""A chunk read whose MAC is still to be checked: key, parsed header, payload (a uint8
+array or memoryview)."""
 
 
 def import_blake3() -> Any:
@@ -92,16 +91,20 @@ class ChunkMac:
                 self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvtier-mac")
         return self._helper.submit(fn, *args)
 
+    def map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+        """``fn`` of every item, every other one on the helper thread, the rest on this one
+        (a batch already in memory hashes on two cores)."""
+        if len(items) < 2:
+            return [fn(x) for x in items]
+        helped = {i: self.submit(fn, x) for i, x in enumerate(items) if i % 2}
+        out = {i: fn(x) for i, x in enumerate(items) if not i % 2}
+        out.update((i, future.result()) for i, future in helped.items())
+        return [out[i] for i in range(len(items))]
+
     def check_all(self, chunks: Sequence[Unchecked]) -> list[CorruptChunk | None]:
-        """Check chunks already in memory (length and MAC), every other one on the helper
-        thread, the rest on this one: per chunk None (valid) or why it is not."""
-        if len(chunks) < 2:
-            return [self._check(c) for c in chunks]
-        helped = {i: self.submit(self._check, c) for i, c in enumerate(chunks) if i % 2}
-        out = [None if i % 2 else self._check(c) for i, c in enumerate(chunks)]
-        for i, future in helped.items():
-            out[i] = future.result()
-        return out
+        """Check chunks already in memory (length and MAC), half on the helper thread:
+        per chunk None (valid) or why it is not."""
+        return self.map(self._check, chunks)
 
     def _check(self, chunk: Unchecked) -> CorruptChunk | None:
         try:
