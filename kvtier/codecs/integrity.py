@@ -89,7 +89,13 @@ class ChunkMac:
         with self._lock:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvtier-mac")
-        return self._helper.submit(fn, *args)
+            helper = self._helper
+        try:
+            return helper.submit(fn, *args)
+        except RuntimeError:  # the interpreter is exiting: no new threads; run it here
+            done: Future[T] = Future()
+            done.set_result(fn(*args))
+            return done
 
     def map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
         """``fn`` of every item, every other one on the helper thread, the rest on this one
