@@ -41,6 +41,16 @@ class ForeignChunk(CorruptChunk):
     """
 
 
+class ForgedChunk(CorruptChunk):
+    """A well-formed chunk whose keyed MAC is missing or wrong, read with the cluster's
+    integrity key (``integrity.key_file``).
+
+    Its checksums may all be right: whoever wrote it could write the tier but did
+    not hold the key. Tiers serve it as a miss and count it ``forged``; it is a
+    :class:`CorruptChunk` so that code which knows nothing of MACs still never serves it.
+    """
+
+
 class LayoutMismatch(KvtierError, ValueError):
     """Engine KV tensors do not match the layout kvtier was configured for."""
 

@@ -224,6 +224,7 @@ def test_status_and_prometheus_metrics(setup: Setup) -> None:
     status = json.loads(body)
     assert code == 200 and status["tiers"]["memory"]["num_chunks"] == 4
     assert status["tiers"]["disk"]["write_queue"] == 0
+    assert status["tiers"]["disk"]["forged"] == 0
     assert status["tiers"]["memory"]["write_queue"] is None
     hits = status["tiers"]["memory"]["hits"]
     assert hits == 0  # the store's own references (for its writers) are not reads
@@ -241,6 +242,7 @@ def test_status_and_prometheus_metrics(setup: Setup) -> None:
     assert f'kvtier_tier_capacity_bytes{{tier="memory"}} {32 * 256 * 8:.1f}' in lines
 
     assert 'kvtier_tier_failures_total{cause="corrupt",tier="disk"} 0.0' in lines
+    assert 'kvtier_tier_failures_total{cause="forged",tier="disk"} 0.0' in lines
     assert 'kvtier_writer_queue_capacity_chunks{tier="disk"} 256.0' in lines
     assert 'kvtier_control_requests_total{code="200",op="status"} 1.0' in lines
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta
+from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMac, ChunkMeta
 from kvtier.config import DiskConfig
 from kvtier.keys import ChunkKey
 from kvtier.tiers.disk import files as files_mod
@@ -24,8 +24,8 @@ PAYLOAD = 8192
 FILE = HEADER_SIZE + PAYLOAD
 
 
-def disk(path: Path, chunks: int = 1024, **kw: object) -> DiskTier:
-    return DiskTier(DiskConfig(path=str(path), max_bytes=chunks * FILE, **kw))
+def disk(path: Path, chunks: int = 1024, mac: ChunkMac | None = None, **kw: object) -> DiskTier:
+    return DiskTier(DiskConfig(path=str(path), max_bytes=chunks * FILE, **kw), mac=mac)
 
 
 def chunk(seed: int = 0) -> ChunkData:
@@ -63,6 +63,15 @@ class TestDiskTier(TierConformance):
     def restore_backend(self, tier: Tier) -> None:
         assert isinstance(tier, DiskTier)
         tier.root.mkdir()
+
+
+class TestSignedDiskTier(TestDiskTier):
+    """The suite again with the cluster's integrity key: chunks signed on write, their MAC
+    checked on read (a batch's on the helper thread); damage is still ``corrupt``."""
+
+    def make_tier(self, tmp_path: object, *, capacity_chunks: int | None = None) -> Tier:
+        return disk(Path(str(tmp_path)) / "chunks", capacity_chunks or 1024,
+                    mac=ChunkMac(b"a cluster secret of 32 bytes or more"))
 
 
 def test_layout_is_one_file_per_chunk_with_header_and_payload(tmp_path: Path) -> None:

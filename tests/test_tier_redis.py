@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from kvtier.testing.redis_proc import RedisClusterProcess, RedisProcess
-from kvtier.codecs import HEADER_SIZE, ChunkMeta
+from kvtier.codecs import HEADER_SIZE, ChunkMac, ChunkMeta
 from kvtier.config import RedisConfig
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier
@@ -27,9 +27,9 @@ MAX_VALUE = 4096  # small, so the suite's 8 KiB payloads are split into parts
 FIRST = MAX_VALUE - HEADER_SIZE
 
 
-def tier_at(url: str, **kw: object) -> RedisTier:
+def tier_at(url: str, mac: ChunkMac | None = None, **kw: object) -> RedisTier:
     opts: dict = dict(max_value_bytes=MAX_VALUE, timeout_s=1.0, reconnect_backoff_s=0.2)
-    return RedisTier(RedisConfig(url=url, **{**opts, **kw}))
+    return RedisTier(RedisConfig(url=url, **{**opts, **kw}), mac=mac)
 
 
 def flip_value(client: redis.Redis, name: bytes, offset: int) -> None:
@@ -65,6 +65,14 @@ class TestRedisTier(TierConformance):
 
     def restore_backend(self, tier: Tier) -> None:
         self.server.start()
+
+
+class TestSignedRedisTier(TestRedisTier):
+    """The suite again with the cluster's integrity key (split values included): chunks
+    signed on write, their MAC checked on read; damage is still ``corrupt``."""
+
+    def make_tier(self, tmp_path: object, *, capacity_chunks: int | None = None) -> Tier:
+        return tier_at(self.server.url, mac=ChunkMac(b"a cluster secret of 32 bytes or more"))
 
 
 class TestRedisClusterTier(TierConformance):

@@ -165,15 +165,19 @@ def _tiers_section(t: dict[str, Any], cmd: str) -> list[str]:
         f"{t['setup']['disk_writes']}; reads {t['setup']['disk_reads']}. Redis: "
         f"{t.get('redis_server', '-')}, raw = plain redis-py pipelined SET/GET.",
         "",
-        "| | raw GB/s | tier GB/s | tier / raw |",
-        "|---|---|---|---|",
+        "| | raw GB/s | tier GB/s | tier / raw | tier + MAC GB/s | MAC / tier |",
+        "|---|---|---|---|---|---|",
     ]
     for name in ("disk", "redis"):
         for op in ("put", "get"):
             if f"{name}_{op}_ratio" in t:
+                mac = (f"{t[f'{name}_mac_{op}_gbps']:.2f} | {t[f'{name}_{op}_mac_ratio']:.2f}x"
+                       if f"{name}_{op}_mac_ratio" in t else "- | -")
                 out.append(f"| {name} {op} | {t[f'{name}_raw_{op}_gbps']:.2f} | "
-                           f"{t[f'{name}_tier_{op}_gbps']:.2f} | {t[f'{name}_{op}_ratio']:.2f}x |")
-    return out + [""]
+                           f"{t[f'{name}_tier_{op}_gbps']:.2f} | {t[f'{name}_{op}_ratio']:.2f}x | "
+                           f"{mac} |")
+    return out + ["", "Tier + MAC: the same tier with an integrity key (`integrity.key_file`): "
+                  "chunks signed with a keyed BLAKE3 MAC on write, the MAC verified on read.", ""]
 
 
 SECTIONS = {"engine": _engine_section, "tiers": _tiers_section,

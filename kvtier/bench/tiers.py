@@ -13,10 +13,16 @@ Each tier runs beside its raw medium, in the same run:
   same bytes on the same server; the tier adds its header, checksum, an
   EXISTS round trip before writes and verification on reads.
 
+- MAC: the same tier with a cluster integrity key (a second tier object on
+  the same folder / prefix): writes sign each chunk with a keyed BLAKE3 MAC,
+  reads verify it (instead of the payload checksum). Its ratio is against the
+  tier without a key, in the same round.
+
 Medians over ``--repeats`` rounds; in each round every measurement runs once
-(raw put, raw get, tier put, tier get), each after the same untimed reset.
-Ratios (tier throughput / raw throughput) are the median of the per-round
-ratios, which cancels most of the drift of a shared machine's load.
+(raw put, raw get, tier put, tier get, MAC put, MAC get), each after the same
+untimed reset. Ratios (tier throughput / raw throughput, MAC / tier) are the
+median of the per-round ratios, which cancels most of the drift of a shared
+machine's load.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvtier.testing.redis_proc import RedisNotInstalled, RedisProcess
-from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMeta
+from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMac, ChunkMeta
 from kvtier.config import DiskConfig, RedisConfig
 from kvtier.keys import ChunkKey
 from kvtier.tiers.disk import DiskTier
@@ -46,9 +52,10 @@ def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int,
 
     Every round runs each function once, in ``fns`` order, after its untimed
     ``before`` step. The callers order them raw put, raw get, tier put, tier
-    get: each put then follows the other medium's read pass and each get its
-    own medium's write pass, so raw and tier inherit the same after-effects
-    (on this VM a write pass after a cold read pass ran up to 3x slower).
+    get (then MAC put, MAC get): each put then follows another pass's reads
+    and each get its own write pass, so raw and tier inherit the same
+    after-effects (on this VM a write pass after a cold read pass ran up to
+    3x slower).
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats + 1):
@@ -133,8 +140,10 @@ def bench_disk(items: Items, args: Any) -> dict[str, Any]:
     total = sum(c.payload.nbytes for _, c in items)
     base = Path(tempfile.mkdtemp(prefix="kvtier-bench-", dir=args.disk_path))
     try:
-        tier = DiskTier(DiskConfig(path=str(base / "tier"), max_bytes=2 * total + 2**20,
-                                   fsync=args.fsync))
+        disk_cfg = DiskConfig(path=str(base / "tier"), max_bytes=2 * total + 2**20,
+                              fsync=args.fsync)
+        tier = DiskTier(disk_cfg)
+        keyed = DiskTier(disk_cfg, mac=ChunkMac(os.urandom(32)))  # same folder, same files
         (base / "raw").mkdir()
         raw_paths = [base / "raw" / f"{i}.bin" for i in range(len(items))]
         tier_paths = [tier.path_of(k) for k, _ in items]
@@ -145,16 +154,13 @@ def bench_disk(items: Items, args: Any) -> dict[str, Any]:
         raw_bufs = [np.ones(v.nbytes, dtype=np.uint8) for v in views]
         cold = args.cache == "cold"
 
-        def tier_get() -> None:
-            _release_all(tier.get_many(keys), tier)
-
         def raw_put() -> None:
             for path, view in zip(raw_paths, views):
                 _write_file(path, view, args.fsync)
 
         fns = {"raw_put": raw_put,
                "raw_get": lambda: [_read_file(p, b) for p, b in zip(raw_paths, raw_bufs)],
-               "tier_put": lambda: _check_puts(tier.put_many(items), tier), "tier_get": tier_get}
+               **_tier_fns(tier, keyed, items)}
         # Every pass starts from the same state: nothing dirty, none of the bench's
         # files in the page cache (then, for warm reads, the files to read cached).
         # Measured here: a write pass right after another one's data was flushed
@@ -168,14 +174,17 @@ def bench_disk(items: Items, args: Any) -> dict[str, Any]:
         scratch = np.empty(max(v.nbytes for v in views) + HEADER_SIZE, dtype=np.uint8)
         before = {"raw_put": lambda: ([p.unlink(missing_ok=True) for p in raw_paths], quiesce()),
                   "tier_put": lambda: (tier.delete_many(keys), quiesce()),
+                  "mac_put": lambda: (keyed.delete_many(keys), quiesce()),
                   "raw_get": lambda: quiesce(None if cold else raw_paths),
-                  "tier_get": lambda: quiesce(None if cold else tier_paths)}
+                  "tier_get": lambda: quiesce(None if cold else tier_paths),
+                  "mac_get": lambda: quiesce(None if cold else tier_paths)}
         times = interleaved_times(fns, args.repeats, before)
-        ok = all(c is not None and bytes(c.payload) == bytes(want.payload)
-                 for c, (_, want) in zip(tier.get_many(keys), items))
+        ok = _bitwise(tier, items) and _bitwise(keyed, items)
         tier.close()
+        keyed.close()
         return {**_rates("disk", times, total), "disk_bitwise_equal": ok,
-                "disk_tier_stats": tier.stats.as_dict()}
+                "disk_tier_stats": tier.stats.as_dict(),
+                "disk_mac_tier_stats": keyed.stats.as_dict()}
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -204,6 +213,7 @@ def bench_redis(items: Items, args: Any) -> dict[str, Any]:
         total = sum(c.payload.nbytes for _, c in items)
         cfg = RedisConfig(url=url, key_prefix="kvtier-bench:", timeout_s=5.0)
         tier = RedisTier(cfg)
+        keyed = RedisTier(cfg, mac=ChunkMac(os.urandom(32)))  # same prefix, same values
         raw = redis.Redis.from_url(url)
         raw_keys = [b"kvtier-bench-raw:" + k.hex().encode() for k, _ in items]
         raw_values = [bytes(c.payload) for _, c in items]  # what a plain client would hold
@@ -222,23 +232,21 @@ def bench_redis(items: Items, args: Any) -> dict[str, Any]:
             if any(v is None for v in pipe.execute()):
                 raise RuntimeError("redis-py baseline: a GET missed")
 
-        def tier_get() -> None:
-            _release_all(tier.get_many(keys), tier)
-
-        fns = {"raw_put": raw_put, "raw_get": raw_get,
-               "tier_put": lambda: _check_puts(tier.put_many(items), tier), "tier_get": tier_get}
+        fns = {"raw_put": raw_put, "raw_get": raw_get, **_tier_fns(tier, keyed, items)}
         before = {"raw_put": lambda: raw.unlink(*raw_keys),
-                  "tier_put": lambda: tier.delete_many(keys)}
+                  "tier_put": lambda: tier.delete_many(keys),
+                  "mac_put": lambda: keyed.delete_many(keys)}
         times = interleaved_times(fns, args.repeats, before)
-        ok = all(c is not None and bytes(c.payload) == bytes(want.payload)
-                 for c, (_, want) in zip(tier.get_many(keys), items))
+        ok = _bitwise(tier, items) and _bitwise(keyed, items)
         info = raw.info("server")
         raw.unlink(*raw_keys)
         tier.clear()
         tier.close()
+        keyed.close()
         raw.close()
         return {**_rates("redis", times, total), "redis_bitwise_equal": ok,
                 "redis_tier_stats": tier.stats.as_dict(),
+                "redis_mac_tier_stats": keyed.stats.as_dict(),
                 "redis_server": f"redis {info.get('redis_version')} at {url}"
                                 f"{' (temporary)' if server else ''}",
                 "redis_client": f"redis-py {redis.__version__}"
@@ -247,6 +255,26 @@ def bench_redis(items: Items, args: Any) -> dict[str, Any]:
     finally:
         if server is not None:
             server.close()
+
+
+def _tier_fns(tier: Any, keyed: Any, items: Items) -> dict[str, Callable[[], None]]:
+    """The timed passes of a tier without a key, then with one (put, get each)."""
+    keys = [k for k, _ in items]
+    return {"tier_put": lambda: _check_puts(tier.put_many(items), tier),
+            "tier_get": lambda: _release_all(tier.get_many(keys), tier),
+            "mac_put": lambda: _check_puts(keyed.put_many(items), keyed),
+            "mac_get": lambda: _release_all(keyed.get_many(keys), keyed)}
+
+
+def _bitwise(tier: Any, items: Items) -> bool:
+    """Whether ``tier`` reads back every item bitwise."""
+    got = tier.get_many([k for k, _ in items])
+    ok = all(c is not None and bytes(c.payload) == bytes(want.payload)
+             for c, (_, want) in zip(got, items))
+    for c in got:
+        if c is not None:
+            c.release()
+    return ok
 
 
 def _check_puts(done: list[bool], tier: Any) -> None:
@@ -263,13 +291,14 @@ def _release_all(got: list[ChunkData | None], tier: Any) -> None:
 
 
 def _rates(name: str, times: dict[str, list[float]], total: int) -> dict[str, float]:
-    """GB/s from median times; ratios as the median of per-round raw/tier time ratios
-    (a tier pass and its raw pass run in the same round, close in time)."""
+    """GB/s from median times; ratios as the median of per-round time ratios, raw/tier
+    and tier/MAC (the passes compared run in the same round, close in time)."""
     out = {f"{name}_{kind}_{op}_gbps": total / statistics.median(times[f"{kind}_{op}"]) / 1e9
-           for kind in ("raw", "tier") for op in ("put", "get")}
+           for kind in ("raw", "tier", "mac") for op in ("put", "get")}
     for op in ("put", "get"):
-        pairs = zip(times[f"raw_{op}"], times[f"tier_{op}"])
-        out[f"{name}_{op}_ratio"] = statistics.median(raw / tier for raw, tier in pairs)
+        for ratio, (base, kind) in (("ratio", ("raw", "tier")), ("mac_ratio", ("tier", "mac"))):
+            pairs = zip(times[f"{base}_{op}"], times[f"{kind}_{op}"])
+            out[f"{name}_{op}_{ratio}"] = statistics.median(b / t for b, t in pairs)
     return out
 
 

@@ -100,15 +100,19 @@ def _tiers_table(res: dict[str, Any]) -> None:
           f"({s['chunk_meta']}), one batch, median of {s['repeats']}")
     print(f"  disk: {s['disk_path']} ({s['disk_fs']}); {s['disk_writes']}")
     print(f"  disk reads {s['disk_reads']}")
-    print(f"  {'':8} {'raw GB/s':>9} {'tier GB/s':>10} {'tier/raw':>9}")
+    print(f"  {'':9} {'raw GB/s':>9} {'tier GB/s':>10} {'tier/raw':>9} {'+MAC GB/s':>10} "
+          f"{'MAC/tier':>9}")
     for name in ("disk", "redis"):
         if f"{name}_put_ratio" not in res:
             note = res.get(f"{name}_skipped", f"not run (--no-{name})")
-            print(f"  {name:8} skipped: {note}")
+            print(f"  {name:9} skipped: {note}")
             continue
         for op in ("put", "get"):
-            print(f"  {name + ' ' + op:8} {res[f'{name}_raw_{op}_gbps']:9.2f} "
-                  f"{res[f'{name}_tier_{op}_gbps']:10.2f} {res[f'{name}_{op}_ratio']:9.2f}")
+            print(f"  {name + ' ' + op:9} {res[f'{name}_raw_{op}_gbps']:9.2f} "
+                  f"{res[f'{name}_tier_{op}_gbps']:10.2f} {res[f'{name}_{op}_ratio']:9.2f} "
+                  f"{res[f'{name}_mac_{op}_gbps']:10.2f} {res[f'{name}_{op}_mac_ratio']:9.2f}")
+    print("  +MAC: the same tier with an integrity key (chunks signed on write, MAC verified "
+          "on read)")
     if "redis_server" in res:
         print(f"  redis: {res['redis_server']}, {res['redis_client']}")
 

@@ -153,10 +153,10 @@ def render(op: str, result: dict[str, Any]) -> str:
 
 def _status(res: dict[str, Any]) -> str:
     cols = ["tier", "chunks", "used", "capacity", "hits", "misses", "evictions", "corrupt",
-            "errors", "dropped", "queue"]
+            "forged", "errors", "dropped", "queue"]
     rows = [[name, t["num_chunks"], _size(t["used_bytes"]), _size(t["capacity_bytes"]),
-             t["hits"], t["misses"], t["evictions"], t["corrupt"], t["errors"], t["dropped"],
-             "-" if t.get("write_queue") is None else t["write_queue"]]
+             t["hits"], t["misses"], t["evictions"], t["corrupt"], t.get("forged", 0),
+             t["errors"], t["dropped"], "-" if t.get("write_queue") is None else t["write_queue"]]
             for name, t in res["tiers"].items()]
     head = (f"namespace {res['namespace']}  chunk_size {res['chunk_size']}  "
             f"pinned {res['pinned_chunks']}")

@@ -113,11 +113,21 @@ def _check(cfg: KvtierConfig) -> None:
         raise ConfigError("disk.path", "the disk tier is enabled but has no path")
     if cfg.write_policy is WritePolicy.WRITE_BACK and cfg.tiers[0] is not TierName.MEMORY:
         raise ConfigError("write_policy", "write_back needs the memory tier first in 'tiers'")
+    _check_integrity(cfg)
     for key, codec in (("disk.codec", cfg.disk.codec), ("redis.codec", cfg.redis.codec)):
         module = CODEC_MODULES.get(codec)
         if module and importlib.util.find_spec(module) is None:
             raise ConfigError(key, f"{codec.value} needs the {module} package: "
                               "install kvtier[codecs]")
+
+
+def _check_integrity(cfg: KvtierConfig) -> None:
+    if not cfg.integrity.key_file:
+        return
+    cfg.integrity.read_key()  # a key file that cannot be read, or too short, stops start-up
+    if importlib.util.find_spec("blake3") is None:  # no weaker MAC to fall back to
+        raise ConfigError("integrity.key_file", "a key needs the blake3 package: "
+                          "pip install 'kvtier[integrity]'")
 
 
 def _check_control(ctl: ControlConfig) -> None:

@@ -1,4 +1,5 @@
-"""Layer 0: the one place bearer tokens are read, for the configuration and the CLIs.
+"""Layer 0: the one place secrets are read: bearer tokens (for the configuration and the
+CLIs) and the cluster's integrity key (:func:`read_key_file`, only ever from a file).
 
 Each secret has one environment spelling, the loader's ``KVTIER_<SECTION>__TOKEN``
 (``KVTIER_CONTROL__TOKEN``, ``KVTIER_CONTROLLER__TOKEN``, ``KVTIER_TRANSFER__TOKEN``),
@@ -20,6 +21,8 @@ from kvtier.errors import ConfigError
 log = logging.getLogger("kvtier.config")
 
 TOKEN_SECTIONS = ("control", "controller", "transfer")
+MIN_KEY_BYTES = 32
+"""Shortest integrity secret accepted (after stripping surrounding whitespace): 256 bits."""
 # Old spelling -> section; remove after the next release. Only the loader reads
 # KVTIER_TRANSFER_TOKEN and only the CLIs read the other two, as before.
 DEPRECATED_TOKEN_ENV = {"KVTIER_CONTROL_TOKEN": "control",
@@ -71,6 +74,22 @@ def read_token_file(key: str, path: str) -> str:
     if not text:
         raise ConfigError(key, f"{p} is empty")
     return text
+
+
+def read_key_file(key: str, path: str, min_bytes: int = MIN_KEY_BYTES) -> bytes:
+    """The secret in the file ``path`` (any bytes, surrounding whitespace stripped); a
+    file that cannot be read or holds fewer than ``min_bytes`` is a ConfigError naming
+    ``key``, never the secret."""
+    p = Path(path).expanduser()
+    try:
+        data = p.read_bytes().strip()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {p}: {e.strerror}") from None
+    if len(data) < min_bytes:
+        raise ConfigError(key, f"{p} holds {len(data)} bytes (surrounding whitespace "
+                          f"stripped), a key needs at least {min_bytes}: make one with "
+                          f"`openssl rand -hex 32 > {p}`")
+    return data
 
 
 def read_token(section: str, token: str, token_file: str) -> str:

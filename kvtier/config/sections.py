@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kvtier.config.cluster import ControllerConfig, PeerConfig, TransferConfig
 from kvtier.config.fields import (Codec, Flag, Int, Name, Number, Policy, Secret, Section, Size,
                                   Tiers)
-from kvtier.config.secrets import read_token
+from kvtier.config.secrets import read_key_file, read_token
 from kvtier.config.values import CodecName, TierName, WritePolicy
 from kvtier.errors import ConfigError
 
@@ -128,6 +128,31 @@ class VerifyConfig(Section):
     in lookups) until an operator puts it back (the management API's ``resume``)."""
 
 
+class IntegrityConfig(Section):
+    """Keyed integrity of the chunks in shared tiers (disk, Redis, peers): a cluster secret."""
+
+    section_key: ClassVar[str] = "integrity."
+    key_file: Name = ""
+    """A file holding the cluster's secret (at least 32 bytes once surrounding whitespace
+    is stripped); "" leaves chunks unsigned. With it, every chunk written to disk or Redis
+    or sent to a peer carries a keyed MAC, and a chunk read without a valid one is a miss
+    (counted ``forged``). The secret is never a configuration value: vLLM logs its extra
+    config."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_key(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "key" in values:  # the value is never shown
+            raise ConfigError("integrity.key", "the secret is never given inline (vLLM logs "
+                              "its kv_connector_extra_config): put it in a file and set "
+                              "integrity.key_file or KVTIER_INTEGRITY__KEY_FILE")
+        return values
+
+    def read_key(self) -> bytes | None:
+        """The secret in ``key_file``; None when no key is configured."""
+        return read_key_file("integrity.key_file", self.key_file) if self.key_file else None
+
+
 class KvtierConfig(Section):
     """All of kvtier's settings; see README "Configuration"."""
 
@@ -164,6 +189,8 @@ class KvtierConfig(Section):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     peer: PeerConfig = Field(default_factory=PeerConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    # repr=False: an error about ``integrity: <a secret, inline>`` never shows the value.
+    integrity: IntegrityConfig = Field(default_factory=IntegrityConfig, repr=False)
 
     def check_block_size(self, block_size: int) -> None:
         """Raise unless chunks are whole engine blocks."""

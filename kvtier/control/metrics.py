@@ -31,7 +31,7 @@ _COUNTERS = [
 ]
 # failures by cause: TierStats field -> cause label
 _FAILURES = {"corrupt": "corrupt", "errors": "error", "dropped": "dropped",
-             "foreign": "foreign"}
+             "foreign": "foreign", "forged": "forged"}
 
 
 class StoreCollector(Collector):
@@ -51,7 +51,8 @@ class StoreCollector(Collector):
         fail = CounterMetricFamily(
             "kvtier_tier_failures", "Reads and writes that failed, by cause: corrupt (header or "
             "checksum, served as a miss), error (I/O, connection), dropped (a full queue or "
-            "tier: the write was skipped), foreign (another format version: a miss, kept).",
+            "tier: the write was skipped), foreign (another format version: a miss, kept), "
+            "forged (no valid MAC under the cluster's integrity key: a miss, deleted).",
             labels=["tier", "cause"])
         for tier, values in stats.items():
             for field, cause in _FAILURES.items():

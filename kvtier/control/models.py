@@ -201,6 +201,8 @@ class TierStatus(BaseModel):
     errors: int
     dropped: int
     foreign: int = Field(0, description="chunks of another format version (misses, kept)")
+    forged: int = Field(0, description="chunks without a valid MAC under the cluster's "
+                        "integrity key (misses, deleted)")
     write_queue: Optional[int] = Field(None, description="chunks waiting for its writer")
 
 

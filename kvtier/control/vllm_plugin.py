@@ -18,6 +18,7 @@ from kvtier.control.api import CacheAPI
 from kvtier.control.server import ControlServer
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.errors import UnsupportedConfig
+from kvtier.store.build import chunk_mac
 from kvtier.transfer.server import TransferServer
 from kvtier.tiers.peer import PeerTier
 
@@ -57,13 +58,14 @@ def start_transfer_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> 
                 f"kvtier transfer: tensor/pipeline parallel size {namespace.tp_size}/"
                 f"{namespace.pp_size}: the transfer server serves one worker per instance for "
                 "now; unset transfer.port (peers then recompute) or run with TP=PP=1")
-        server = TransferServer(engine.store, cfg.transfer, digest)
+        server = TransferServer(engine.store, cfg.transfer, digest, mac=chunk_mac(cfg))
     except BaseException:
         cfg.transfer.port = 0  # so the controller registration advertises no server
         raise
     _transfer.append(server)
-    log.info("kvtier: transfer server on %s (namespace %s, token %s)", server.address, digest,
-             "required" if cfg.transfer.resolve_token() else "off")
+    log.info("kvtier: transfer server on %s (namespace %s, token %s, chunks %s)",
+             server.address, digest, "required" if cfg.transfer.resolve_token() else "off",
+             "signed" if server.mac is not None else "unsigned")
 
 
 def register() -> None:

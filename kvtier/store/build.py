@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvtier.codecs import Codec
+from kvtier.codecs import ChunkMac, Codec
 from kvtier.config import CodecName, KvtierConfig, TierName
 from kvtier.store.hierarchy import ChunkStore
 from kvtier.tiers import Tier, tier_class
@@ -12,8 +12,10 @@ from kvtier.tiers.memory import MemoryTier
 def build_tiers(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = False
                 ) -> list[Tier]:
     """Tiers in configured order. ``shared_only`` leaves out the in-process memory
-    tier (a scheduler process has no KV bytes of its own)."""
+    tier (a scheduler process has no KV bytes of its own). The tiers whose chunks
+    leave the process (disk, Redis, peer) get the cluster's integrity key, if any."""
     tiers: list[Tier] = []
+    mac = chunk_mac(cfg)
     for name in cfg.tiers:
         if name is TierName.MEMORY:
             if shared_only:
@@ -22,14 +24,21 @@ def build_tiers(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = 
                 raise ValueError("the memory tier needs the chunk size in bytes")
             tiers.append(MemoryTier(cfg.memory.max_bytes, chunk_bytes))
         elif name is TierName.DISK:
-            tiers.append(tier_class("disk")(cfg.disk))
+            tiers.append(tier_class("disk")(cfg.disk, mac=mac))
         elif name is TierName.REDIS:
-            tiers.append(tier_class("redis")(cfg.redis))
+            tiers.append(tier_class("redis")(cfg.redis, mac=mac))
         elif name is TierName.PEER:
             tiers.append(tier_class("peer")(cfg.peer, token=cfg.transfer.resolve_token(),
                                             own_address=cfg.transfer.address,
-                                            max_chunk_bytes=cfg.transfer.max_batch_bytes))
+                                            max_chunk_bytes=cfg.transfer.max_batch_bytes,
+                                            mac=mac))
     return tiers
+
+
+def chunk_mac(cfg: KvtierConfig) -> ChunkMac | None:
+    """The signer of the cluster's integrity key (``integrity.key_file``); None without one."""
+    secret = cfg.integrity.read_key()
+    return ChunkMac(secret) if secret is not None else None
 
 
 def build_store(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = False,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator, Protocol, Sequence
 
 from kvtier.codecs import ChunkData
-from kvtier.errors import ForeignChunk
+from kvtier.errors import ForeignChunk, ForgedChunk
 from kvtier.keys import ChunkKey
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class TierStats:
     foreign: int = 0
     """Reads that found a chunk of another kvtier format version (served as misses,
     left in place for the release that wrote it)."""
+    forged: int = 0
+    """Reads, with the cluster's integrity key, of a chunk without a valid MAC (served as
+    misses, deleted: a process without the key wrote it, or someone forged it)."""
     errors: int = 0
     """Operations that failed in the medium (I/O error, connection lost)."""
     dropped: int = 0
@@ -74,6 +77,7 @@ class Tier(abc.ABC):
     def __init__(self) -> None:
         self.stats = TierStats()
         self._foreign_logged = False
+        self._forged_logged = False
 
     def _count_foreign(self, exc: ForeignChunk) -> None:
         """Count a chunk of another format version; log only the first (a rolling
@@ -84,6 +88,16 @@ class Tier(abc.ABC):
             log.warning("%s tier: %s; served as a miss and left in place for the release "
                         "that wrote it (further ones are only counted as 'foreign')",
                         self.name, exc)
+
+    def _count_forged(self, exc: ForgedChunk) -> None:
+        """Count a chunk that failed its MAC; log only the first (a peer or a writer
+        without the key sends many, and one line says what to fix)."""
+        self.stats.add(forged=1)
+        if not self._forged_logged:
+            self._forged_logged = True
+            log.warning("%s tier: %s; served as a miss (further ones are only counted as "
+                        "'forged'): give every instance sharing this tier the same "
+                        "integrity.key_file", self.name, exc)
 
     @abc.abstractmethod
     def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:

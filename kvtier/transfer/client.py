@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kvtier.codecs import ChunkData
+from kvtier.codecs import ChunkData, ChunkMac
+from kvtier.errors import CorruptChunk
 from kvtier.transfer.wire import (FRAME, Op, Refused, Status, WireError, frame, hello_body,
                                 keys_body, parse_contains, parse_frame, read_chunks,
                                 read_message, recv_exact, set_timeout)
@@ -55,14 +56,14 @@ class PeerConnection:
         return parse_contains(answer, len(keys))
 
     def get(self, keys: Sequence[ChunkKey], timeout_s: float, take: Callable[[int], np.ndarray],
-            give: Callable[[np.ndarray], None], max_body: int
-            ) -> tuple[list[ChunkData | None], int]:
-        """Chunks of ``keys`` (None = miss), asking again for those sent LATER; and how
-        many arrived corrupt."""
+            give: Callable[[np.ndarray], None], max_body: int, mac: ChunkMac | None = None
+            ) -> tuple[list[ChunkData | None], list[CorruptChunk]]:
+        """Chunks of ``keys`` (None = miss), asking again for those sent LATER, verified
+        (with ``mac``: against the cluster's key); and why each bad one failed."""
         set_timeout(self.sock, timeout_s)
         out: list[ChunkData | None] = [None] * len(keys)
         todo = list(range(len(keys)))
-        corrupt = 0
+        failed: list[CorruptChunk] = []
         while todo:
             body = keys_body([keys[i] for i in todo])
             self.sock.sendall(frame(Op.GET, len(body)) + body)
@@ -72,14 +73,14 @@ class PeerConnection:
             if status != Status.OK:
                 raise Refused(status, recv_exact(self.sock, body_len).decode(errors="replace"))
             got, later, bad = read_chunks(self.sock, [keys[i] for i in todo], body_len, take,
-                                          give, max_body)
-            corrupt += bad
+                                          give, max_body, mac)
+            failed += bad
             for i, chunk in zip(todo, got):
                 out[i] = chunk
             if len(later) == len(todo):
                 raise WireError("the server sent none of the chunks asked for")
             todo = [todo[j] for j in later]
-        return out, corrupt
+        return out, failed
 
     def close(self) -> None:
         try:

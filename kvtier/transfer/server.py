@@ -8,9 +8,11 @@ in constant time; a namespace digest other than this instance's is refused,
 (memory first, then its writable lower tiers; never its read-only peer tier,
 so two instances never ask each other in a loop); a memory chunk is sent
 straight from its slot (the header computed, the payload not copied), with
-``sendmsg`` over header and payload buffers. Waits are bounded: an idle
-connection by ``idle_timeout_s``, everything inside a request by
-``timeout_s``.
+``sendmsg`` over header and payload buffers. With the cluster's integrity key
+(``mac``) each header carries the chunk's MAC, computed here on the
+connection's thread as the chunk is sent (a chunk read from disk or Redis
+was verified there first). Waits are bounded: an idle connection by
+``idle_timeout_s``, everything inside a request by ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import socket
 import threading
 from typing import Protocol, Sequence
 
-from kvtier.codecs import ChunkData
+from kvtier.codecs import ChunkData, ChunkMac
 from kvtier.codecs.format import encode_header
 from kvtier.transfer.wire import (FRAME, MAX_HELLO, Op, Status, WireError, contains_body, frame,
                                 get_answer_buffers, parse_frame, parse_hello, parse_keys,
@@ -44,13 +46,15 @@ class TierSource(Protocol):
 
 class TransferServer:
     """Serves ``store``'s chunks on ``cfg.host``:``port`` (0: any free port) to peers that
-    present ``cfg``'s token and, for GET, the namespace digest ``namespace``."""
+    present ``cfg``'s token and, for GET, the namespace digest ``namespace``; signed with
+    ``mac`` (the cluster's integrity key) when given."""
 
     def __init__(self, store: TierSource, cfg: TransferConfig, namespace: str,
-                 port: int | None = None) -> None:
+                 port: int | None = None, mac: ChunkMac | None = None) -> None:
         self.store = store
         self.cfg = cfg
         self.namespace = namespace
+        self.mac = mac
         self._token = cfg.resolve_token().encode()
         if not self._token and not is_loopback(cfg.host):
             raise ConfigError("transfer.host", f"{cfg.host} is not loopback: a token is needed")
@@ -160,24 +164,21 @@ class TransferServer:
     def _get(self, conn: socket.socket, keys: list[ChunkKey]) -> None:
         chunks = self._read(keys)
         try:
-            heads: list[bytes | None] = []
             payloads: list[memoryview | None] = []
             total, later = 0, len(keys)
-            for i, (key, chunk) in enumerate(zip(keys, chunks)):
+            for i, chunk in enumerate(chunks):
                 if chunk is not None and total and total + chunk.payload.nbytes + 136 \
                         > self.cfg.max_batch_bytes:
                     later = i  # the client asks again for the rest
                     break
-                if chunk is None:
-                    heads.append(None)
-                    payloads.append(None)
-                    continue
-                view = memoryview(chunk.payload).cast("B")
-                heads.append(encode_header(key, chunk.meta, view))
-                payloads.append(view)
-                total += view.nbytes + 136
-            heads += [None] * (len(keys) - len(heads))
+                payloads.append(None if chunk is None else memoryview(chunk.payload).cast("B"))
+                total += 0 if chunk is None else chunk.payload.nbytes + 136
             payloads += [None] * (len(keys) - len(payloads))
+            sent = [i for i, p in enumerate(payloads) if p is not None]
+            heads: list[bytes | None] = [None] * len(keys)
+            for i, head in zip(sent, self._headers([(keys[i], chunks[i], payloads[i])
+                                                    for i in sent])):
+                heads[i] = head
             hits = sum(h is not None for h in heads)
             self.stats.add(hits=hits, misses=later - hits,
                            get_bytes=sum(p.nbytes for p in payloads if p is not None))
@@ -186,6 +187,15 @@ class TransferServer:
             for chunk in chunks:
                 if chunk is not None:
                     chunk.release()
+
+    def _headers(self, items: list[tuple[ChunkKey, ChunkData | None, memoryview | None]]
+                 ) -> list[bytes]:
+        """The chunks' headers; signed with the cluster's key, half on its helper thread."""
+        def head(item: tuple[ChunkKey, ChunkData | None, memoryview | None]) -> bytes:
+            key, chunk, view = item
+            assert chunk is not None and view is not None
+            return encode_header(key, chunk.meta, view, self.mac)
+        return self.mac.map(head, items) if self.mac is not None else [head(x) for x in items]
 
     def _read(self, keys: list[ChunkKey]) -> list[ChunkData | None]:
         """Chunks from the store's own tiers (memory references, lower tiers' reads)."""

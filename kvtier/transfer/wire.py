@@ -12,7 +12,8 @@ A request is answered by one message with the same op. Ops:
 - GET: u32 n, n keys. Answer: per key a u64 entry length then the entry:
   0 = miss, ``LATER`` = not sent (over the batch size: ask again), otherwise
   a chunk in kvtier's chunk format (128-byte header + payload, as the disk
-  tier stores it), verified by the reader before use.
+  tier stores it), verified by the reader before use (with the cluster's
+  integrity key: its MAC too, signed by the server as it sends the chunk).
 
 Sizes are checked before anything is allocated: a body over the receiver's
 bound, a key count over ``MAX_KEYS`` or an entry longer than the rest of its
@@ -26,11 +27,12 @@ import enum
 import socket
 import struct
 import threading
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 
-from kvtier.codecs.format import HEADER_SIZE, ChunkData, parse_header, verify_payload
+from kvtier.codecs import ChunkMac
+from kvtier.codecs.format import HEADER_SIZE, ChunkData, Header, parse_header, verify_payload
 from kvtier.errors import CorruptChunk, KvtierError
 from kvtier.keys import KEY_BYTES, ChunkKey
 
@@ -213,16 +215,19 @@ def get_answer_buffers(heads: Sequence[bytes | None],
 
 def read_chunks(sock: socket.socket, keys: Sequence[ChunkKey], body_len: int,
                 take: Callable[[int], np.ndarray], give: Callable[[np.ndarray], None],
-                max_chunk: int) -> tuple[list[ChunkData | None], list[int], int]:
-    """Read a GET answer's body: (chunks, indexes sent LATER, corrupt count).
+                max_chunk: int, mac: ChunkMac | None = None
+                ) -> tuple[list[ChunkData | None], list[int], list[CorruptChunk]]:
+    """Read a GET answer's body: (chunks, indexes sent LATER, why each bad chunk failed).
 
     The body (its size already checked against the receiver's bound by
     :func:`parse_frame`) arrives in one ``recv_into(MSG_WAITALL)`` into
     ``take(body_len)``: one GIL release for the whole batch, not three per
     chunk, which matters when the engine's thread holds the GIL between its
     ops. Each entry is then checked in memory: length within the body and
-    ``max_chunk``, header (key, lengths, header checksum), payload checksum;
-    a chunk that fails is a miss. The chunks are views of the buffer, which
+    ``max_chunk``, header (key, lengths, header checksum), payload checksum or,
+    with ``mac``, the chunk's MAC (a ForgedChunk without a valid one; half of
+    the batch on the key's helper thread); a chunk that fails is a miss. The
+    chunks are views of the buffer, which
     goes back through ``give`` once every one of them is released. Framing
     errors raise WireError.
     """
@@ -230,7 +235,8 @@ def read_chunks(sock: socket.socket, keys: Sequence[ChunkKey], body_len: int,
     recv_into(sock, memoryview(buf))
     out: list[ChunkData | None] = [None] * len(keys)
     later: list[int] = []
-    corrupt = 0
+    bad: list[CorruptChunk] = []
+    signed: list[tuple[int, Header]] = []  # with a MAC: checked once the body is framed
     pos = 0
     for i, key in enumerate(keys):
         if body_len - pos < 8:
@@ -248,19 +254,26 @@ def read_chunks(sock: socket.socket, keys: Sequence[ChunkKey], body_len: int,
         entry, pos = buf[pos:pos + n], pos + n
         try:
             header = parse_header(key, entry[:HEADER_SIZE])
-            payload = entry[HEADER_SIZE:]
-            verify_payload(key, header, payload)
-        except CorruptChunk:
-            corrupt += 1
+            if mac is None:
+                verify_payload(key, header, entry[HEADER_SIZE:])
+        except CorruptChunk as exc:
+            bad.append(exc)
             continue
-        out[i] = ChunkData(header.meta, payload)
+        out[i] = ChunkData(header.meta, entry[HEADER_SIZE:])
+        signed.append((i, header))
     if pos != body_len:
         raise WireError(f"GET answer has {body_len - pos} bytes after its entries")
+    if mac is not None:
+        why = mac.check_all([(keys[i], h, cast(ChunkData, out[i]).payload) for i, h in signed])
+        for (i, _), exc in zip(signed, why):
+            if exc is not None:
+                out[i] = None
+                bad.append(exc)
     shared = _SharedBuffer(buf, give, sum(c is not None for c in out))
     for chunk in out:
         if chunk is not None:
             chunk._release = shared.release
-    return out, later, corrupt
+    return out, later, bad
 
 
 class _SharedBuffer:

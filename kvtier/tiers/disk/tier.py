@@ -27,6 +27,14 @@ and whole-file reads are in :mod:`kvtier.tiers.disk.files`, the LRU index in
   therefore always asked of the file system (one ``stat`` per key), files
   found that the index does not know are adopted, and files that vanished are
   dropped from it. Only names kvtier writes are ever removed (:mod:`kvtier.tiers.disk.files`).
+- Integrity: with the cluster's key (``mac``), files are written with a keyed
+  MAC (on the writer's thread); a file read without a valid one is deleted
+  and counted ``forged``: left, it would keep promising hits that fail and
+  keep the writers (which skip present keys) from storing the real chunk.
+  Only bytes that failed are deleted, and only while the name still holds the
+  file read: no one can make a reader delete a chunk written with the key.
+  A batch's MACs are checked on the key's helper thread, each while the next
+  file is read.
 - Failures: a missing file is a plain miss; a file that fails its header or
   checksum is deleted and counted ``corrupt``; a file of another kvtier format
   version (a rolling upgrade sharing the folder) is a miss counted ``foreign``
@@ -43,12 +51,15 @@ import errno
 import itertools
 import logging
 import os
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from kvtier.codecs import HEADER_SIZE, ChunkData, encode_header, parse_header, verify_payload
+from kvtier.codecs import (HEADER_SIZE, ChunkData, ChunkMac, encode_header, parse_header,
+                           verify_payload)
+from kvtier.codecs.integrity import Unchecked
 from kvtier.config import DiskConfig
-from kvtier.errors import CorruptChunk, ForeignChunk
+from kvtier.errors import CorruptChunk, ForeignChunk, ForgedChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.disk import files, folder
 from kvtier.tiers.base import Tier, TierUsage
@@ -56,15 +67,19 @@ from kvtier.tiers.buffer_pool import BufferPool
 from kvtier.tiers.disk.folder_index import FolderIndex
 
 log = logging.getLogger(__name__)
+Signed = tuple[Unchecked, str, tuple[int, int]]
+"""A chunk read whose MAC is still to be checked, its path and (device, inode)."""
 
 
 class DiskTier(Tier):
-    """Chunks as files under ``cfg.path``, bounded by ``cfg.max_bytes``, evicted LRU."""
+    """Chunks as files under ``cfg.path``, bounded by ``cfg.max_bytes``, evicted LRU;
+    signed and verified with ``mac`` (the cluster's integrity key) when given."""
 
     name = "disk"
 
-    def __init__(self, cfg: DiskConfig) -> None:
+    def __init__(self, cfg: DiskConfig, mac: ChunkMac | None = None) -> None:
         super().__init__()
+        self.mac = mac
         self.root = Path(cfg.path).expanduser()
         self._root = str(self.root)  # str paths: pathlib costs ~5% of a 3 MiB write
         self.fsync = cfg.fsync
@@ -121,7 +136,16 @@ class DiskTier(Tier):
         return [ok and self._present(key) for ok, (key, _) in zip(done, items)]
 
     def get_many(self, keys: Sequence[ChunkKey]) -> list[ChunkData | None]:
-        out = [self._get(key) for key in keys]
+        """Reads in order; with a key, each file's MAC is checked on the key's helper
+        thread while the next file is read (the hash costs the batch about one chunk's)."""
+        got: list[ChunkData | Future | None] = []
+        for key in keys:
+            read = self._get(key)
+            if isinstance(read, tuple):
+                assert self.mac is not None
+                read = self.mac.submit(self._check, read) if len(keys) > 1 else self._check(read)
+            got.append(read)
+        out = [c.result() if isinstance(c, Future) else c for c in got]
         hits = [c for c in out if c is not None]
         self.stats.add(hits=len(hits), misses=len(out) - len(hits),
                        get_bytes=sum(c.payload.nbytes for c in hits))
@@ -170,7 +194,8 @@ class DiskTier(Tier):
         self._index.found(key, st.st_size)
         return True
 
-    def _get(self, key: ChunkKey) -> ChunkData | None:
+    def _get(self, key: ChunkKey) -> ChunkData | Signed | None:
+        """A verified chunk, a miss, or (with a key) a chunk whose MAC is still to check."""
         path = self._file(key)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -181,14 +206,14 @@ class DiskTier(Tier):
             self.stats.add(errors=1)
             return None
         try:
-            chunk = self._read(key, fd)
+            chunk = self._read(key, fd, path)
             self._stamp(key, fd)
         except ForeignChunk as exc:  # another release's file: not ours to delete
             self._count_foreign(exc)
             return None
         except CorruptChunk:
             self.stats.add(corrupt=1)
-            self.delete_many([key])
+            self._drop_bad(key, path, fd)
             return None
         except OSError:
             self.stats.add(errors=1)
@@ -196,6 +221,35 @@ class DiskTier(Tier):
         finally:
             os.close(fd)
         return chunk
+
+    def _check(self, read: Signed) -> ChunkData | None:
+        """The chunk if its MAC is valid; else a miss, deleted, counted ``forged`` (or
+        ``corrupt``: its checksum failed too)."""
+        (key, header, payload), path, ident = read
+        try:
+            verify_payload(key, header, payload, self.mac)
+        except CorruptChunk as exc:
+            self.pool.give(payload)  # type: ignore[arg-type]
+            if isinstance(exc, ForgedChunk):
+                self._count_forged(exc)
+            else:
+                self.stats.add(corrupt=1)
+            self._drop_bad(key, path, ident)
+            return None
+        return ChunkData(header.meta, payload, self.pool.release_callback(payload))
+
+    def _drop_bad(self, key: ChunkKey, path: str, read: int | tuple[int, int]) -> None:
+        """Delete the bad file just read (``read``: its descriptor or (device, inode)) unless
+        its name now holds another file (a writer replaced it: not the chunk that failed)."""
+        try:
+            if isinstance(read, int):
+                st = os.fstat(read)
+                read = (st.st_dev, st.st_ino)
+            now = os.stat(path)
+        except OSError:  # gone already, or unreadable: nothing to delete here
+            return
+        if read == (now.st_dev, now.st_ino):
+            self.delete_many([key])
 
     def _stamp(self, key: ChunkKey, fd: int) -> None:
         """Record the use in the file's times, where every process (and a restart) sees it.
@@ -219,8 +273,9 @@ class DiskTier(Tier):
                          "their recency is kept in this process only", self._root, exc)
         self._index.used(key, stamp)
 
-    def _read(self, key: ChunkKey, fd: int) -> ChunkData:
-        """The whole file in one ``preadv``: header, and payload into a buffer of its size.
+    def _read(self, key: ChunkKey, fd: int, path: str) -> ChunkData | Signed:
+        """The whole file in one ``preadv``: header, and payload into a buffer of its size;
+        checked, except for the MAC (with a key): that is left to :meth:`_check`.
 
         One large request lets the kernel read the file in a few big I/Os; a small
         header read first would start readahead small and ramp up (~25% slower cold).
@@ -236,11 +291,14 @@ class DiskTier(Tier):
             if header.payload_len != payload.nbytes:
                 raise CorruptChunk(f"chunk {key.hex()}: file of {st.st_size} bytes, header "
                                    f"says {HEADER_SIZE + header.payload_len}")
-            verify_payload(key, header, payload)
+            if self.mac is None:
+                verify_payload(key, header, payload)
         except (CorruptChunk, OSError):
             self.pool.give(payload)
             raise
         self._index.found(key, st.st_size)
+        if self.mac is not None:
+            return (key, header, payload), path, (st.st_dev, st.st_ino)
         return ChunkData(header.meta, payload, self.pool.release_callback(payload))
 
     # -- writes ---------------------------------------------------------------
@@ -248,7 +306,7 @@ class DiskTier(Tier):
     def _put_new(self, key: ChunkKey, chunk: ChunkData) -> bool:
         payload = memoryview(chunk.payload).cast("B")
         size = HEADER_SIZE + payload.nbytes
-        header = encode_header(key, chunk.meta, payload)
+        header = encode_header(key, chunk.meta, payload, self.mac)
         if not self._index.reserve(size):  # no room the folder's LRU files could make
             self.stats.add(dropped=1)
             return False

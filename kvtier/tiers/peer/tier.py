@@ -8,8 +8,10 @@ to milliseconds: answers are cached for ``cache_s``, every wait is bounded by
 for ``backoff_s`` (a fixed :class:`kvtier.net.backoff.Backoff`). Reads
 (``get_many``, in the worker) use ``timeout_s``.
 Every chunk is verified on arrival (header, key, both checksums, see
-:func:`kvtier.transfer.wire.read_chunks`); a bad chunk, a refused connection,
-a peer that is down: each is a miss, counted, never an exception.
+:func:`kvtier.transfer.wire.read_chunks`; with the cluster's integrity key,
+its MAC: a chunk without a valid one counts ``forged``); a bad chunk, a
+refused connection, a peer that is down: each is a miss, counted, never an
+exception.
 
 ``put_many`` stores nothing (``read_only``: the store runs no writer for it).
 The namespace digest presented to peers is set by the worker once its engine
@@ -24,7 +26,8 @@ import threading
 import time
 from typing import Iterator, Sequence
 
-from kvtier.codecs import ChunkData
+from kvtier.codecs import ChunkData, ChunkMac
+from kvtier.errors import ForgedChunk
 from kvtier.transfer.wire import MAX_KEYS, Refused, WireError
 from kvtier.config.cluster import PeerConfig, parse_address
 from kvtier.keys import ChunkKey
@@ -47,10 +50,12 @@ class PeerTier(Tier):
 
     def __init__(self, cfg: PeerConfig, token: str = "", own_address: str = "",
                  namespace: str = "", max_chunk_bytes: int = 256 * 1024**2,
-                 read_pool_bytes: int = 64 * 1024**2) -> None:
+                 read_pool_bytes: int = 64 * 1024**2, mac: ChunkMac | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.token = token
+        self.mac = mac
+        """The cluster's integrity key: chunks arriving without its MAC are misses."""
         self.namespace = namespace
         """This instance's namespace digest (hex); "" allows presence checks only."""
         self.max_chunk_bytes = max_chunk_bytes
@@ -165,13 +170,17 @@ class PeerTier(Tier):
                 continue
             ask = [keys[i] for i in todo]
             try:
-                got, corrupt = pool.call(self.namespace, self.cfg.timeout_s, lambda c: c.get(
+                got, failed = pool.call(self.namespace, self.cfg.timeout_s, lambda c: c.get(
                     ask, self.cfg.timeout_s, self._buffers.take, self._buffers.give,
-                    self.max_chunk_bytes))
+                    self.max_chunk_bytes, self.mac))
             except _FAILURES:
                 self.stats.add(errors=1)
                 continue
-            self.stats.add(corrupt=corrupt)
+            for exc in failed:  # nothing to delete on a peer: its copy stays its business
+                if isinstance(exc, ForgedChunk):
+                    self._count_forged(exc)
+                else:
+                    self.stats.add(corrupt=1)
             for i, chunk in zip(todo, got):
                 if chunk is not None:
                     out[i] = chunk

@@ -12,18 +12,19 @@ the other's parts. So a reader deletes only what it verified bad twice:
    parts still on their orphan expiry belong to a write in progress (or of a
    writer that died: they expire), a plain miss;
 3. only the same bytes failing again are deleted: a checksum failure counts
-   ``corrupt``, a head whose parts are gone is deleted uncounted (it would keep
-   answering EXISTS, promising hits that fail).
+   ``corrupt``, a MAC failure (with the cluster's integrity key) ``forged``, a
+   head whose parts are gone is deleted uncounted (it would keep answering
+   EXISTS, promising hits that fail).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from kvtier.codecs import ChunkData
 from kvtier.codecs.format import Header
-from kvtier.errors import CorruptChunk
+from kvtier.errors import CorruptChunk, ForgedChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import TierStats
 from kvtier.tiers.redis.values import ValueLayout, same_write
@@ -34,11 +35,14 @@ Failed = tuple[int, Header, bytes, list[Any]]  # index in the batch, header, hea
 
 
 class SplitChunks:
-    """Reads and deletes split chunks under one layout; counts into the tier's ``stats``."""
+    """Reads and deletes split chunks under one layout; counts into the tier's ``stats``
+    (forged chunks through ``on_forged``, which logs the first)."""
 
-    def __init__(self, layout: ValueLayout, stats: TierStats) -> None:
+    def __init__(self, layout: ValueLayout, stats: TierStats,
+                 on_forged: Callable[[ForgedChunk], None]) -> None:
         self.layout = layout
         self.stats = stats
+        self.on_forged = on_forged
 
     def read(self, client: Any, keys: Sequence[ChunkKey],
              split: list[tuple[int, Header, bytes]], out: list[ChunkData | None]) -> None:
@@ -98,6 +102,20 @@ class SplitChunks:
         except CorruptChunk:
             return None
 
+    def _count(self, key: ChunkKey, header: Header, head: bytes, parts: list[Any]) -> None:
+        """Count a chunk about to be deleted as forged or corrupt (joined once more to
+        learn which: rare, and only on bytes already read)."""
+        try:
+            self.layout.join(key, header, head, parts)
+        except ForgedChunk as exc:
+            self.on_forged(exc)
+            return
+        except CorruptChunk:
+            pass
+        log.warning("redis tier: deleting chunk %s: its checksum failed twice on the same "
+                    "bytes", key.hex())
+        self.stats.add(corrupt=1)
+
     def _recheck(self, client: Any, keys: Sequence[ChunkKey], failed: list[Failed],
                  out: list[ChunkData | None]) -> None:
         """Step 2 and 3 of the module docstring, for every failed chunk in one round trip."""
@@ -123,9 +141,7 @@ class SplitChunks:
             if not all(same_write(head_ttl, ttl) for v, ttl in now if v is not None):
                 continue  # parts of a write in progress, or of a writer that died
             if all(v is not None for v in values):
-                log.warning("redis tier: deleting chunk %s: its checksum failed twice on the "
-                            "same bytes", keys[i].hex())
-                self.stats.add(corrupt=1)
+                self._count(keys[i], header, head, values)
             doomed.append((self.layout.head(keys[i]), len(parts)))
         if doomed:
             self.delete(client, [h for h, _ in doomed], [n for _, n in doomed])

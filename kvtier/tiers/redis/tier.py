@@ -32,6 +32,10 @@ Failures: a connection error or timeout turns the batch into misses /
 ``contains_timeout_s`` those of presence checks). A value of another kvtier
 format version (a rolling upgrade sharing the server) is a miss counted
 ``foreign`` and left in place, logged once. ``OOM`` replies count ``dropped``.
+With the cluster's integrity key (``mac``), values are written with a keyed
+MAC (on the writer's thread) and a value read without a valid one is deleted
+by the rules above and counted ``forged`` (left, it would block the real
+chunk: writers skip present keys).
 Nothing is raised to the caller. Payloads of hits may be read-only views of
 the bytes redis-py returned (no copy).
 """
@@ -40,12 +44,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, cast
 
-from kvtier.codecs import ChunkData, encode_header
+from kvtier.codecs import ChunkData, ChunkMac, encode_header
 from kvtier.codecs.format import Header
 from kvtier.config import RedisConfig
-from kvtier.errors import CorruptChunk, ForeignChunk
+from kvtier.errors import CorruptChunk, ForeignChunk, ForgedChunk
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.redis.conn import RedisConnection
@@ -67,19 +71,21 @@ def _import_redis() -> Any:
 
 
 class RedisTier(Tier):
-    """Chunks in Redis under ``cfg.key_prefix``; see the module docstring for the layout."""
+    """Chunks in Redis under ``cfg.key_prefix``; see the module docstring for the layout.
+    Signed and verified with ``mac`` (the cluster's integrity key) when given."""
 
     name = "redis"
 
-    def __init__(self, cfg: RedisConfig) -> None:
+    def __init__(self, cfg: RedisConfig, mac: ChunkMac | None = None) -> None:
         super().__init__()
         self._redis = _import_redis()
         self.cfg = cfg
-        self._layout = ValueLayout(cfg.key_prefix.encode(), cfg.max_value_bytes)
+        self.mac = mac
+        self._layout = ValueLayout(cfg.key_prefix.encode(), cfg.max_value_bytes, mac)
         self._ttl = cfg.ttl_s or None
         self._part_ttl = cfg.ttl_s + PART_TTL_MARGIN_S if cfg.ttl_s else None
         self._conn = RedisConnection(cfg, self._redis, self.stats)
-        self._split = SplitChunks(self._layout, self.stats)
+        self._split = SplitChunks(self._layout, self.stats, self._count_forged)
         self._count = 0  # chunks stored minus deleted by this object (see usage)
         self._count_lock = threading.Lock()
 
@@ -214,7 +220,7 @@ class RedisTier(Tier):
         :meth:`_keep_parts`); values are not copied."""
         payload = memoryview(chunk.payload).cast("B")
         head = self._head(key)
-        values = self._layout.split(encode_header(key, chunk.meta, payload), payload)
+        values = self._layout.split(encode_header(key, chunk.meta, payload, self.mac), payload)
         return [(head, self._concat(*values[0]), self._ttl)] + [
             (self._layout.part(head, i), self._concat(*v), self.cfg.orphan_part_ttl_s)
             for i, v in enumerate(values[1:], 1)]
@@ -226,6 +232,7 @@ class RedisTier(Tier):
         values = pipe.execute(raise_on_error=False)
         out: list[ChunkData | None] = [None] * len(keys)
         split: list[tuple[int, Header, bytes]] = []
+        signed: list[tuple[int, Header]] = []  # whole values whose MAC is still to check
         for i, (key, value) in enumerate(zip(keys, values)):
             if value is None:
                 continue
@@ -233,22 +240,36 @@ class RedisTier(Tier):
                 self.stats.add(errors=1)
                 continue
             try:
-                header, whole = self._layout.parse_head(key, value)
-                if whole is not None:
-                    out[i] = whole
-                else:
+                header, whole = self._layout.parse_head(key, value, check=self.mac is None)
+                if whole is None:
                     split.append((i, header, value))
+                elif self.mac is not None:
+                    signed.append((i, header))
+                out[i] = whole
             except ForeignChunk as exc:  # another release's value: not ours to delete
                 self._count_foreign(exc)
             except CorruptChunk as exc:
-                self._drop_corrupt(client, key, exc)
+                self._drop_bad(client, key, exc)
+        if signed:  # half of them on the key's helper thread
+            assert self.mac is not None
+            why = self.mac.check_all([(keys[i], h, cast(ChunkData, out[i]).payload)
+                                      for i, h in signed])
+            for (i, _), exc in zip(signed, why):
+                if exc is not None:
+                    out[i] = None
+                    self._drop_bad(client, keys[i], exc)
         if split:
             self._split.read(client, keys, split, out)
         return out
 
-    def _drop_corrupt(self, client: Any, key: ChunkKey, exc: CorruptChunk) -> None:
-        log.warning("redis tier: deleting corrupt chunk: %s", exc)
-        self.stats.add(corrupt=1)
+    def _drop_bad(self, client: Any, key: ChunkKey, exc: CorruptChunk) -> None:
+        """A whole value that failed: one SET wrote it, so it is deleted on its first
+        failure; counted ``forged`` (no valid MAC) or ``corrupt``."""
+        if isinstance(exc, ForgedChunk):
+            self._count_forged(exc)
+        else:
+            log.warning("redis tier: deleting corrupt chunk: %s", exc)
+            self.stats.add(corrupt=1)
         self._delete(client, [self._head(key)])
 
     def _delete(self, client: Any, heads: list[bytes]) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvtier.codecs import HEADER_SIZE, ChunkData, parse_header, verify_payload
+from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMac, parse_header, verify_payload
 from kvtier.codecs.format import Header
 from kvtier.errors import CorruptChunk
 from kvtier.keys import KEY_BYTES, ChunkKey
@@ -38,10 +38,12 @@ def same_write(head_pttl: object, part_pttl: object) -> bool:
 
 
 class ValueLayout:
-    """Names and values of chunks under ``prefix``, split at ``max_value_bytes``."""
+    """Names and values of chunks under ``prefix``, split at ``max_value_bytes``; with
+    ``mac`` (the cluster's integrity key), chunks are verified against their MAC."""
 
-    def __init__(self, prefix: bytes, max_value_bytes: int) -> None:
+    def __init__(self, prefix: bytes, max_value_bytes: int, mac: ChunkMac | None = None) -> None:
         self.prefix = prefix
+        self.mac = mac
         self.max_value = max_value_bytes
         self.first = max_value_bytes - HEADER_SIZE  # payload bytes in the head value
 
@@ -61,9 +63,10 @@ class ValueLayout:
         out += [[payload[start:start + m]] for start in range(self.first, payload.nbytes, m)]
         return out
 
-    @staticmethod
-    def parse_head(key: ChunkKey, value: bytes) -> tuple[Header, ChunkData | None]:
-        """The header of a head value, and the whole chunk when it is not split.
+    def parse_head(self, key: ChunkKey, value: bytes, check: bool = True
+                   ) -> tuple[Header, ChunkData | None]:
+        """The header of a head value, and the whole chunk when it is not split (its
+        payload verified unless ``check`` is False: the caller checks the MAC).
 
         Raises CorruptChunk for a value that cannot be this chunk's head.
         """
@@ -74,7 +77,8 @@ class ValueLayout:
         if rest:
             return header, None
         payload = np.frombuffer(value, dtype=np.uint8, offset=HEADER_SIZE)
-        verify_payload(key, header, payload)
+        if check:
+            verify_payload(key, header, payload, self.mac)
         return header, ChunkData(header.meta, payload)
 
     @staticmethod
@@ -82,8 +86,7 @@ class ValueLayout:
         """How many parts follow ``head`` (the writer's part size is the head's length)."""
         return -(-(header.payload_len - len(head) + HEADER_SIZE) // len(head))
 
-    @staticmethod
-    def join(key: ChunkKey, header: Header, head: bytes, parts: list[bytes]) -> ChunkData:
+    def join(self, key: ChunkKey, header: Header, head: bytes, parts: list[bytes]) -> ChunkData:
         """The chunk from its head and parts, copied once into one buffer and verified."""
         m, pos = len(head), len(head) - HEADER_SIZE
         payload = np.empty(header.payload_len, dtype=np.uint8)
@@ -93,7 +96,7 @@ class ValueLayout:
                 raise CorruptChunk(f"chunk {key.hex()}: part of {len(p)} bytes")
             payload[pos:pos + len(p)] = np.frombuffer(p, dtype=np.uint8)
             pos += len(p)
-        verify_payload(key, header, payload)
+        verify_payload(key, header, payload, self.mac)
         return ChunkData(header.meta, payload)
 
     def scan_pattern(self) -> bytes:
