@@ -23,6 +23,7 @@ from kvtier.connectors.vllm.scheduler import KvtierWorkerMeta, SchedulerPlanner
 from kvtier.keys import ChunkKey, Namespace
 from kvtier.store import ChunkStore
 from kvtier.tiers.memory import MemoryTier
+from tests.test_vllm_plan import done, request, step
 
 SLOT = 256
 
@@ -185,29 +186,6 @@ CS, BS = 256, 128
 def planner(shared: ChunkStore | None) -> SchedulerPlanner:
     ns = [Namespace("m", "vllm_cpu:L4:H1:D64:B128:bfloat16", CS)]
     return SchedulerPlanner(load_config(engine={}), ns, BS, shared=shared)
-
-
-def request(req_id: str, n: int) -> Any:
-    return SimpleNamespace(request_id=req_id, prompt_token_ids=list(range(7, 7 + n)),
-                           prompt_embeds=None, mm_features=[], lora_request=None,
-                           cache_salt=None)
-
-
-def step(new: list = (), cached: list = ()) -> Any:
-    """A SchedulerOutput stand-in: (req_id, new block ids, computed before, scheduled)."""
-    return SimpleNamespace(
-        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=c)
-                            for r, b, c, _ in new],
-        scheduled_cached_reqs=SimpleNamespace(
-            req_ids=[r for r, *_ in cached], resumed_req_ids=set(),
-            new_block_ids=[(b,) if b else None for _, b, _, _ in cached],
-            num_computed_tokens=[c for _, _, c, _ in cached]),
-        num_scheduled_tokens={r: s for r, _, _, s in [*new, *cached]},
-        preempted_req_ids=set())
-
-
-def done(p: SchedulerPlanner, meta: KvtierWorkerMeta | None = None) -> None:
-    p.step_done(SimpleNamespace(kv_connector_worker_meta=meta, invalid_block_ids=set()))
 
 
 def test_after_a_reset_the_scheduler_trusts_shared_tiers_only_once_workers_passed() -> None:
