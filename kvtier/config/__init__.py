@@ -14,12 +14,14 @@ from kvtier.config.secrets import (MIN_KEY_BYTES, cli_token, env_token, read_key
                                    read_token, read_token_file, token_env)
 from kvtier.config.sections import (ControlConfig, DiskConfig, IntegrityConfig, KvtierConfig,
                                     MemoryConfig, RedisConfig, VerifyConfig)
+from kvtier.config.tls import TlsConfig, is_wildcard, require_tls
 from kvtier.config.values import (CodecName, TierName, WritePolicy, is_loopback, parse_size,
                                   redact_url)
 from kvtier.errors import ConfigError
 
 __all__ = ["MIN_KEY_BYTES", "CodecName", "ConfigError", "ControlConfig", "ControllerConfig",
            "DiskConfig", "IntegrityConfig", "KvtierConfig", "MemoryConfig", "PeerConfig",
-           "RedisConfig", "TierName", "TransferConfig", "VerifyConfig", "WritePolicy", "cli_token",
-           "env_token", "is_loopback", "load_config", "parse_address", "parse_size",
-           "read_key_file", "read_token", "read_token_file", "redact_url", "token_env"]
+           "RedisConfig", "TierName", "TlsConfig", "TransferConfig", "VerifyConfig",
+           "WritePolicy", "cli_token", "env_token", "is_loopback", "is_wildcard", "load_config",
+           "parse_address", "parse_size", "read_key_file", "read_token", "read_token_file",
+           "redact_url", "require_tls", "token_env"]

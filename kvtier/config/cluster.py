@@ -46,7 +46,11 @@ class TransferConfig(Section):
 
     section_key: ClassVar[str] = "transfer."
     host: Name = "127.0.0.1"
-    """Address to bind and to advertise. Anything but loopback needs a token."""
+    """Address to bind. Anything but loopback needs a token, and TLS (``tls``) unless
+    ``tls.insecure``."""
+    advertise: Name = ""
+    """``host:port`` other instances dial (registered with the controller); "" is
+    ``host:port``, which a wildcard ``host`` (0.0.0.0, ::) cannot give."""
     port: Int = Field(0, ge=0, le=65535)
     """TCP port; 0 leaves the server off."""
     token: Secret = Field("", repr=False)
@@ -70,7 +74,12 @@ class TransferConfig(Section):
     @property
     def address(self) -> str:
         """``host:port`` as other instances reach this one ("" when off)."""
-        return f"{self.host}:{self.port}" if self.port else ""
+        if not self.port:
+            return ""
+        if self.advertise:
+            return self.advertise
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
 
 class PeerConfig(Section):

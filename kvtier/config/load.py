@@ -23,7 +23,9 @@ from typing import Any, Mapping
 import yaml
 from pydantic import ValidationError
 
-from kvtier.config.cluster import peer_from_controller, validate_cluster, validate_controller
+from kvtier.config.cluster import (parse_address, peer_from_controller, validate_cluster,
+                                   validate_controller)
+from kvtier.config.tls import is_wildcard, require_tls
 from kvtier.config.fields import config_error, secret_keys
 from kvtier.config.secrets import DEPRECATED_TOKEN_ENV, TOKEN_SECTIONS, deprecated_env_token
 from kvtier.config.sections import ControlConfig, KvtierConfig
@@ -107,6 +109,7 @@ def _check(cfg: KvtierConfig) -> None:
         raise ConfigError("redis.reconnect_backoff_max_s", "must be >= redis.reconnect_backoff_s "
                           f"({r.reconnect_backoff_s}), got {r.reconnect_backoff_max_s}")
     _check_control(cfg.control)
+    _check_tls(cfg)
     validate_controller(cfg.controller)
     validate_cluster(cfg.transfer, cfg.peer, TierName.PEER in cfg.tiers)
     if TierName.DISK in cfg.tiers and not cfg.disk.path:
@@ -128,6 +131,28 @@ def _check_integrity(cfg: KvtierConfig) -> None:
     if importlib.util.find_spec("blake3") is None:  # no weaker MAC to fall back to
         raise ConfigError("integrity.key_file", "a key needs the blake3 package: "
                           "pip install 'kvtier[integrity]'")
+
+
+def _check_tls(cfg: KvtierConfig) -> None:
+    """TLS files usable; no surface off loopback without TLS (unless waived); an
+    instance registering with a controller gives out addresses others can dial."""
+    cfg.tls.check()
+    files = cfg.tls.files()
+    if cfg.control.port:
+        require_tls("control.host", cfg.control.host, files, cfg.tls.insecure)
+    if cfg.transfer.port:
+        require_tls("transfer.host", cfg.transfer.host, files, cfg.tls.insecure)
+    if cfg.transfer.advertise:
+        parse_address("transfer.advertise", cfg.transfer.advertise)
+    if not cfg.controller.url:
+        return
+    for key, host, port, advertised in (
+            ("control", cfg.control.host, cfg.control.port, cfg.control.advertise),
+            ("transfer", cfg.transfer.host, cfg.transfer.port, cfg.transfer.advertise)):
+        if port and not advertised and is_wildcard(host):
+            raise ConfigError(f"{key}.advertise", f"{key}.host {host} binds every address, "
+                              "which is no address for others to dial: set "
+                              f"{key}.advertise to this machine's reachable address")
 
 
 def _check_control(ctl: ControlConfig) -> None:

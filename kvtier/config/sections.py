@@ -12,8 +12,9 @@ from pydantic import Field, model_validator
 
 from kvtier.config.cluster import ControllerConfig, PeerConfig, TransferConfig
 from kvtier.config.fields import (Codec, Flag, Int, Name, Number, Policy, Secret, Section, Size,
-                                  Tiers)
+                                  Tiers, Url)
 from kvtier.config.secrets import read_key_file, read_token
+from kvtier.config.tls import TlsConfig
 from kvtier.config.values import CodecName, TierName, WritePolicy
 from kvtier.errors import ConfigError
 
@@ -85,7 +86,11 @@ class ControlConfig(Section):
     port: Int = Field(0, ge=0, le=65535)
     """TCP port on ``host``; 0 leaves the API off. Worker rank r listens on port + r."""
     host: Name = "127.0.0.1"
-    """Address to bind. Anything but a loopback address needs ``token`` or ``token_file``."""
+    """Address to bind. Anything but a loopback address needs ``token`` or ``token_file``,
+    and TLS (``tls``) unless ``tls.insecure``."""
+    advertise: Url = ""
+    """The API's base URL as others reach it (registered with the controller); "" derives it
+    from ``host`` and the port, which a wildcard ``host`` (0.0.0.0, ::) cannot give."""
     token: Secret = Field("", repr=False)
     """Bearer token all but ``/health`` need ("": none). vLLM logs its extra config: prefer
     ``token_file`` or ``KVTIER_CONTROL__TOKEN``."""
@@ -189,6 +194,7 @@ class KvtierConfig(Section):
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     peer: PeerConfig = Field(default_factory=PeerConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     # repr=False: an error about ``integrity: <a secret, inline>`` never shows the value.
     integrity: IntegrityConfig = Field(default_factory=IntegrityConfig, repr=False)
 

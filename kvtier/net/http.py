@@ -18,12 +18,15 @@
 Sync callers hold an :class:`HttpClient` (pooled keep-alive connections; the
 httpx client is made on first use, which costs ~15 ms, and so after any fork);
 async callers (the router) pass an ``httpx.AsyncClient`` to :func:`arequest`,
-best one from :func:`async_client` (no environment proxies or redirects).
+best one from :func:`async_client` (no environment proxies or redirects). Both
+take the process's :class:`~kvtier.net.tls.TlsFiles`: https:// URLs are checked
+against the cluster's CA, and its certificate is presented (mutual TLS).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +34,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+from kvtier.net.tls import TlsFiles, client_context
 
 MAX_BYTES = 1024**2
 """The default bound on an answer's body."""
@@ -169,9 +174,11 @@ class HttpClient:
     """Pooled HTTP calls under the module's rules; thread-safe. ``timeout_s`` and
     ``max_bytes`` are the defaults of every call (each call may give its own)."""
 
-    def __init__(self, timeout_s: float, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, timeout_s: float, max_bytes: int = MAX_BYTES,
+                 tls: TlsFiles | None = None) -> None:
         self.timeout_s = timeout_s
         self.max_bytes = max_bytes
+        self.tls = tls
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
 
@@ -179,7 +186,7 @@ class HttpClient:
         with self._lock:
             if self._client is None:
                 self._client = httpx.Client(timeout=self.timeout_s, follow_redirects=False,
-                                            trust_env=False)
+                                            trust_env=False, verify=_verify(self.tls))
             return self._client
 
     def request(self, method: str, url: str, *, token: str = "",
@@ -213,10 +220,17 @@ class HttpClient:
             client.close()
 
 
-def async_client(max_connections: int = 100) -> httpx.AsyncClient:
+def _verify(tls: TlsFiles | None) -> ssl.SSLContext | bool:
+    """httpx's ``verify`` for https:// URLs: the cluster's CA (and this process's
+    certificate, for mutual TLS) when configured, else the system's CAs."""
+    return client_context(tls) if tls is not None and tls.dialing else True
+
+
+def async_client(max_connections: int = 100, tls: TlsFiles | None = None) -> httpx.AsyncClient:
     """An ``httpx.AsyncClient`` for :func:`arequest`: nothing taken from the environment
-    (a proxy would see the token), redirects off, every call gives its own timeout."""
-    return httpx.AsyncClient(trust_env=False, follow_redirects=False,
+    (a proxy would see the token), redirects off, every call gives its own timeout;
+    https:// checked against ``tls``'s CA (presenting its certificate) when given."""
+    return httpx.AsyncClient(trust_env=False, follow_redirects=False, verify=_verify(tls),
                              limits=httpx.Limits(max_connections=max_connections))
 
 
