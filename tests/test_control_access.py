@@ -121,7 +121,7 @@ def test_a_non_loopback_host_without_a_token_is_refused_at_start_up(tmp_path: Pa
     token = tmp_path / "token"
     token.write_text(TOKEN + "\n")
     cfg = load_config(env={}, engine={"control.port": 8700, "control.host": "0.0.0.0",
-                                      "control.token_file": str(token)})
+                                      "control.token_file": str(token), "tls.insecure": True})
     assert cfg.control.resolve_token() == TOKEN and TOKEN not in repr(cfg)
     with pytest.raises(ConfigError, match="control.token_file"):
         load_config(env={}, engine={"control.port": 8700,

@@ -32,6 +32,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     auth.add_argument("--token", help="bearer token (default $KVTIER_CONTROL__TOKEN)")
     auth.add_argument("--token-file", help="a file holding the bearer token")
     ctl.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    ctl.add_argument("--tls-ca", default="", help="CA that signed the API's certificate "
+                     "(https:// URLs; default: the system's CAs)")
+    ctl.add_argument("--tls-cert", default="", help="client certificate, for an API that "
+                     "requires one (mutual TLS)")
+    ctl.add_argument("--tls-key", default="", help="the client certificate's key")
     sub = ctl.add_subparsers(dest="op", required=True)
     for op, text in (("status", "usage and counters of every tier"), ("health", "liveness"),
                      ("metrics", "Prometheus text")):
@@ -120,8 +125,16 @@ def run(args: argparse.Namespace) -> int:
     """Call the API; print its answer."""
     from kvtier.config import ConfigError, cli_token
 
+    from kvtier.net.tls import TlsError, TlsFiles
+
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
     try:
-        client = ControlClient(args.url, cli_token("control", args.token, args.token_file))
+        tls.check("--tls-")
+    except TlsError as e:
+        sys.exit(f"kvtier ctl: {e.key.replace('_file', '')}: {e.problem}")
+    try:
+        client = ControlClient(args.url, cli_token("control", args.token, args.token_file),
+                               tls=tls)
         if args.op in ("status", "health"):
             result = getattr(client, args.op)()
         elif args.op == "metrics":

@@ -16,6 +16,7 @@ from kvtier.codecs import encode
 from kvtier.codecs.format import ChunkData
 from kvtier.keys import ChunkKey
 from kvtier.net.http import HttpClient, HttpError, Redirected, StatusError, TooLarge
+from kvtier.net.tls import TlsFiles
 
 MAX_ANSWER = 64 * 1024**2
 """The bound on an answer: far above any the API gives (JSON summaries, Prometheus text)."""
@@ -39,11 +40,11 @@ class ControlClient:
     """Calls one instance's management API at ``url`` (``http://127.0.0.1:8700``)."""
 
     def __init__(self, url: str, token: str = "", timeout_s: float = 60.0,
-                 max_bytes: int = MAX_ANSWER) -> None:
+                 max_bytes: int = MAX_ANSWER, tls: TlsFiles | None = None) -> None:
         self.url = url.rstrip("/")
         self._token = token
         self.timeout_s = timeout_s
-        self._http = HttpClient(timeout_s, max_bytes)
+        self._http = HttpClient(timeout_s, max_bytes, tls)
 
     def call(self, op: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """POST ``/v1/<op>`` with a JSON body; the decoded JSON answer."""

@@ -16,7 +16,8 @@ import time
 
 import uvicorn
 
-from kvtier.config import ControlConfig, ConfigError, is_loopback
+from kvtier.config import ControlConfig, ConfigError, is_loopback, require_tls
+from kvtier.net.tls import TlsFiles, uvicorn_options
 from kvtier.control.api import CacheAPI
 from kvtier.control.app import OpRunner, build_app
 from kvtier.control.guard import Guard
@@ -30,18 +31,23 @@ _START_TIMEOUT_S = 10.0
 class ControlServer:
     """A running management API for ``api``; :meth:`close` stops it.
 
-    Raises :class:`~kvtier.errors.ConfigError` (saying why) instead of serving
-    on a non-loopback host without a token, and ``OSError`` when the port is
-    taken.
+    With ``tls`` serving it speaks only https (mutual TLS when ``tls`` has a CA and
+    ``client_auth``). Raises :class:`~kvtier.errors.ConfigError` (saying why)
+    instead of serving on a non-loopback host without a token, or without TLS
+    unless ``insecure`` waives it, and ``OSError`` when the port is taken.
     """
 
     def __init__(self, api: CacheAPI, cfg: ControlConfig | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: TlsFiles | None = None,
+                 insecure: bool = False) -> None:
         cfg = cfg or ControlConfig()
+        tls = tls or TlsFiles()
         token = cfg.resolve_token()
         if not token and not is_loopback(cfg.host):
             raise ConfigError("control.host", f"refusing to serve the management API on "
                               f"{cfg.host} without control.token or control.token_file")
+        require_tls("control.host", cfg.host, tls, insecure)
+        self.scheme = "https" if tls.serving else "http"
         self.api = api
         self.metrics = ControlMetrics(api)
         self.runner = OpRunner(cfg.workers, cfg.request_timeout_s)
@@ -52,7 +58,8 @@ class ControlServer:
                                 limit_concurrency=cfg.max_concurrency,
                                 timeout_keep_alive=5, timeout_graceful_shutdown=5,
                                 h11_max_incomplete_event_size=64 * 1024,
-                                server_header=False, proxy_headers=False)
+                                server_header=False, proxy_headers=False,
+                                **uvicorn_options(tls))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="kvtier-control",
                                         daemon=True)
@@ -77,7 +84,7 @@ class ControlServer:
     def url(self) -> str:
         """Base URL of the API."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def close(self) -> None:
         """Stop serving (bounded) and release the port."""

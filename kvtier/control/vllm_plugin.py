@@ -33,7 +33,8 @@ def start_control_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> N
         return
     api = CacheAPI(engine.store, engine.hasher, engine.layout)
     try:
-        server = ControlServer(api, cfg.control, cfg.control.port + rank)
+        server = ControlServer(api, cfg.control, cfg.control.port + rank, cfg.tls.files(),
+                               cfg.tls.insecure)
     except BaseException:
         api.close()
         raise
