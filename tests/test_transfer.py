@@ -362,6 +362,7 @@ def test_transfer_benchmark_reports_both_rates(capsys: pytest.CaptureFixture[str
     main(["bench", "cluster", "--part", "transfer", "--quick", "--json"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["transfer_gbps"] > 0 and res["loopback_tcp_gbps"] > 0
+    assert res["transfer_tls_gbps"] > 0 and res["tls_vs_plain"] > 0
     assert res["transfer_vs_loopback"] > 0 and res["peer_stats"]["corrupt"] == 0
     from kvtier.bench.cluster import transfer
     assert "raw loopback TCP" in transfer.table(res)
