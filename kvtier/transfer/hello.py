@@ -89,7 +89,9 @@ def read_hello(sock: socket.socket, deadline: Deadline) -> tuple[int, int, bytes
     magic, version, op, status, body_len = FRAME.unpack(recv_by(sock, FRAME.size, deadline))
     if magic != MAGIC:
         raise WireError("not a kvtier transfer frame")
-    if version != VERSION:
+    if version != VERSION:  # its body read if small, so a refusal is not lost to a reset
+        if body_len <= MAX_HELLO:
+            recv_by(sock, body_len, deadline)
         return version, status, b""
     if op != Op.HELLO:
         raise WireError(f"op {op} during HELLO")

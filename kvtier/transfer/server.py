@@ -38,7 +38,8 @@ from typing import Protocol, Sequence
 
 from kvtier.codecs import ChunkData, ChunkMac
 from kvtier.codecs.format import encode_header
-from kvtier.transfer.hello import Deadline, plain_client, refuse, server_hello, tls_accept
+from kvtier.transfer.hello import (Deadline, plain_client, read_hello, refuse, server_hello,
+                                   tls_accept)
 from kvtier.transfer.wire import (FRAME, GET_KEYS, MAX_KEYS, Op, Status, WireError,
                                   contains_body, frame, get_answer_buffers, parse_frame,
                                   parse_keys, recv_exact, sendmsg_all, set_timeout)
@@ -178,6 +179,7 @@ class TransferServer:
         if self.tls is not None:
             if plain_client(conn, deadline):
                 self.stats.add(errors=1)
+                read_hello(conn, deadline)  # read, so the refusal is not lost to a reset
                 refuse(conn, Status.TLS_REQUIRED, "this transfer server speaks TLS only: give "
                        "the client tls.ca_file (and tls.cert_file/key_file for mutual TLS)",
                        deadline)

@@ -56,6 +56,7 @@ GET_KEYS = 4096
 MAX_HELLO = 4096
 LATER = 2**64 - 1
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+_ZERO, _LATER = _U64.pack(0), _U64.pack(LATER)
 _IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
 _COALESCE = 64 * 1024  # over TLS, buffers smaller than this are joined before sending
 
@@ -217,18 +218,23 @@ def read_message(sock: socket.socket, op: int, max_body: int) -> tuple[int, byte
 def get_answer_buffers(heads: Sequence[bytes | None],
                        payloads: Sequence[memoryview | None], later: int) -> list:
     """The buffers of a GET answer (frame first): per key a length then header and payload;
-    keys from index ``later`` on are marked LATER."""
+    keys from index ``later`` on are marked LATER. Lengths and headers between payloads
+    are joined into one buffer (a 65,536-key answer is a few buffers, not 65,536)."""
     parts: list = []
-    total = 0
-    for i, (head, payload) in enumerate(zip(heads, payloads)):
-        if i >= later:
-            parts.append(_U64.pack(LATER))
-        elif head is None or payload is None:
-            parts.append(_U64.pack(0))
+    small = bytearray()
+    total = 8 * len(heads)
+    for head, payload in zip(heads[:later], payloads[:later]):
+        if head is None or payload is None:
+            small += _ZERO
         else:
-            parts += [_U64.pack(HEADER_SIZE + payload.nbytes), head, payload]
+            small += _U64.pack(HEADER_SIZE + payload.nbytes)
+            small += head
+            parts += [bytes(small), payload]
+            small.clear()
             total += HEADER_SIZE + payload.nbytes
-    total += 8 * len(heads)
+    small += _LATER * (len(heads) - min(later, len(heads)))
+    if small:
+        parts.append(bytes(small))
     return [frame(Op.GET, total)] + parts
 
 
