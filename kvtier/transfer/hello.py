@@ -41,6 +41,10 @@ _U16 = struct.Struct("<H")
 _LABEL = b"kvtier-transfer-v2 "
 
 
+class Closed(WireError):
+    """The other side closed the connection during the opening."""
+
+
 class Deadline:
     """One bound for a series of socket waits (``seconds`` from now, in total)."""
 
@@ -73,7 +77,7 @@ def recv_by(sock: socket.socket, n: int, deadline: Deadline) -> bytes:
             raise WireError(f"the opening (TLS and HELLO) took over {deadline.seconds:g}s") \
                 from None
         if k == 0:
-            raise WireError("connection closed during the opening")
+            raise Closed("connection closed during the opening")
         got += k
     return bytes(buf)
 
@@ -151,12 +155,9 @@ def client_hello(sock: socket.socket, token: str, namespace: str, deadline: Dead
 def _answer(sock: socket.socket, deadline: Deadline) -> bytes:
     try:
         version, status, body = read_hello(sock, deadline)
-    except WireError as exc:
-        if "closed" in str(exc):
-            raise WireError("the transfer server closed the connection during HELLO (it may "
-                            "speak TLS only: set tls.ca_file; or it refused this client)"
-                            ) from None
-        raise
+    except Closed:
+        raise WireError("the transfer server closed the connection during HELLO (it may "
+                        "speak TLS only: set tls.ca_file; or it refused this client)") from None
     if version != VERSION:
         raise WireError(f"the transfer server speaks kvtier transfer protocol v{version}, "
                         f"this release speaks v{VERSION}: run the same kvtier release on both")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 from typing import Protocol, Sequence
 
