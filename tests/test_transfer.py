@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvtier.codecs import ChunkData, ChunkMeta
-from kvtier.transfer.wire import (FRAME, MAX_HELLO, Op, Status, WireError, contains_body, frame,
-                                hello_body, parse_contains, parse_frame, parse_hello, parse_keys)
+from kvtier.transfer.hello import NONCE, Deadline, client_hello, open_body, parse_open
+from kvtier.transfer.wire import (FRAME, MAX_HELLO, Op, Refused, Status, WireError,
+                                  contains_body, frame, parse_contains, parse_frame, parse_keys)
 from kvtier.config import PeerConfig, TransferConfig, load_config
 from kvtier.errors import ConfigError
 from kvtier.store import ChunkStore
@@ -127,19 +128,18 @@ def test_wrong_token_or_namespace_is_refused(server: TransferServer, token: str,
     assert tier.stats.errors == 1 and tier.stats.hits == 0
     tier.close()
     sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    body = hello_body(token, namespace)
-    sock.sendall(frame(Op.HELLO, len(body)) + body)
-    _, status, n = parse_frame(sock.recv(FRAME.size, socket.MSG_WAITALL), 4096)
+    with pytest.raises(Refused) as refused:
+        client_hello(sock, token, namespace, Deadline(5.0))
     want = Status.BAD_TOKEN if token != "tok" else Status.NAMESPACE_MISMATCH
-    assert status == want and n > 0
+    assert refused.value.status == want
     sock.close()
 
 
 def test_non_loopback_host_needs_a_token() -> None:
     with pytest.raises(ConfigError, match="transfer.host"):
         load_config(env={}, engine={"transfer.host": "0.0.0.0", "transfer.port": 7000})
-    load_config(env={"KVTIER_TRANSFER_TOKEN": "t"},
-                engine={"transfer.host": "0.0.0.0", "transfer.port": 7000})
+    load_config(env={"KVTIER_TRANSFER__TOKEN": "t"},
+                engine={"transfer.host": "0.0.0.0", "transfer.port": 7000, "tls.insecure": True})
     with pytest.raises(ConfigError, match="peer.peers"):
         load_config(env={}, engine={"tiers": ["memory", "peer"]})
     with pytest.raises(ConfigError, match=r"peer.peers\[0\]"):
@@ -194,8 +194,15 @@ class Proxy:
         self.sock.close()
 
 
-HELLO_ANSWER = FRAME.size + 2
+HELLO_ANSWER = 2 * FRAME.size + NONCE + 32  # the server's nonce, then its proof
 FIRST_ENTRY = HELLO_ANSWER + FRAME.size + 8  # where the first chunk's header starts
+
+
+def hello(port: int, token: str = "tok", namespace: str = NS) -> socket.socket:
+    """A raw socket through HELLO (the client's side of the challenge-response)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client_hello(sock, token, namespace, Deadline(5.0))
+    return sock
 
 
 @pytest.mark.parametrize("where", [50, 128 + 1000], ids=["header", "payload"])
@@ -238,13 +245,10 @@ def test_server_process_killed_is_a_miss_then_skipped() -> None:
 
 def test_oversize_frame_is_refused_before_allocation(server: TransferServer) -> None:
     with pytest.raises(WireError, match="over the bound"):
-        parse_frame(FRAME.pack(b"KVTX", 1, Op.GET, 0, 1 << 40), 1 << 20)
+        parse_frame(FRAME.pack(b"KVTX", 2, Op.GET, 0, 1 << 40), 1 << 20)
     tracemalloc.start()
     try:
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        body = hello_body("tok", NS)
-        sock.sendall(frame(Op.HELLO, len(body)) + body)
-        sock.recv(HELLO_ANSWER, socket.MSG_WAITALL)
+        sock = hello(server.port)
         sock.sendall(frame(Op.GET, 1 << 33))  # 8 GiB of keys promised
         assert sock.recv(1) == b""  # the server hung up
         _, peak = tracemalloc.get_traced_memory()
@@ -261,7 +265,7 @@ def test_oversize_frame_is_refused_before_allocation(server: TransferServer) -> 
 @given(st.binary(max_size=200))
 def test_fuzzed_messages_parse_or_raise_wire_error(data: bytes) -> None:
     for parse in (lambda b: parse_frame(b[:FRAME.size].ljust(FRAME.size, b"\0"), 1 << 20),
-                  parse_hello, parse_keys, lambda b: parse_contains(b, 5)):
+                  parse_open, parse_keys, lambda b: parse_contains(b, 5)):
         try:
             parse(data)
         except WireError:
@@ -274,11 +278,8 @@ def test_fuzzed_messages_parse_or_raise_wire_error(data: bytes) -> None:
 @given(st.binary(min_size=1, max_size=300), st.booleans())
 def test_fuzzed_streams_never_break_the_server(server: TransferServer, junk: bytes,
                                                after_hello: bool) -> None:
-    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    if after_hello:
-        body = hello_body("tok", NS)
-        sock.sendall(frame(Op.HELLO, len(body)) + body)
-        sock.recv(HELLO_ANSWER, socket.MSG_WAITALL)
+    sock = hello(server.port) if after_hello else \
+        socket.create_connection(("127.0.0.1", server.port), timeout=5)
     sock.sendall(junk)
     sock.close()
     tier = peer_tier(server.address)
@@ -287,7 +288,7 @@ def test_fuzzed_streams_never_break_the_server(server: TransferServer, junk: byt
 
 
 def test_hello_body_bound() -> None:
-    assert MAX_HELLO >= len(hello_body("t" * 1000, "n" * 64))
+    assert MAX_HELLO >= len(open_body(b"n" * NONCE, "n" * 1000))
     assert struct.calcsize("<4sBBHQ") == FRAME.size == 16
 
 
@@ -361,6 +362,7 @@ def test_transfer_benchmark_reports_both_rates(capsys: pytest.CaptureFixture[str
     main(["bench", "cluster", "--part", "transfer", "--quick", "--json"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["transfer_gbps"] > 0 and res["loopback_tcp_gbps"] > 0
+    assert res["transfer_tls_gbps"] > 0 and res["tls_vs_plain"] > 0
     assert res["transfer_vs_loopback"] > 0 and res["peer_stats"]["corrupt"] == 0
     from kvtier.bench.cluster import transfer
     assert "raw loopback TCP" in transfer.table(res)

@@ -59,13 +59,17 @@ class TransferConfig(Section):
     token_file: Name = ""
     """A file holding the shared secret."""
     timeout_s: Number = Field(5.0, gt=0)
-    """Bound on each socket wait once a request has started (both sides)."""
+    """Bound on each socket wait once a request has started (both sides), and on a
+    connection's whole opening (TLS handshake and HELLO together)."""
     idle_timeout_s: Number = Field(120.0, gt=0)
     """An idle pooled connection is closed by the server after this long."""
     max_batch_bytes: Size = Field(256 * 1024**2, ge=1024**2)
     """Largest message body: a GET answer stops before it and the rest is asked again."""
     max_connections: Int = Field(32, ge=1)
     """Connections served at once; more are refused."""
+    max_connections_per_client: Int = Field(8, ge=1)
+    """Connections served at once to one client address (so one client cannot take every
+    slot); more are refused."""
 
     def resolve_token(self) -> str:
         """The configured token (``token`` or the file ``token_file``); "" if none."""

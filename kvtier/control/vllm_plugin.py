@@ -3,9 +3,8 @@
 Registered as a vLLM general plugin (entry point ``vllm.general_plugins`` in
 pyproject.toml), which vLLM loads in every process it starts. It only adds a
 hook to the connector; the servers start in a worker once its cache engine
-exists, and only if ``control.port`` / ``transfer.port`` is set. The same hook
-gives a peer tier the worker's namespace digest, so it may read chunks. It also
-adds the cluster controller's registration hook (starts only if
+exists, and only if ``control.port`` / ``transfer.port`` is set (the transfer
+server over TLS when the ``tls`` section serves). It also adds the cluster controller's registration hook (starts only if
 ``controller.url`` is set).
 """
 
@@ -20,7 +19,6 @@ from kvtier.engine.cache_engine import CacheEngine
 from kvtier.errors import UnsupportedConfig
 from kvtier.store.build import chunk_mac
 from kvtier.transfer.server import TransferServer
-from kvtier.tiers.peer import PeerTier
 
 log = logging.getLogger(__name__)
 _servers: list[ControlServer] = []
@@ -44,13 +42,10 @@ def start_control_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> N
 
 
 def start_transfer_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
-    """Engine-ready hook: give peer tiers this worker's namespace; serve the transfer
-    channel on ``transfer.port`` (one worker per instance for now)."""
+    """Engine-ready hook: serve the transfer channel on ``transfer.port`` (one worker per
+    instance for now; TLS with the ``tls`` section's certificate)."""
     namespace = engine.hasher.namespace
     digest = namespace.seed().hex()
-    for tier in engine.store.tiers:
-        if isinstance(tier, PeerTier):
-            tier.namespace = digest
     if not cfg.transfer.port:
         return
     try:
@@ -59,14 +54,16 @@ def start_transfer_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> 
                 f"kvtier transfer: tensor/pipeline parallel size {namespace.tp_size}/"
                 f"{namespace.pp_size}: the transfer server serves one worker per instance for "
                 "now; unset transfer.port (peers then recompute) or run with TP=PP=1")
-        server = TransferServer(engine.store, cfg.transfer, digest, mac=chunk_mac(cfg))
+        server = TransferServer(engine.store, cfg.transfer, digest, mac=chunk_mac(cfg),
+                                tls=cfg.tls.files())
     except BaseException:
         cfg.transfer.port = 0  # so the controller registration advertises no server
         raise
     _transfer.append(server)
-    log.info("kvtier: transfer server on %s (namespace %s, token %s, chunks %s)",
+    log.info("kvtier: transfer server on %s (namespace %s, token %s, chunks %s, %s)",
              server.address, digest, "required" if cfg.transfer.resolve_token() else "off",
-             "signed" if server.mac is not None else "unsigned")
+             "signed" if server.mac is not None else "unsigned",
+             "TLS" if server.tls is not None else "plain TCP")
 
 
 def register() -> None:

@@ -31,7 +31,7 @@ def build_tiers(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = 
             tiers.append(tier_class("peer")(cfg.peer, token=cfg.transfer.resolve_token(),
                                             own_address=cfg.transfer.address,
                                             max_chunk_bytes=cfg.transfer.max_batch_bytes,
-                                            mac=mac))
+                                            mac=mac, tls=cfg.tls.files()))
     return tiers
 
 

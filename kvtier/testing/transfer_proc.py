@@ -1,9 +1,11 @@
 """A transfer server in a child process, serving a memory tier of made-up chunks.
 
-``python -m kvtier.testing.transfer_proc CHUNKS CHUNK_BYTES [TOKEN] [NAMESPACE]`` fills a
-memory tier with ``CHUNKS`` chunks (``chunk_key(i)`` -> ``chunk_payload(i, CHUNK_BYTES)``),
-serves them on a free port of 127.0.0.1, prints ``{"port": ...}`` and runs until its
-stdin closes. :class:`TransferChild` starts and stops one (bounded waits).
+``python -m kvtier.testing.transfer_proc CHUNKS CHUNK_BYTES [TOKEN] [NAMESPACE] [TLS_DIR]``
+fills a memory tier with ``CHUNKS`` chunks (``chunk_key(i)`` -> ``chunk_payload(i,
+CHUNK_BYTES)``), serves them on a free port of 127.0.0.1, prints ``{"port": ...}`` and
+runs until its stdin closes. With ``TLS_DIR`` (a folder of
+:func:`kvtier.testing.tls.make_certs` with a ``server`` certificate) it serves TLS,
+mutual. :class:`TransferChild` starts and stops one (bounded waits).
 
 With ``raw`` as TOKEN it serves plain TCP instead (the benchmark's baseline): for each
 8-byte request ``n`` it ``sendall``s ``n`` bytes of one buffer of CHUNKS * CHUNK_BYTES.
@@ -22,6 +24,7 @@ import numpy as np
 from kvtier.codecs import ChunkData, ChunkMeta
 from kvtier.config import TransferConfig
 from kvtier.keys import ChunkKey
+from kvtier.net.tls import TlsFiles
 from kvtier.testing.procs import last_json_line
 
 
@@ -42,11 +45,11 @@ class TransferChild:
     """A child process serving ``chunks`` chunks of ``chunk_bytes`` over the transfer channel."""
 
     def __init__(self, chunks: int, chunk_bytes: int, token: str = "", namespace: str = "ns",
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, tls_dir: str = "") -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvtier.testing.transfer_proc", str(chunks), str(chunk_bytes),
-             token, namespace], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+             token, namespace, tls_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = cast(IO[str], self.proc.stdout).readline()  # bounded by the child's start-up
         info = last_json_line(line)
         if info is None:
@@ -68,6 +71,11 @@ class TransferChild:
                 self.kill()
 
 
+def server_tls(folder: str) -> TlsFiles:
+    """The ``server`` certificate of a :func:`~kvtier.testing.tls.make_certs` folder."""
+    return TlsFiles(f"{folder}/server.pem", f"{folder}/server-key.pem", f"{folder}/ca.pem")
+
+
 def main(argv: list[str]) -> None:
     from kvtier.store import ChunkStore
     from kvtier.transfer.server import TransferServer
@@ -82,8 +90,9 @@ def main(argv: list[str]) -> None:
     for i in range(chunks):
         memory.put_many([(chunk_key(i), chunk_data(i, nbytes))])
     store = ChunkStore([memory])
+    tls = server_tls(argv[4]) if len(argv) > 4 and argv[4] else None
     server = TransferServer(store, TransferConfig(token=token, max_batch_bytes=64 * 1024**2),
-                            namespace, port=0)
+                            namespace, port=0, tls=tls)
     print(json.dumps({"port": server.port}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin (or dies)
     server.close()

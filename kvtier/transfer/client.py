@@ -1,7 +1,9 @@
 """Layer 3: the peer tier's connections to other instances' transfer servers.
 
 A :class:`PeerPool` per peer address keeps up to ``max_connections`` open,
-authenticated connections and lends one per call (thread-safe; a call never
+authenticated connections (over TLS when the instance dials with TLS: the
+server's certificate checked against the cluster's CA and the dialled host;
+the token proven, never sent: :mod:`kvtier.transfer.hello`) and lends one per call (thread-safe; a call never
 shares a connection). A connection that failed in any way is closed, never
 returned. After a failure the peer is skipped for ``backoff_s`` (a fixed
 :class:`kvtier.net.backoff.Backoff`): a peer that is down or hung costs one
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 from typing import Callable, Sequence
 
@@ -19,9 +22,10 @@ import numpy as np
 
 from kvtier.codecs import ChunkData, ChunkMac
 from kvtier.errors import CorruptChunk
-from kvtier.transfer.wire import (FRAME, Op, Refused, Status, WireError, frame, hello_body,
-                                keys_body, parse_contains, parse_frame, read_chunks,
-                                read_message, recv_exact, set_timeout)
+from kvtier.transfer.hello import Deadline, client_hello, tls_connect
+from kvtier.transfer.wire import (FRAME, Op, Refused, Status, WireError, frame, keys_body,
+                                  parse_contains, parse_frame, read_chunks, read_message,
+                                  recv_exact, set_timeout)
 from kvtier.keys import ChunkKey
 from kvtier.net.backoff import Backoff
 
@@ -29,19 +33,19 @@ log = logging.getLogger(__name__)
 
 
 class PeerConnection:
-    """One authenticated connection to a transfer server."""
+    """One authenticated connection to a transfer server (TLS with ``tls``, a client
+    context); connecting, TLS and HELLO together within ``timeout_s``."""
 
     def __init__(self, host: str, port: int, token: str, namespace: str,
-                 timeout_s: float) -> None:
+                 timeout_s: float, tls: ssl.SSLContext | None = None) -> None:
+        deadline = Deadline(timeout_s)
         self.sock = socket.create_connection((host, port), timeout=timeout_s)
         try:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not None:
+                self.sock = tls_connect(self.sock, tls, host, deadline)
+            client_hello(self.sock, token, namespace, deadline)
             set_timeout(self.sock, timeout_s)
-            body = hello_body(token, namespace)
-            self.sock.sendall(frame(Op.HELLO, len(body)) + body)
-            status, msg = read_message(self.sock, Op.HELLO, 4096)
-            if status != Status.OK:
-                raise Refused(status, msg.decode(errors="replace"))
         except BaseException:
             self.sock.close()
             raise
@@ -93,10 +97,12 @@ class PeerPool:
     """Pooled connections to one peer, with a backoff after failures."""
 
     def __init__(self, address: str, host: str, port: int, token: str,
-                 max_connections: int, backoff_s: float) -> None:
+                 max_connections: int, backoff_s: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.host, self.port = host, port
         self.token = token
+        self.tls = tls
         self.max_connections = max_connections
         # Fixed and unjittered: peer.backoff_s means "skipped for that long".
         self.backoff = Backoff(backoff_s, backoff_s, jitter=0.0)
@@ -125,7 +131,8 @@ class PeerPool:
                 if not reused:
                     raise
                 log.debug("kvtier peer %s: stale connection (%s), reconnecting", self.address, exc)
-                conn = PeerConnection(self.host, self.port, self.token, namespace, timeout_s)
+                conn = PeerConnection(self.host, self.port, self.token, namespace, timeout_s,
+                                      self.tls)
                 result = fn(conn)
         except BaseException as exc:
             conn.close()
@@ -146,7 +153,8 @@ class PeerPool:
                 if self._idle[j][0] == namespace:
                     return self._idle.pop(j)[1], True
         try:
-            return PeerConnection(self.host, self.port, self.token, namespace, timeout_s), False
+            return PeerConnection(self.host, self.port, self.token, namespace, timeout_s,
+                                      self.tls), False
         except BaseException as exc:
             self._failed(exc)
             raise

@@ -1,4 +1,4 @@
-"""Layer 3: the transfer channel's framing (instance to instance, over TCP).
+"""Layer 3: the transfer channel's framing (instance to instance, over TCP or TLS).
 
 Every message, both ways, is a 16-byte frame header and a body::
 
@@ -6,25 +6,36 @@ Every message, both ways, is a 16-byte frame header and a body::
 
 A request is answered by one message with the same op. Ops:
 
-- HELLO: u16 token length, token, u16 namespace length, namespace digest
-  (hex, "" = presence checks only). Answer: status; body = a UTF-8 message.
-- CONTAINS: u32 n, n 16-byte keys. Answer: u32 leading count, bitmap of n bits.
+- HELLO: the opening, a challenge-response on the transfer token in four
+  messages (the token never crosses the wire; :mod:`kvtier.transfer.hello`):
+  the client's nonce and namespace digest (hex, "" = presence checks only),
+  the server's nonce, the client's proof (HMAC-SHA256), the server's status
+  and its own proof (or a refusal: status and a UTF-8 message).
+- CONTAINS: u32 n, n 16-byte keys (n <= ``MAX_KEYS``: one presence check per
+  key and tier, no reads). Answer: u32 leading count, bitmap of n bits.
 - GET: u32 n, n keys. Answer: per key a u64 entry length then the entry:
-  0 = miss, ``LATER`` = not sent (over the batch size: ask again), otherwise
-  a chunk in kvtier's chunk format (128-byte header + payload, as the disk
-  tier stores it), verified by the reader before use (with the cluster's
-  integrity key: its MAC too, signed by the server as it sends the chunk).
+  0 = miss, ``LATER`` = not sent (over the batch size, or past the
+  ``GET_KEYS`` keys one answer examines: ask again), otherwise a chunk in
+  kvtier's chunk format (128-byte header + payload, as the disk tier stores
+  it), verified by the reader before use (with the cluster's integrity key:
+  its MAC too, signed by the server as it sends the chunk).
 
+Version 2 (this one) replaced version 1's HELLO, which carried the token in
+clear; a frame of another version is refused with a message naming both.
 Sizes are checked before anything is allocated: a body over the receiver's
 bound, a key count over ``MAX_KEYS`` or an entry longer than the rest of its
 body is a :class:`WireError` and the connection is dropped. Parsing only;
-nothing is unpickled.
+nothing is unpickled. Over TLS (an ``ssl.SSLSocket``, which has no
+``sendmsg``/``MSG_WAITALL``) the same messages go through the TLS record
+layer: a GET answer's small headers are coalesced, payloads sent from their
+buffers.
 """
 
 from __future__ import annotations
 
 import enum
 import socket
+import ssl
 import struct
 import threading
 from typing import Callable, Sequence, cast
@@ -37,13 +48,17 @@ from kvtier.errors import CorruptChunk, KvtierError
 from kvtier.keys import KEY_BYTES, ChunkKey
 
 MAGIC = b"KVTX"
-VERSION = 1
+VERSION = 2
 FRAME = struct.Struct("<4sBBHQ")
 MAX_KEYS = 65536
+GET_KEYS = 4096
+"""Keys one GET answer examines (memory references, lower tiers' reads); the rest: LATER."""
 MAX_HELLO = 4096
 LATER = 2**64 - 1
 _U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+_ZERO, _LATER = _U64.pack(0), _U64.pack(LATER)
 _IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
+_COALESCE = 64 * 1024  # over TLS, buffers smaller than this are joined before sending
 
 
 class Op(enum.IntEnum):
@@ -61,6 +76,7 @@ class Status(enum.IntEnum):
     TOO_LARGE = 5
     BAD_VERSION = 6
     BUSY = 7
+    TLS_REQUIRED = 8
 
 
 class WireError(KvtierError):
@@ -86,29 +102,11 @@ def parse_frame(buf: bytes, max_body: int) -> tuple[int, int, int]:
     if magic != MAGIC:
         raise WireError("not a kvtier transfer frame")
     if version != VERSION:
-        raise WireError(f"transfer protocol v{version}, this release speaks v{VERSION}")
+        raise WireError(f"the other side speaks kvtier transfer protocol v{version}, this "
+                        f"release speaks v{VERSION}: run the same kvtier release on both")
     if body_len > max_body:
         raise WireError(f"message of {body_len} bytes, over the bound of {max_body}")
     return op, status, body_len
-
-
-def hello_body(token: str, namespace: str) -> bytes:
-    t, n = token.encode(), namespace.encode()
-    return _U16.pack(len(t)) + t + _U16.pack(len(n)) + n
-
-
-def parse_hello(body: bytes) -> tuple[bytes, str]:
-    """(token bytes, namespace) of a HELLO body."""
-    try:
-        (tl,) = _U16.unpack_from(body, 0)
-        token = body[2:2 + tl]
-        (nl,) = _U16.unpack_from(body, 2 + tl)
-        ns = body[4 + tl:4 + tl + nl]
-        if len(token) != tl or len(ns) != nl or 4 + tl + nl != len(body):
-            raise WireError("hello: lengths do not add up")
-        return bytes(token), ns.decode()
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise WireError(f"hello: {exc}") from None
 
 
 def keys_body(keys: Sequence[ChunkKey]) -> bytes:
@@ -146,8 +144,12 @@ def set_timeout(sock: socket.socket, seconds: float) -> None:
     timeout): a batch then goes out in one ``sendmsg`` and a payload comes in
     with one ``recv_into(MSG_WAITALL)``, each releasing the GIL once, rather
     than one short call per socket-buffer's worth, each taking the GIL back
-    from the engine's thread. A wait past the bound raises an OSError.
+    from the engine's thread. A wait past the bound raises an OSError. A TLS
+    socket gets Python's timeout instead (its reads go through OpenSSL).
     """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
     sock.settimeout(None)
     sec = int(seconds)
     usec = int((seconds - sec) * 1e6) or (0 if sec else 1)  # 0/0 would mean "never"
@@ -157,8 +159,11 @@ def set_timeout(sock: socket.socket, seconds: float) -> None:
 
 
 def sendmsg_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> None:
-    """Send every buffer in order with ``sendmsg`` (scatter-gather: nothing is joined)."""
+    """Send every buffer in order with ``sendmsg`` (scatter-gather: nothing is joined);
+    over TLS, small buffers are joined and large ones sent from where they are."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    if isinstance(sock, ssl.SSLSocket):
+        return _send_tls(sock, views)
     i = 0
     while i < len(views):
         sent = sock.sendmsg(views[i:i + _IOV_MAX])
@@ -171,11 +176,26 @@ def sendmsg_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> N
                 sent = 0
 
 
+def _send_tls(sock: ssl.SSLSocket, views: list[memoryview]) -> None:
+    small = bytearray()
+    for view in views:
+        if view.nbytes < _COALESCE:
+            small += view
+            continue
+        if small:
+            sock.sendall(small)
+            small.clear()
+        sock.sendall(view)
+    if small:
+        sock.sendall(small)
+
+
 def recv_into(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from the socket; WireError if the peer closes first."""
     got = 0
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
     while got < view.nbytes:
-        n = sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
+        n = sock.recv_into(view[got:], view.nbytes - got, flags)
         if n == 0:
             raise WireError("connection closed mid-message")
         got += n
@@ -198,18 +218,23 @@ def read_message(sock: socket.socket, op: int, max_body: int) -> tuple[int, byte
 def get_answer_buffers(heads: Sequence[bytes | None],
                        payloads: Sequence[memoryview | None], later: int) -> list:
     """The buffers of a GET answer (frame first): per key a length then header and payload;
-    keys from index ``later`` on are marked LATER."""
+    keys from index ``later`` on are marked LATER. Lengths and headers between payloads
+    are joined into one buffer (a 65,536-key answer is a few buffers, not 65,536)."""
     parts: list = []
-    total = 0
-    for i, (head, payload) in enumerate(zip(heads, payloads)):
-        if i >= later:
-            parts.append(_U64.pack(LATER))
-        elif head is None or payload is None:
-            parts.append(_U64.pack(0))
+    small = bytearray()
+    total = 8 * len(heads)
+    for head, payload in zip(heads[:later], payloads[:later]):
+        if head is None or payload is None:
+            small += _ZERO
         else:
-            parts += [_U64.pack(HEADER_SIZE + payload.nbytes), head, payload]
+            small += _U64.pack(HEADER_SIZE + payload.nbytes)
+            small += head
+            parts += [bytes(small), payload]
+            small.clear()
             total += HEADER_SIZE + payload.nbytes
-    total += 8 * len(heads)
+    small += _LATER * (len(heads) - min(later, len(heads)))
+    if small:
+        parts.append(bytes(small))
     return [frame(Op.GET, total)] + parts
 
 

@@ -5,7 +5,9 @@ transfer server; this process reads them all with the peer tier's
 ``get_many`` (each chunk's header parsed and both checksums verified on
 arrival). The baseline, in the same run: a child ``sendall``s the same number
 of bytes over a plain socket and this process ``recv_into``s one preallocated
-buffer. Medians of several repeats. Also: the same read through a ChunkStore
+buffer. And the transfer channel over TLS (mutual, certificates of a throwaway
+CA made in a temporary folder), in the same run. Medians of several repeats,
+the three reads alternating so each sees the same machine. Also: the same read through a ChunkStore
 (memory + peer: the chunks are promoted into memory slots, one more copy), and
 the latency of a presence check (what vLLM's scheduler pays per lookup).
 """
@@ -15,13 +17,16 @@ from __future__ import annotations
 import socket
 import statistics
 import struct
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
 from kvtier.config import PeerConfig
+from kvtier.net.tls import TlsFiles
 from kvtier.store import ChunkStore
+from kvtier.testing.tls import make_certs
 from kvtier.testing.transfer_proc import TransferChild, chunk_key
 from kvtier.tiers.memory import MemoryTier
 from kvtier.tiers.peer import PeerTier
@@ -30,7 +35,8 @@ TOKEN, NAMESPACE = "bench", "bench"
 
 
 def run_transfer(quick: bool) -> dict[str, Any]:
-    """``transfer_gbps``, ``loopback_tcp_gbps`` and their ratio (plus store and contains)."""
+    """``transfer_gbps``, ``transfer_tls_gbps``, ``loopback_tcp_gbps`` and their ratios (plus
+    store and contains)."""
     chunk_bytes = 4 * 1024**2  # a 256-token chunk of a ~1B model (24 layers, 4 KV heads, bf16)
     chunks = 16 if quick else 64
     repeats = 3 if quick else 7
@@ -38,22 +44,35 @@ def run_transfer(quick: bool) -> dict[str, Any]:
     keys = [chunk_key(i) for i in range(chunks)]
     out: dict[str, Any] = {"setup": {"chunk_bytes": chunk_bytes, "chunks": chunks,
                                      "total_bytes": total, "repeats": repeats}}
+    certs_dir = tempfile.TemporaryDirectory(prefix="kvtier-bench-tls-")
+    certs = make_certs(certs_dir.name, ["server", "client"], ["127.0.0.1"])
     child = TransferChild(chunks, chunk_bytes, token=TOKEN, namespace=NAMESPACE)
+    tls_child = TransferChild(chunks, chunk_bytes, token=TOKEN, namespace=NAMESPACE,
+                              tls_dir=certs_dir.name)
     raw = TransferChild(chunks, chunk_bytes, token="raw")
     try:
         tier = PeerTier(PeerConfig(peers=[child.address], timeout_s=60.0, cache_s=0.0),
                         token=TOKEN, namespace=NAMESPACE, read_pool_bytes=total + chunk_bytes)
+        c = certs["client"]
+        tls_tier = PeerTier(PeerConfig(peers=[tls_child.address], timeout_s=60.0, cache_s=0.0),
+                            token=TOKEN, namespace=NAMESPACE, read_pool_bytes=total + chunk_bytes,
+                            tls=TlsFiles(c.cert_file, c.key_file, c.ca_file))
         sock = socket.create_connection(("127.0.0.1", raw.port), timeout=60)
         buf = memoryview(np.empty(total, dtype=np.uint8))
         times: list[float] = []
+        tls_times: list[float] = []
         raw_times: list[float] = []
-        for _ in range(repeats + 1):  # alternating, so both see the same machine; 1st: warm-up
+        for _ in range(repeats + 1):  # alternating, so all see the same machine; 1st: warm-up
             times.append(_read(tier, keys))
+            tls_times.append(_read(tls_tier, keys))
             raw_times.append(_raw_read(sock, buf))
         sock.close()
+        tls_tier.close()
         out["transfer_gbps"] = total / statistics.median(times[1:]) / 1e9
+        out["transfer_tls_gbps"] = total / statistics.median(tls_times[1:]) / 1e9
         out["loopback_tcp_gbps"] = total / statistics.median(raw_times[1:]) / 1e9
         out["transfer_vs_loopback"] = out["transfer_gbps"] / out["loopback_tcp_gbps"]
+        out["tls_vs_plain"] = out["transfer_tls_gbps"] / out["transfer_gbps"]
         out["contains_ms_p50"], out["contains_ms_p99"] = _contains_ms(tier, keys[:16])
         store = ChunkStore([MemoryTier(total, chunk_bytes), tier])
         store_times = []
@@ -71,7 +90,9 @@ def run_transfer(quick: bool) -> dict[str, Any]:
         store.close()
     finally:
         child.stop()
+        tls_child.stop()
         raw.stop()
+        certs_dir.cleanup()
     return out
 
 
@@ -119,6 +140,8 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join([
         f"{s['chunks']} chunks of {s['chunk_bytes'] / 2**20:.0f} MiB, median of {s['repeats']}",
         f"transfer channel  {res['transfer_gbps']:6.2f} GB/s",
+        f"  over TLS        {res['transfer_tls_gbps']:6.2f} GB/s "
+        f"({res['tls_vs_plain']:.2f}x plain)",
         f"raw loopback TCP  {res['loopback_tcp_gbps']:6.2f} GB/s",
         f"ratio             {res['transfer_vs_loopback']:6.2f}x (goal >= 0.7x)",
         f"through the store {res['store_gbps']:6.2f} GB/s; presence check p50 "

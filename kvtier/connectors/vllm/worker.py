@@ -31,6 +31,7 @@ from kvtier.engine.layout import PagedLayout, detect_layout
 from kvtier.errors import LayoutMismatch
 from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.build import build_store
+from kvtier.tiers.peer import PeerTier
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -82,6 +83,9 @@ class KvtierWorker:
         self.shard = all_shards(vllm_config).index(shard)
         namespace = shard_namespace(vllm_config, self.config, shard)
         hasher = ChunkHasher(namespace, self.config.store_partial_chunks, self.layout.block_size)
+        for tier in store.tiers:  # its peers serve only this namespace's chunks
+            if isinstance(tier, PeerTier):
+                tier.namespace = namespace.seed().hex()
         self.engine = CacheEngine(hasher, self.layout, store)
         self.engine.register(tensors)
         self._layerwise = LayerwiseLoads(kv_caches)

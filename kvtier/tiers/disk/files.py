@@ -18,11 +18,20 @@ import time
 
 import xxhash
 
+from typing import Callable
+
+import numpy as np
+
+from kvtier.codecs import HEADER_SIZE, parse_header
+from kvtier.codecs.format import Header
 from kvtier.errors import CorruptChunk
 from kvtier.keys import KEY_BYTES, ChunkKey
 
 SUFFIX = ".kvc"
 TMP_SUFFIX = ".tmp"
+MAX_CHUNK_BYTES = 1024**3
+"""Largest payload a chunk file may declare (a chunk of the largest layouts is a few
+hundred MiB); a file claiming more is corrupt, refused before any buffer is taken."""
 STALE_TMP_S = 600.0
 """A temp file this old is a leftover of a crashed writer (writes take well under a second)."""
 HOST_TAG = xxhash.xxh32_hexdigest(socket.gethostname().encode())
@@ -132,20 +141,46 @@ def _mkdir(path: str) -> None:
         pass  # another writer made it first
 
 
-def preadv_all(fd: int, buffers: list, key: ChunkKey) -> None:
-    """Fill ``buffers`` from the file's start (``preadv`` may return short)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    pos = 0
-    while views:
-        n = os.preadv(fd, views, pos)
+def read_checked(fd: int, key: ChunkKey, take: Callable[[int], np.ndarray],
+                 give: Callable[[np.ndarray], None], max_payload: int) -> tuple[Header, np.ndarray, os.stat_result]:
+    """(header, payload, the file's stat) of an open chunk file, header first.
+
+    The header is read and checked (magic, version, key, header checksum) and its
+    declared payload length compared with the file's size and ``max_payload``
+    *before* the payload's buffer is taken: a huge (sparse) file in a shared folder
+    is a CorruptChunk, never a giant allocation. The payload's checksum is the
+    caller's to check (and ``payload`` to ``give`` back if it fails). Readahead for the
+    payload is asked for once the header passed, so the two reads cost about one.
+    """
+    st = os.fstat(fd)
+    if st.st_size < HEADER_SIZE:
+        raise CorruptChunk(f"chunk {key.hex()}: file of {st.st_size} bytes")
+    head = os.pread(fd, HEADER_SIZE, 0)
+    header = parse_header(key, head)
+    if header.payload_len != st.st_size - HEADER_SIZE:
+        raise CorruptChunk(f"chunk {key.hex()}: file of {st.st_size} bytes, header "
+                           f"says {HEADER_SIZE + header.payload_len}")
+    if header.payload_len > max_payload:
+        raise CorruptChunk(f"chunk {key.hex()}: a payload of {header.payload_len} bytes, "
+                           f"over the bound of {max_payload}")
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, HEADER_SIZE, header.payload_len, os.POSIX_FADV_WILLNEED)
+    payload = take(header.payload_len)
+    try:
+        _pread_at(fd, memoryview(payload).cast("B"), HEADER_SIZE, key)
+    except BaseException:
+        give(payload)
+        raise
+    return header, payload, st
+
+
+def _pread_at(fd: int, view: memoryview, pos: int, key: ChunkKey) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = os.preadv(fd, [view[got:]], pos + got)
         if n == 0:
             raise CorruptChunk(f"chunk {key.hex()}: file shorter than its size")
-        pos += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
+        got += n
 
 
 def writev_all(fd: int, buffers: list[bytes | memoryview]) -> None:

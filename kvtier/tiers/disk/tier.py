@@ -35,8 +35,10 @@ and whole-file reads are in :mod:`kvtier.tiers.disk.files`, the LRU index in
   file read: no one can make a reader delete a chunk written with the key.
   A batch's MACs are checked on the key's helper thread, each while the next
   file is read.
-- Failures: a missing file is a plain miss; a file that fails its header or
-  checksum is deleted and counted ``corrupt``; a file of another kvtier format
+- Failures: a missing file is a plain miss; a file that fails its header
+  (read and checked before its payload's buffer is taken: a header declaring
+  more than the file holds or than ``max_chunk_bytes``, say a huge sparse
+  file, allocates nothing) or checksum is deleted and counted ``corrupt``; a file of another kvtier format
   version (a rolling upgrade sharing the folder) is a miss counted ``foreign``
   and left in place, logged once; any other ``OSError`` (folder
   gone, permissions, disk full) is counted in ``errors`` and turns into a
@@ -55,8 +57,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from kvtier.codecs import (HEADER_SIZE, ChunkData, ChunkMac, encode_header, parse_header,
-                           verify_payload)
+from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMac, encode_header, verify_payload
 from kvtier.codecs.integrity import Unchecked
 from kvtier.config import DiskConfig
 from kvtier.errors import CorruptChunk, ForeignChunk, ForgedChunk
@@ -77,9 +78,11 @@ class DiskTier(Tier):
 
     name = "disk"
 
-    def __init__(self, cfg: DiskConfig, mac: ChunkMac | None = None) -> None:
+    def __init__(self, cfg: DiskConfig, mac: ChunkMac | None = None,
+                 max_chunk_bytes: int = files.MAX_CHUNK_BYTES) -> None:
         super().__init__()
         self.mac = mac
+        self.max_chunk_bytes = max_chunk_bytes
         self.root = Path(cfg.path).expanduser()
         self._root = str(self.root)  # str paths: pathlib costs ~5% of a 3 MiB write
         self.fsync = cfg.fsync
@@ -274,28 +277,17 @@ class DiskTier(Tier):
         self._index.used(key, stamp)
 
     def _read(self, key: ChunkKey, fd: int, path: str) -> ChunkData | Signed:
-        """The whole file in one ``preadv``: header, and payload into a buffer of its size;
-        checked, except for the MAC (with a key): that is left to :meth:`_check`.
-
-        One large request lets the kernel read the file in a few big I/Os; a small
-        header read first would start readahead small and ramp up (~25% slower cold).
-        """
-        st = os.fstat(fd)
-        if st.st_size < HEADER_SIZE:
-            raise CorruptChunk(f"chunk {key.hex()}: file of {st.st_size} bytes")
-        head = bytearray(HEADER_SIZE)
-        payload = self.pool.take(st.st_size - HEADER_SIZE)
-        try:
-            files.preadv_all(fd, [head, payload], key)
-            header = parse_header(key, head)
-            if header.payload_len != payload.nbytes:
-                raise CorruptChunk(f"chunk {key.hex()}: file of {st.st_size} bytes, header "
-                                   f"says {HEADER_SIZE + header.payload_len}")
-            if self.mac is None:
+        """Header first (checked against the file's size and ``max_chunk_bytes`` before a
+        buffer is taken: :func:`files.read_checked`), then the payload into a pooled buffer;
+        checked, except for the MAC (with a key): that is left to :meth:`_check`."""
+        header, payload, st = files.read_checked(fd, key, self.pool.take, self.pool.give,
+                                                 self.max_chunk_bytes)
+        if self.mac is None:
+            try:
                 verify_payload(key, header, payload)
-        except (CorruptChunk, OSError):
-            self.pool.give(payload)
-            raise
+            except CorruptChunk:
+                self.pool.give(payload)
+                raise
         self._index.found(key, st.st_size)
         if self.mac is not None:
             return (key, header, payload), path, (st.st_dev, st.st_ino)

@@ -14,10 +14,12 @@ refused connection, a peer that is down: each is a miss, counted, never an
 exception.
 
 ``put_many`` stores nothing (``read_only``: the store runs no writer for it).
-The namespace digest presented to peers is set by the worker once its engine
-exists (:func:`kvtier.control.vllm_plugin.start_transfer_server`); without one
-(the scheduler) only presence checks are possible, which is all it needs.
-Its own transfer address (``own_address``) is never asked.
+The namespace digest presented to peers is set by the connector's worker once
+its engine's hasher exists (``KvtierWorker.register``); without one (the
+scheduler) only presence checks are possible, which is all it needs.
+Its own transfer address (``own_address``) is never asked. With ``tls``
+dialing, connections to peers (and the controller's locate calls) speak TLS,
+the peer's certificate checked against the cluster's CA and the dialled host.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from kvtier.config.cluster import PeerConfig, parse_address
 from kvtier.keys import ChunkKey
 from kvtier.net.backoff import Backoff
 from kvtier.net.http import HttpClient
+from kvtier.net.tls import TlsFiles, client_context
 from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.buffer_pool import BufferPool
 from kvtier.transfer.client import PeerConnection, PeerPool
@@ -50,10 +53,12 @@ class PeerTier(Tier):
 
     def __init__(self, cfg: PeerConfig, token: str = "", own_address: str = "",
                  namespace: str = "", max_chunk_bytes: int = 256 * 1024**2,
-                 read_pool_bytes: int = 64 * 1024**2, mac: ChunkMac | None = None) -> None:
+                 read_pool_bytes: int = 64 * 1024**2, mac: ChunkMac | None = None,
+                 tls: TlsFiles | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.token = token
+        self._tls = client_context(tls) if tls is not None and tls.dialing else None
         self.mac = mac
         """The cluster's integrity key: chunks arriving without its MAC are misses."""
         self.namespace = namespace
@@ -66,7 +71,8 @@ class PeerTier(Tier):
         self._lock = threading.Lock()
         # Fixed and unjittered: peer.backoff_s means "skipped for that long".
         self._controller = Backoff(cfg.backoff_s, cfg.backoff_s, jitter=0.0)
-        self._http = HttpClient(cfg.contains_timeout_s, MAX_ANSWER)  # connects on first use
+        self._http = HttpClient(cfg.contains_timeout_s, MAX_ANSWER,  # connects on first use
+                                tls=tls if tls is not None and tls.dialing else None)
         self._buffers = BufferPool(read_pool_bytes)
         self.peer_stats = {"contains_calls": 0, "locate_calls": 0, "skipped": 0}
 
@@ -80,7 +86,7 @@ class PeerTier(Tier):
             if pool is None:
                 host, port = parse_address("peer", address)
                 pool = PeerPool(address, host, port, self.token, self.cfg.max_connections,
-                                self.cfg.backoff_s)
+                                self.cfg.backoff_s, self._tls)
                 self._pools[address] = pool
             return pool
 
