@@ -24,7 +24,11 @@ def build_tiers(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = 
                 raise ValueError("the memory tier needs the chunk size in bytes")
             tiers.append(MemoryTier(cfg.memory.max_bytes, chunk_bytes))
         elif name is TierName.DISK:
-            tiers.append(tier_class("disk")(cfg.disk, mac=mac))
+            # A file declaring more than a chunk (plus a codec's worst growth) is refused
+            # before its payload is allocated (the scheduler, without chunk_bytes: 1 GiB).
+            bound = {} if chunk_bytes is None else {"max_chunk_bytes": chunk_bytes * 9 // 8
+                                                    + 65536}
+            tiers.append(tier_class("disk")(cfg.disk, mac=mac, **bound))
         elif name is TierName.REDIS:
             tiers.append(tier_class("redis")(cfg.redis, mac=mac))
         elif name is TierName.PEER:
