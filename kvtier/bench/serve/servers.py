@@ -63,6 +63,8 @@ class EngineSettings:
     max_num_batched_tokens: int | None = None
     extra_args: tuple[str, ...] = ()
     """More ``vllm serve`` arguments, the same for every configuration."""
+    host: str = "127.0.0.1"
+    """Address ``vllm serve`` binds (and is reached at)."""
 
 
 @dataclass
@@ -123,7 +125,7 @@ class Servers:
                  start_timeout_s: float = 600.0) -> None:
         self.cfg, self.eng, self.log_path = cfg, eng, log_path
         self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"http://{eng.host}:{self.port}"
         self.start_timeout_s = start_timeout_s
         self.procs: list[subprocess.Popen] = []
         self.startup_s = 0.0
@@ -162,7 +164,7 @@ class Servers:
     def _vllm_cmd(self) -> list[str]:
         e = self.eng
         cmd = [self.cfg.python, "-m", "vllm.entrypoints.openai.api_server", "--model", e.model,
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", e.dtype,
+               "--host", e.host, "--port", str(self.port), "--dtype", e.dtype,
                "--enforce-eager", "--seed", "0", "--max-model-len", str(e.max_model_len),
                "--num-gpu-blocks-override", str(e.num_gpu_blocks),
                "--enable-prompt-tokens-details",
