@@ -55,6 +55,7 @@ class StandIn:
         self.seen: list[tuple[str, dict[str, str], Any]] = []
         self.require_key = False
         self.hold: threading.Event | None = None
+        self.stream_pause = 0.0  # a stream: one event, this pause, another, [DONE]
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,6 +86,20 @@ class StandIn:
                     return
                 if outer.hold is not None:
                     outer.hold.wait(30)
+                if body.get("stream"):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()  # no length: the stream ends with the connection
+                    self.close_connection = True
+                    try:
+                        self.wfile.write(b'data: {"choices": [{"text": "o"}]}\n\n')
+                        self.wfile.flush()
+                        time.sleep(outer.stream_pause)
+                        self.wfile.write(b'data: {"choices": [{"text": "k"}]}\n\n'
+                                         b'data: [DONE]\n\n')
+                    except OSError:
+                        pass  # the router hung up
+                    return
                 self._answer(200, {"choices": [{"text": "ok"}], "usage": {}})
 
             def log_message(self, *a: Any) -> None:
@@ -345,6 +360,24 @@ def test_a_hung_instance_costs_a_bounded_time_and_requests_are_capped(
     assert resp.status_code == 504 and not kvtier_headers(resp)
     backend.hold.set()
     backend.hold = None
+    still_serves(keyed)
+
+
+def test_a_stream_outlives_the_body_bound_but_not_the_request_bound(
+        keyed: RunningRouter, backend: StandIn) -> None:
+    # body_timeout_s 1 bounds the upload only: a 1.5 s pause in the answer is fine
+    backend.stream_pause = 1.5
+    resp = post(keyed.url, TEN_A, {**PROMPT, "stream": True})
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert resp.status_code == 200 and events[-1] == "[DONE]" and len(events) == 3
+    assert "error" not in resp.text
+    # request_timeout_s 2 bounds the whole answer: the stream ends with an error event
+    backend.stream_pause = 5.0
+    resp = post(keyed.url, TEN_A, {**PROMPT, "stream": True})
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert "did not finish within 2 s" in json.loads(events[1])["error"]["message"]
+    assert events[-1] == "[DONE]"
+    backend.stream_pause = 0.0
     still_serves(keyed)
 
 
