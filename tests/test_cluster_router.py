@@ -4,8 +4,11 @@ Two instances (tiny model, kvtier memory tier, vLLM's own prefix cache off,
 ``controller.url`` set, KV events published to the controller under their
 instance ids, management API on for resyncs), one controller with its index
 in a real redis-server plus a second controller replica on the same Redis,
-one router, all on 127.0.0.1, started once for the module. The tests run in order: the
-last ones kill the controller, then the instances.
+one router, all on 127.0.0.1, started once for the module. The instances want an API key
+(``vllm serve --api-key``), which only the router holds (``--backend-api-key-file``);
+callers hold the router's keys (an operator's, which sees the ``x-kvtier-*`` headers, and
+a tenant's). The tests run in order: the last ones kill the controller, then the
+instances.
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ from tests.vllm_run import doc, model  # noqa: F401
 
 pytestmark = [pytest.mark.vllm, pytest.mark.redis]
 NAMES = ("inst-a", "inst-b")
+OPERATOR, TENANT, BACKEND = "op-" + "a" * 29, "tenant-" + "b" * 25, "vllm-" + "c" * 27
+
+
+def _keys(root: Path) -> list[str]:
+    """The router's flags for the keys above (files written into ``root``)."""
+    (root / "router-keys").write_text(f"{OPERATOR} operator\n{TENANT} tenant-a\n")
+    (root / "backend-key").write_text(BACKEND + "\n")
+    return ["--api-key-file", str(root / "router-keys"),
+            "--backend-api-key-file", str(root / "backend-key")]
+
+
+def _keyed(rtr: KvtierProcess) -> KvtierProcess:
+    rtr.token = OPERATOR  # its .call() speaks as the operator
+    return rtr
 
 
 class Cluster:
@@ -38,12 +55,17 @@ class Cluster:
         self.ctl, self.replica, self.rtr, self.servers, self.model = ctl, replica, rtr, servers, \
             model
 
-    def ask(self, base: str, prompt: Any, max_tokens: int = 4, **more: Any
+    def ask(self, base: str, prompt: Any, max_tokens: int = 4, key: str = "", **more: Any
             ) -> tuple[int, Any, dict[str, str]]:
+        """A completion at ``base`` with ``key`` (default: the operator's at a router, the
+        instances' own at an instance)."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0, **more}
+        direct = any(base == s.base_url for s in self.servers.values())
+        key = key or (BACKEND if direct else OPERATOR)
         req = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json",
+                                      "Authorization": f"Bearer {key}"})
         try:
             with urllib.request.urlopen(req, timeout=120) as resp:
                 raw, status, headers = resp.read(), resp.status, dict(resp.headers)
@@ -72,7 +94,8 @@ def _server(name: str, model: str, root: Path, ctl: KvtierProcess) -> Servers:
     eng = EngineSettings(model=model, max_model_len=2048, num_gpu_blocks=48,
                          kv_budget_bytes=64 << 20, dtype="bfloat16", threads_bind="0-1",
                          extra_args=("--no-enable-prefix-caching", "--served-model-name",
-                                     "tiny", "--kv-events-config", json.dumps(events)))
+                                     "tiny", "--kv-events-config", json.dumps(events),
+                                     "--api-key", BACKEND))
     srv = Servers(ServeConfig(name, sys.executable), eng, root / f"{name}.log")
     srv.cfg.kv_transfer = {
         "kv_connector": "KvtierConnector", "kv_connector_module_path": "kvtier.connectors.vllm",
@@ -97,9 +120,9 @@ def cluster(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
     rtr = None
     try:
         assert not errors, errors
-        rtr = router(root / "router.log", ["--controller", ctl.url, "--model-path", model,
-                                           *(a for s in servers.values()
-                                             for a in ("--instance", s.base_url))]).start()
+        rtr = _keyed(router(root / "router.log", [
+            "--controller", ctl.url, "--model-path", model, *_keys(root),
+            *(a for s in servers.values() for a in ("--instance", s.base_url))])).start()
         c = Cluster(ctl, replica, rtr, servers, "tiny")
         wait_until(lambda: c.registered() == set(NAMES), 60, "both instances registered")
         yield c
@@ -153,10 +176,33 @@ def test_prompts_are_counted_as_vllm_counts_them(cluster: Cluster) -> None:
     assert cluster.rtr.call("/v1/models")[1]["data"][0]["id"] == cluster.model
 
 
+def test_keys_tenants_and_the_header_oracle_with_real_vllm(cluster: Cluster,
+                                                           model: str) -> None:
+    prompt = doc(model, 812, 600)
+    # a caller without the router's key, or with the instances' key: 401, no headers
+    for key in ("x" * 32, BACKEND):
+        status, _, h = cluster.ask(cluster.rtr.url, prompt, key=key)
+        assert status == 401 and not any(k.startswith("x-kvtier") for k in h)
+    # the operator caches the prompt in the shared cache and sees where it went
+    status, first, h = cluster.ask(cluster.rtr.url, prompt)
+    assert status == 200 and h["x-kvtier-instance"] in NAMES
+    wait_until(lambda: cluster.cached_at(h["x-kvtier-instance"], prompt) >= 512, 60,
+               "the KV events")
+    # a tenant gets the same answer (vLLM took the tenant's cache_salt), no headers, and
+    # no hit: its salt keys its own space (vLLM counts no cached tokens for it)
+    status, out, h = cluster.ask(cluster.rtr.url, prompt, key=TENANT)
+    assert status == 200 and not any(k.startswith("x-kvtier") for k in h)
+    assert out["choices"][0]["text"] == first["choices"][0]["text"]
+    assert not (out["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+    # /metrics is the operator's
+    assert cluster.rtr.call("/metrics", token=TENANT)[0] == 403
+
+
 def test_a_router_finds_the_instances_through_the_controller(cluster: Cluster, model: str,
                                                              tmp_path: Path) -> None:
-    with router(tmp_path / "router.log", ["--controller", cluster.ctl.url,
-                                          "--model-path", model]) as rtr:
+    with _keyed(router(tmp_path / "router.log", ["--controller", cluster.ctl.url,
+                                                 "--model-path", model,
+                                                 *_keys(tmp_path)])) as rtr:
         wait_until(lambda: rtr.call("/health")[1]["instances"] == 2, 30, "discovery")
         status, _, h = cluster.ask(rtr.url, doc(model, 810, 300))
         assert status == 200 and h["x-kvtier-instance"] in NAMES
@@ -178,8 +224,8 @@ def test_pd_mode_prefills_on_one_instance_then_decodes_on_the_other(
         cluster: Cluster, model: str, tmp_path: Path) -> None:
     a, b = (cluster.servers[n].base_url for n in NAMES)
     prompt = doc(model, 811)
-    with router(tmp_path / "pd.log", ["--controller", cluster.ctl.url, "--prefill", a,
-                                      "--decode", b]) as pd:
+    with _keyed(router(tmp_path / "pd.log", ["--controller", cluster.ctl.url, "--prefill", a,
+                                             "--decode", b, *_keys(tmp_path)])) as pd:
         status, out, h = cluster.ask(pd.url, prompt, max_tokens=6)
         assert status == 200 and h["x-kvtier-prefill-instance"] == "inst-a"
         assert h["x-kvtier-instance"] == "inst-b" and float(h["x-kvtier-prefill-ms"]) > 0
@@ -215,5 +261,6 @@ def test_a_dead_instance_is_routed_around_then_leaves_and_none_left_is_clear(
         assert status == 200 and h["x-kvtier-instance"] == survivor
     wait_until(lambda: cluster.registered() == {survivor}, 30, "inst-b leaving the index")
     cluster.servers[survivor].__exit__()
-    status, out, _ = cluster.ask(cluster.rtr.url, doc(model, 809, 300))
+    status, out, h = cluster.ask(cluster.rtr.url, doc(model, 809, 300))
     assert status == 503 and "no instance available" in out["error"]["message"]
+    assert not any(k.startswith("x-kvtier") for k in h)

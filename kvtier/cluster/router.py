@@ -10,6 +10,11 @@ router routes by load and does not ask again for ``controller_backoff_s``
 through :func:`kvtier.net.http.arequest` (bounded, no redirect followed) on a
 client of their own; forwarding requests to instances does not (that is a
 streaming proxy on ``Router.client``, see :mod:`kvtier.cluster.router_app`).
+Both clients come from :func:`kvtier.net.http.async_client`: no redirect
+followed, nothing from the environment, https checked against the router's
+``--tls-ca`` and its certificate presented (mutual TLS). Instances get the
+router's own ``backend_key`` (their ``vllm serve --api-key``), never the
+caller's credentials.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from kvtier.cluster.choice import Candidate, Choice, choose
 from kvtier.net.backoff import Backoff
 from kvtier.net.http import HttpError, arequest, async_client
+from kvtier.net.tls import TlsFiles
 
 log = logging.getLogger("kvtier.router")
 MAX_CONTROLLER_ANSWER = 4 * 1024**2
@@ -67,6 +73,22 @@ class RouterMetrics:
         self.phase = Histogram("kvtier_router_phase_seconds", "Time of each phase (lookup, "
                                "prefill, first byte).", ["phase"], registry=r,
                                buckets=(.005, .02, .1, .5, 1, 2, 5, 10, 30, 120))
+        self.answers = Counter("kvtier_router_http_requests_total", "Requests answered by "
+                               "the router, by path and status (401/408/413 included).",
+                               ["op", "code"], registry=r)
+
+    @staticmethod
+    def label(path: str) -> str:
+        """A bounded label for a path (unknown paths are all ``other``)."""
+        return path if path in _PATHS else "other"
+
+    def observe(self, op: str, code: int, seconds: float) -> None:
+        """The Guard's hook: one answered request."""
+        self.answers.labels(op, str(code)).inc()
+
+
+_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics",
+                    "/health"})
 
 
 def norm(url: str) -> str:
@@ -80,7 +102,8 @@ class Router:
                  prefill: list[str] | None = None, decode: list[str] | None = None,
                  policy: str = "kv", alpha: float = 0.5, lookup_timeout_s: float = 0.5,
                  cooldown_s: float = 10.0, controller_backoff_s: float = 2.0,
-                 discover_s: float = 2.0) -> None:
+                 discover_s: float = 2.0, tls: TlsFiles | None = None, backend_key: str = "",
+                 request_timeout_s: float = 600.0) -> None:
         self.backends: dict[str, Backend] = {}
         for role, urls in (("any", instances), ("prefill", prefill or []),
                            ("decode", decode or [])):
@@ -96,11 +119,16 @@ class Router:
         self._controller = Backoff(controller_backoff_s, controller_backoff_s, jitter=0.0)
         self.turn = 0
         self.metrics = RouterMetrics()
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=3.0),
-                                        limits=httpx.Limits(max_connections=512))
+        self.backend_key = backend_key
+        self.request_timeout_s = request_timeout_s
+        self.client = async_client(max_connections=512, tls=tls)
         # The controller's calls (see the module docstring); as many connections as the
         # forwarding client, so concurrent lookups never wait for one.
-        self.ctl_client = async_client(max_connections=512)
+        self.ctl_client = async_client(max_connections=512, tls=tls)
+
+    def timeout(self) -> httpx.Timeout:
+        """The httpx timeout of a forwarded request (each wait; the whole is bounded too)."""
+        return httpx.Timeout(self.request_timeout_s, connect=min(3.0, self.request_timeout_s))
 
     # -- controller
     async def lookup(self, model: str, ids: list[int], salt: str | None) -> dict[str, int] | None:
