@@ -109,7 +109,7 @@ def test_router_fails_over_streams_and_says_when_none_is_left(
         fakes: tuple[FakeOpenAI, FakeOpenAI], tmp_path: Path) -> None:
     a, b = fakes
     with router(tmp_path / "router.log", ["--instance", b.url, "--instance", a.url,
-                                          "--policy", "round_robin"]) as r:
+                                          "--policy", "round_robin", "--debug-headers"]) as r:
         for _ in range(2):  # whichever comes first, the answer is a's
             status, out, headers = post(r, {"model": "m", "prompt": [1, 2, 3], "max_tokens": 2})
             assert status == 200 and out["choices"][0]["text"] == "a"
@@ -138,7 +138,8 @@ def test_pd_mode_prefills_one_token_then_decodes(fakes: tuple[FakeOpenAI, FakeOp
                                                  tmp_path: Path) -> None:
     a, b = fakes
     b.fail = False
-    with router(tmp_path / "router.log", ["--prefill", a.url, "--decode", b.url]) as r:
+    with router(tmp_path / "router.log", ["--prefill", a.url, "--decode", b.url,
+                                          "--debug-headers"]) as r:
         status, out, headers = post(r, {"model": "m", "prompt": [5, 6], "max_tokens": 7,
                                         "stream": True})
         assert status == 200 and '"text": "b"' in out
