@@ -193,13 +193,18 @@ class Controller:
             self.observe("event", "forged")
             raise
         topic = rec.get("topic") or push.instance
-        for b in push.batches:
+        payloads = []
+        for i, b in enumerate(push.batches):  # all checked before any is applied
             try:
-                payload = base64.b64decode(b.payload, validate=True)
+                payloads.append((b.seq, base64.b64decode(b.payload, validate=True)))
             except binascii.Error:
                 self.observe("event", "malformed")
-                raise ValueError("batches: payload is not base64") from None
-            self.on_message(topic, b.seq, payload)
+                raise ValueError(f"batches.{i}.payload: not base64") from None
+            if len(payloads[-1][1]) > m.MAX_EVENT_BYTES:
+                self.observe("event", "oversized")
+                raise ValueError(f"batches.{i}.payload: over {m.MAX_EVENT_BYTES} bytes")
+        for seq, payload in payloads:
+            self.on_message(topic, seq, payload)
         return len(push.batches)
 
     def _find_topic(self, topic: str) -> m.Register | None:
