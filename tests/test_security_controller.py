@@ -321,5 +321,7 @@ def test_start_up_refuses_unsafe_binds(certs: dict[str, Any]) -> None:
         main(["controller", "--events-host", away])
     with pytest.raises(SystemExit, match="--tls-key: "):
         main(["controller", "--tls-cert", certs["good"]["controller"].cert_file])
+    with pytest.raises(SystemExit, match="--tls-ca: mutual TLS needs"):
+        main(["controller", "--tls-ca", certs["good"]["controller"].ca_file])
     with pytest.raises(SystemExit, match="--control-token-file: no longer used"):
         main(["controller", "--control-token-file", "/nonexistent"])

@@ -69,6 +69,9 @@ def _controller(args: argparse.Namespace) -> int:
                  "sends the management token anywhere (instances push their snapshots to "
                  "POST /v1/snapshot with their own credential); remove the flag")
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.tls_ca and not args.tls_cert:
+        sys.exit("kvtier controller: --tls-ca: mutual TLS needs the controller's own "
+                 "--tls-cert and --tls-key too")
     flag = {"cert_file": "--tls-cert", "key_file": "--tls-key", "ca_file": "--tls-ca"}
     try:
         tls.check("")

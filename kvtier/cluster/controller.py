@@ -110,7 +110,7 @@ class Controller:
             self._seq.pop(topic, None)
         if outcome == "new":
             self.resyncs.forget(reg.instance)
-        self.observe("register", "ok" if outcome == "kept" else "new")
+        self.observe("register", "ok")
         log.info("%s registered (model %s, url %s, transfer %s)",
                  reg.instance, reg.model, reg.url, reg.transfer)
         self.want_resync(reg.instance, "register")
