@@ -1,13 +1,11 @@
 """The controller without vLLM: a real ``kvtier controller`` process, KV event batches
-published on a real ZMQ PUB socket in vLLM's wire format, a snapshot served over HTTP."""
+published on a real ZMQ PUB socket in vLLM's wire format, snapshots pushed by a real
+:class:`~kvtier.cluster.agent.Registrar` (the controller dials no instance)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +31,20 @@ def body(instance: str, **over: Any) -> dict[str, Any]:
             "namespace": NS.seed().hex(), "key_namespace": dataclasses.asdict(NS),
             "layout": NS.layout, "chunk_size": 256, "block_size": 128, "tiers": ["memory"],
             "control": None, "transfer": f"127.0.0.1:{9000 + len(instance)}", **over}
+
+
+CRED = "X-Kvtier-Instance-Token"
+
+
+def register(ctl: KvtierProcess, instance: str, **over: Any) -> str:
+    """Register ``instance``; its credential."""
+    status, out, _ = ctl.call("/v1/register", body(instance, **over))
+    assert status == 200, out
+    return out["credential"]
+
+
+def beat(ctl: KvtierProcess, instance: str, credential: str) -> tuple[int, Any, dict]:
+    return ctl.call("/v1/heartbeat", {"instance": instance}, headers={CRED: credential})
 
 
 def batch(*events: dict[str, Any]) -> bytes:
@@ -66,7 +78,8 @@ class Publisher:
 
 @pytest.fixture(scope="module")
 def ctl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvtierProcess]:
-    with controller(tmp_path_factory.mktemp("ctl") / "controller.log", TOKEN, ttl_s=3.0) as c:
+    with controller(tmp_path_factory.mktemp("ctl") / "controller.log", TOKEN, ttl_s=3.0,
+                    extra=["--resync-interval-s", "0.5"]) as c:
         yield c
 
 
@@ -97,9 +110,14 @@ def test_access_registration_and_bad_input(ctl: KvtierProcess) -> None:
     assert ctl.call("/v1/instances", token="wrong")[0] == 401
     assert ctl.call("/v1/register", body("a1"), token="")[0] == 401
     status, out, _ = ctl.call("/v1/register", body("a1"))
-    assert status == 200 and out["topic"] == "a1" and out["events"].startswith("tcp://")
-    assert ctl.call("/v1/heartbeat", {"instance": "a1"})[0] == 200
-    status, out, _ = ctl.call("/v1/heartbeat", {"instance": "nobody"})
+    assert status == 200 and out["topic"] == "a1" and out["events"].startswith("tcp://127.0.0.1:")
+    cred, resync = out["credential"], out["resync"]
+    assert len(cred) >= 40 and resync  # a new instance: its snapshot is wanted
+    status, again, _ = ctl.call("/v1/register", body("a1"), headers={CRED: cred})
+    assert status == 200 and again["credential"] is None  # kept, not given again
+    assert beat(ctl, "a1", cred)[0] == 200
+    assert beat(ctl, "a1", "")[0] == 403
+    status, out, _ = beat(ctl, "nobody", cred)
     assert status == 404 and "register again" in out["error"]
     status, out, _ = ctl.call("/v1/register", body("a2", namespace="0" * 32))
     assert status == 400 and out["error"].startswith("key_namespace")
@@ -114,7 +132,7 @@ def test_access_registration_and_bad_input(ctl: KvtierProcess) -> None:
 
 
 def test_events_feed_lookup_and_locate(ctl: KvtierProcess) -> None:
-    assert ctl.call("/v1/register", body("ev1"))[0] == 200
+    register(ctl, "ev1")
     pub = Publisher(ctl.events, "ev1")
     k = keys_of()
     try:
@@ -151,58 +169,47 @@ def stored_batches(ctl: KvtierProcess) -> float:
     return sum(float(x[len(line):]) for x in text.splitlines() if x.startswith(line))
 
 
-class Snapshots:
-    """A management API that only serves /v1/snapshot (what resyncs read)."""
+def test_resyncs_are_asked_and_pushed_after_registration_and_a_sequence_gap(
+        ctl: KvtierProcess) -> None:
+    from kvtier.cluster.agent import Registrar
 
-    def __init__(self, keys: list[bytes]) -> None:
-        self.keys, self.calls = keys, 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                data = json.dumps({"namespace": NS.layout, "chunk_size": 256,
-                                   "tiers": {"memory": [x.hex() for x in outer.keys]}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                outer.calls += 1  # counted once answered
-
-            def log_message(self, *a: Any) -> None:
-                pass
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-
-def test_registration_and_a_sequence_gap_resync_from_the_snapshot(ctl: KvtierProcess) -> None:
     k = keys_of()
-    snap = Snapshots(k[:2])
+    held = {"keys": k[:2]}
+    snapshot = lambda: {"namespace": NS.layout, "chunk_size": 256,  # noqa: E731
+                        "tiers": {"memory": [x.hex() for x in held["keys"]]}}
+    reg = Registrar(ctl.url, body("rs1"), TOKEN, heartbeat_s=0.2, snapshot=snapshot)
     try:
-        assert ctl.call("/v1/register", body("rs1", control=snap.url))[0] == 200
-        wait_until(lambda: cached(ctl, "rs1") == 512, 10, "the resync after registering")
+        wait_until(lambda: cached(ctl, "rs1") == 512, 10, "the snapshot after registering")
         pub = Publisher(ctl.events, "rs1")
         try:
             before = stored_batches(ctl)
             wait_until(lambda: pub.send(batch(stored(k[:1]))) or stored_batches(ctl) > before,
                        30, "the events connection")  # contiguous numbers: no gap
-            wait_until(lambda: snap.calls >= 2, 10, "the resync of a first message")
-            snap.keys = k  # the instance stored more, and the events of it are lost
+            wait_until(lambda: reg.snapshots >= 2, 10, "the resync of a first message")
+            held["keys"] = k  # the instance stored more, and the events of it are lost
             assert cached(ctl, "rs1") == 512
             pub.send(batch(), pub.seq + 50)  # 50 batches lost
             wait_until(lambda: cached(ctl, "rs1") == 1024, 10, "a resync after the gap")
         finally:
             pub.close()
+        # a snapshot pushed unasked, right after one, is refused (rate limit)
+        status, out, _ = ctl.call("/v1/snapshot", {"instance": "rs1", **snapshot()},
+                                  headers={CRED: reg.credential})
+        assert status in (200, 429)
+        status, out, _ = ctl.call("/v1/snapshot", {"instance": "rs1", **snapshot()},
+                                  headers={CRED: reg.credential})
+        assert status == 429 and "resync" in out["error"]
     finally:
-        snap.server.shutdown()
+        reg.close()
 
 
 def test_an_instance_that_stops_heartbeating_leaves_the_index(ctl: KvtierProcess) -> None:
-    assert ctl.call("/v1/register", body("quiet"))[0] == 200
+    cred = register(ctl, "quiet")
     names = lambda: [i["instance"] for i in ctl.call("/v1/instances")[1]["instances"]]  # noqa
     assert "quiet" in names()
     wait_until(lambda: "quiet" not in names(), 15, "expiry after the 3 s TTL")
-    assert ctl.call("/v1/heartbeat", {"instance": "quiet"})[0] == 404
+    assert beat(ctl, "quiet", cred)[0] == 404
+    assert register(ctl, "quiet") != cred  # the name is free again: a new credential
     expired = 'kvtier_controller_events_total{label="ttl",what="expired"}'
     wait_until(lambda: expired in ctl.call("/metrics")[1], 10, "the sweeper")  # reads hid it
     assert 'kvtier_controller_requests_total{code="404",op="heartbeat"}' in ctl.call("/metrics")[1]
@@ -219,7 +226,7 @@ def test_the_registrar_registers_heartbeats_and_backs_off_when_refused(
     try:
         assert good.registered.wait(10) and "agent1" in names()
         time.sleep(4.0)  # past the 3 s TTL: only the heartbeats keep it
-        assert "agent1" in names() and good.registrations == 1
+        assert "agent1" in names() and good.registrations == 1 and good.credential
         assert not bad.registered.is_set() and "agent2" not in names()
         assert bad.backoff.delay_s == 1.0  # 401s: doubled from 0.5 up to its cap
     finally:
@@ -235,7 +242,8 @@ def test_a_redis_index_answers_the_same_lookup_from_a_second_replica(tmp_path: P
     try:
         with controller(tmp_path / "c1.log", redis_url=server.url) as c1, \
                 controller(tmp_path / "c2.log", redis_url=server.url) as c2:
-            assert c1.call("/v1/register", body("r1"))[0] == 200
+            cred = register(c1, "r1")
+            assert c2.call("/v1/register", body("r1"))[0] == 403  # the replicas share owners
             pub = Publisher(c1.events, "r1")
             try:
                 wait_until(lambda: pub.send(batch(stored(keys_of()))) or cached(c1, "r1") == 1024,
@@ -245,7 +253,7 @@ def test_a_redis_index_answers_the_same_lookup_from_a_second_replica(tmp_path: P
             assert cached(c2, "r1") == 1024
             assert c2.call("/v1/lookup", {"model": "tiny", "token_ids": PROMPT})[1] == \
                 c1.call("/v1/lookup", {"model": "tiny", "token_ids": PROMPT})[1]
-            assert c2.call("/v1/heartbeat", {"instance": "r1"})[0] == 200
+            assert beat(c2, "r1", cred)[0] == 200 and beat(c2, "r1", "x" * 43)[0] == 403
     finally:
         server.close()
 

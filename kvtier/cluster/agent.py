@@ -1,12 +1,23 @@
-"""Layer 7: an instance's side of the controller: register, heartbeat, register again.
+"""Layer 7: an instance's side of the controller: register, heartbeat, push snapshots.
 
 One daemon thread per instance (:class:`Registrar`). Every call has a bounded
-timeout (:class:`kvtier.net.http.HttpClient`) and nothing on the engine's path
-waits on it: a controller that is down, slow or restarted only delays this
-thread. A heartbeat answered 404 (the controller forgot the instance: it
-restarted, or the instance was quiet past the TTL) or a failed call means
-"register again", retried with a doubling backoff from ``FIRST_BACKOFF_S`` up
-to ``max_backoff_s``, jittered (:class:`kvtier.net.backoff.Backoff`).
+timeout (:class:`kvtier.net.http.HttpClient`, TLS against the cluster's CA when
+configured) and nothing on the engine's path waits on it: a controller that is
+down, slow or restarted only delays this thread.
+
+- **Credential**: the first registration's answer carries this instance's
+  credential; every later call presents it (``X-Kvtier-Instance-Token``) beside
+  the controller token. A heartbeat answered 404 (the controller forgot the
+  instance: it restarted, or the instance was quiet past the TTL) means
+  "register again"; the controller then issues a new credential, which
+  replaces the old one. A 403 (another holder has the name, or the credential
+  is no longer the name's) and failed calls are retried with a doubling
+  backoff from ``FIRST_BACKOFF_S`` up to ``max_backoff_s``, jittered
+  (:class:`kvtier.net.backoff.Backoff`).
+- **Resyncs**: when an answer says ``"resync": true`` the registrar posts the
+  engine's snapshot (``snapshot()``: the management API's ``/v1/snapshot``
+  content) to ``/v1/snapshot``; one that fails to arrive is posted again after
+  the next successful call.
 """
 
 from __future__ import annotations
@@ -14,15 +25,43 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
 from kvtier.net.backoff import Backoff
-from kvtier.net.http import HttpClient, HttpError, StatusError, shown_url
+from kvtier.net.http import (HttpClient, HttpError, Response, StatusError, _Body, _failure,
+                             _prepare, _split, _TRANSPORT, shown_url)
+from kvtier.net.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 FIRST_BACKOFF_S = 0.5
 MAX_ANSWER = 1024**2
 """The bound on the controller's answer (a registration's is a few hundred bytes)."""
+CREDENTIAL = "X-Kvtier-Instance-Token"
+Snapshot = Callable[[], dict[str, Any]]
+
+
+class ControllerClient(HttpClient):
+    """:class:`HttpClient` calls that also present the instance's credential header."""
+
+    def call(self, method: str, url: str, *, token: str, credential: str,
+             json_body: object, timeout_s: float | None = None) -> Response:
+        send, shown = _split(url)
+        t = self.timeout_s if timeout_s is None else timeout_s
+        content, headers = _prepare(token, json_body)
+        if credential:
+            headers[CREDENTIAL] = credential
+        deadline = time.monotonic() + t
+        try:
+            with self._httpx().stream(method, send, content=content, headers=headers,
+                                      timeout=t, follow_redirects=False) as resp:
+                body = _Body(resp, shown, self.max_bytes, t, deadline)
+                for chunk in resp.iter_bytes():
+                    if body.add(chunk):
+                        break
+                return body.result()
+        except _TRANSPORT as exc:
+            raise _failure(shown, exc, t) from None
 
 
 class Registrar:
@@ -30,44 +69,75 @@ class Registrar:
 
     def __init__(self, url: str, body: dict[str, Any], token: str = "",
                  heartbeat_s: float = 2.0, timeout_s: float = 2.0,
-                 max_backoff_s: float = 10.0) -> None:
+                 max_backoff_s: float = 10.0, snapshot: Snapshot | None = None,
+                 tls: TlsFiles | None = None, snapshot_timeout_s: float = 60.0) -> None:
         self.url = url.rstrip("/")
         self.body = body
+        self.instance = str(body["instance"])
         self.token = token
+        self.credential = ""
         self.heartbeat_s = heartbeat_s
         self.timeout_s = timeout_s
+        self.snapshot_timeout_s = snapshot_timeout_s
         self.max_backoff_s = max_backoff_s
+        self.snapshot = snapshot
         self.backoff = Backoff(FIRST_BACKOFF_S, max_backoff_s)
         self.registered = threading.Event()
         self.registrations = 0
+        self.snapshots = 0
+        self._owed = False  # a snapshot the controller asked for and has not got
         self._shown = shown_url(self.url)  # for logs: no credentials
-        self._http = HttpClient(timeout_s, MAX_ANSWER)
+        self._http = ControllerClient(timeout_s, MAX_ANSWER, tls=tls)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-registrar", daemon=True)
         self._thread.start()
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        resp = self._http.request("POST", f"{self.url}{path}", token=self.token, json_body=body)
+    def post(self, path: str, body: dict[str, Any], timeout_s: float | None = None
+             ) -> dict[str, Any]:
+        """A call to the controller with the token and this instance's credential."""
+        resp = self._http.call("POST", f"{self.url}{path}", token=self.token,
+                               credential=self.credential, json_body=body, timeout_s=timeout_s)
         return json.loads(resp.body or b"{}")
+
+    def _once(self) -> None:
+        if not self.registered.is_set():
+            out = self.post("/v1/register", self.body)
+            if out.get("credential"):
+                self.credential = str(out["credential"])
+            self.registered.set()
+            self.registrations += 1
+            log.info("kvtier: registered at the controller %s as %s (events %s, topic %s)",
+                     self._shown, self.instance, out.get("events"), out.get("topic"))
+        else:
+            out = self.post("/v1/heartbeat", {"instance": self.instance})
+        self._owed = self._owed or bool(out.get("resync"))
+        if self._owed and self.snapshot is not None:
+            self._push()
+
+    def _push(self) -> None:
+        try:
+            self.post("/v1/snapshot", {"instance": self.instance, **self.snapshot()},
+                      self.snapshot_timeout_s)  # type: ignore[misc]
+            self.snapshots += 1
+            self._owed = False
+        except StatusError as e:
+            self._owed = e.status >= 500  # 429: not now (it asks again); 4xx: will not take it
+            log.warning("kvtier: the controller %s refused the snapshot: %s", self._shown,
+                        e.body[:300].decode(errors="replace") or e.reason)
+        except HttpError as e:
+            log.warning("kvtier: pushing the snapshot to %s failed (%s); again after the "
+                        "next heartbeat", self._shown, e)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                if not self.registered.is_set():
-                    out = self._post("/v1/register", self.body)
-                    self.registered.set()
-                    self.registrations += 1
-                    log.info("kvtier: registered at the controller %s as %s (events %s, "
-                             "topic %s)", self._shown, self.body["instance"], out.get("events"),
-                             out.get("topic"))
-                else:
-                    self._post("/v1/heartbeat", {"instance": self.body["instance"]})
+                self._once()
                 self.backoff.succeeded()
                 wait = self.heartbeat_s
             except StatusError as e:  # a redirect too: it is not followed
                 if e.status == 404:
                     log.info("kvtier: the controller forgot %s; registering again",
-                             self.body["instance"])
+                             self.instance)
                     self.registered.clear()
                     wait = 0.0
                 else:
@@ -87,5 +157,5 @@ class Registrar:
     def close(self) -> None:
         """Stop registering (the controller forgets this instance after its TTL)."""
         self._stop.set()
-        self._thread.join(self.timeout_s + 1)
+        self._thread.join(self.timeout_s + self.snapshot_timeout_s + 1)
         self._http.close()

@@ -1,95 +1,143 @@
 """Layer 7: the controller's logic: registrations, the KV events index, lookups.
 
-- **Register / heartbeat**: an instance's record (model, namespace, URLs)
-  lives while it heartbeats within ``ttl_s``; a sweeper drops expired ones
-  and their chunks. A heartbeat for an unknown instance is refused (404):
-  the instance registers again.
-- **Events**: each message's topic names its instance (the topic the instance
-  registered, by default its id). Sequence numbers are checked per topic: a
-  gap (missed messages) or a smaller number (the engine restarted), a
-  registration, the first message this process sees on a topic (a restarted
-  replica whose Redis state outlived it) and ``AllBlocksCleared`` queue a
-  **resync**: the instance's
-  management API ``/v1/snapshot`` replaces what the index holds for it (on a
-  background thread, bounded: :class:`kvtier.net.http.HttpClient`). Without a
-  management API the index follows the events alone.
+- **Identities**: an instance's first registration issues it a random
+  credential (answered once; the state keeps only its hash). Re-registering,
+  heartbeats, snapshots and relayed events for that instance need it: the
+  controller token only says "may join". A record changes only by its owner;
+  once it expires (``ttl_s`` without a heartbeat) the name is free again.
+- **Register / heartbeat**: a record lives while it heartbeats within
+  ``ttl_s``; a sweeper drops expired ones and their chunks. A heartbeat for an
+  unknown instance is refused (404): the instance registers again.
+- **Events**: each message's topic names its instance (the topic it registered,
+  by default its id; one no other live instance uses). They come from the
+  loopback ZMQ socket, or relayed over HTTP by the instance itself
+  (:meth:`relayed`: the topic is the caller's own). Sequence numbers are checked
+  per topic: a gap or a smaller number (the engine restarted), a registration,
+  the first message this process sees on a topic and ``AllBlocksCleared``
+  want a **resync**.
+- **Resyncs are pushed**: the controller never dials an address it was told
+  about. It asks in the next register/heartbeat answer (``"resync": true``,
+  rate-limited: :class:`~kvtier.cluster.resyncs.Resyncs`), and the instance
+  posts its snapshot, which replaces what the index holds for it.
 - **Lookup**: keys are computed with :class:`~kvtier.keys.ChunkHasher` from the
   namespace fields each instance registered (so salts work), once per
   distinct namespace; an instance's cached prefix is its leading held keys.
+  Prompts are tokenized only with the controller's own ``--tokenizer``s (a
+  registered tokenizer path is loaded only with ``registered_tokenizers``).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
-import queue
+import secrets
 import threading
 import time
 from typing import Any, Callable
 
 from kvtier.cluster import models as m
 from kvtier.cluster.events import parse_batch
-from kvtier.cluster.state import MemoryState, RedisState
+from kvtier.cluster.resyncs import Resyncs
+from kvtier.cluster.state import MemoryState, RedisState, digest, owns
 from kvtier.keys import ChunkHasher, Namespace
-from kvtier.net.http import HttpClient, HttpError, shown_url
 
 log = logging.getLogger(__name__)
-MAX_SNAPSHOT = 256 * 1024**2
-"""The bound on a snapshot's answer: ~7 million keys (36 bytes each, as hex in JSON)."""
 Observer = Callable[[str, str], None]  # (what, label): counts events and resyncs
+
+
+class Forbidden(Exception):
+    """The caller is not the instance it speaks for (403)."""
+
+
+class Unknown(Exception):
+    """The instance is not registered, or expired (404: register again)."""
+
+
+class TooSoon(Exception):
+    """A snapshot pushed again within the rate limit (429)."""
 
 
 class Controller:
     """State and logic behind the controller's HTTP API (no HTTP here)."""
 
     def __init__(self, state: MemoryState | RedisState, heartbeat_s: float = 2.0,
-                 events_endpoint: str | None = None, control_token: str = "",
-                 timeout_s: float = 5.0, tokenizers: dict[str, str] | None = None,
-                 observe: Observer | None = None) -> None:
+                 events_endpoint: str | None = None, tokenizers: dict[str, str] | None = None,
+                 observe: Observer | None = None, resync_interval_s: float = 5.0,
+                 registered_tokenizers: bool = False) -> None:
         self.state = state
         self.heartbeat_s = heartbeat_s
         self.events_endpoint = events_endpoint
-        self.control_token = control_token
-        self.timeout_s = timeout_s
-        self._http = HttpClient(timeout_s, MAX_SNAPSHOT)
         self.tokenizer_paths = dict(tokenizers or {})
+        self.registered_tokenizers = registered_tokenizers
         self._tokenizers: dict[str, Any] = {}
         self.observe = observe or (lambda what, label: None)
+        self.resyncs = Resyncs(resync_interval_s)
         self._seq: dict[str, int] = {}
         self._topics: dict[str, m.Register] = {}
         self._hashers: dict[str, ChunkHasher] = {}
         self._lock = threading.Lock()
-        self._resyncs: queue.Queue[str | None] = queue.Queue()
-        self._queued: set[str] = set()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._resync_loop, name="kvtier-resync",
-                                          daemon=True),
-                         threading.Thread(target=self._sweep_loop, name="kvtier-sweep",
+        self._threads = [threading.Thread(target=self._sweep_loop, name="kvtier-sweep",
                                           daemon=True)]
         for t in self._threads:
             t.start()
 
     # -- registrations
-    def register(self, reg: m.Register) -> m.Registered:
+    def register(self, reg: m.Register, credential: str | None) -> m.Registered:
+        """Record ``reg``: a free name gets a new credential (in the answer); a live
+        one only for the caller presenting its credential (else :class:`Forbidden`)."""
         if reg.key_namespace is not None:
-            digest = Namespace(**reg.key_namespace.model_dump()).seed().hex()
-            if digest != reg.namespace:
-                raise ValueError(f"key_namespace: its digest {digest} is not namespace "
+            ns_digest = Namespace(**reg.key_namespace.model_dump()).seed().hex()
+            if ns_digest != reg.namespace:
+                raise ValueError(f"key_namespace: its digest {ns_digest} is not namespace "
                                  f"{reg.namespace}")
         topic = reg.topic or reg.instance
-        self.state.put_instance({**reg.model_dump(), "topic": topic})
+        other = next((r["instance"] for r in self.state.instances()
+                      if r.get("topic") == topic and r["instance"] != reg.instance), None)
+        if other is not None:
+            raise ValueError(f"topic: {topic!r} is the KV events topic of instance {other!r}")
+        issued = secrets.token_urlsafe(32)
+        outcome = self.state.claim({**reg.model_dump(), "topic": topic},
+                                   digest(credential) if credential else None, digest(issued))
+        if outcome is None:
+            self.observe("register", "forbidden")
+            raise Forbidden(f"instance: {reg.instance!r} is registered by another holder: "
+                            "present its X-Kvtier-Instance-Token, or wait until it expires "
+                            f"({self.state.ttl_s:g} s without a heartbeat)")
         with self._lock:
             self._topics[topic] = reg
             self._seq.pop(topic, None)
+        if outcome == "new":
+            self.resyncs.forget(reg.instance)
         self.observe("register", "ok")
         log.info("%s registered (model %s, url %s, transfer %s)",
                  reg.instance, reg.model, reg.url, reg.transfer)
-        self.queue_resync(reg.instance, "register")
+        self.want_resync(reg.instance, "register")
         return m.Registered(instance=reg.instance, ttl_s=self.state.ttl_s,
                             heartbeat_s=self.heartbeat_s, events=self.events_endpoint,
-                            topic=topic)
+                            topic=topic, credential=issued if outcome == "new" else None,
+                            resync=self.resyncs.ask(reg.instance))
 
-    def heartbeat(self, instance: str) -> bool:
-        return self.state.touch(instance)
+    def heartbeat(self, instance: str, credential: str | None) -> m.Beat:
+        ok = self.state.touch(instance, digest(credential) if credential else None)
+        if ok is None:
+            self.observe("heartbeat", "forbidden")
+            raise Forbidden(f"X-Kvtier-Instance-Token: not the credential of {instance!r}")
+        if not ok:
+            raise Unknown(f"instance: {instance!r} is not registered (or expired): "
+                          "register again")
+        return m.Beat(resync=self.resyncs.ask(instance))
+
+    def _owner(self, instance: str, credential: str | None) -> dict[str, Any]:
+        """The live record of ``instance`` if ``credential`` is its credential."""
+        rec = self.state.get(instance)
+        if rec is None:
+            raise Unknown(f"instance: {instance!r} is not registered (or expired): "
+                          "register again")
+        if not owns(rec, digest(credential) if credential else None):
+            raise Forbidden(f"X-Kvtier-Instance-Token: not the credential of {instance!r}")
+        return rec
 
     def instances(self) -> list[m.Instance]:
         now = time.time()
@@ -102,24 +150,32 @@ class Controller:
     # -- events
     def on_message(self, topic: str, seq: int, payload: bytes) -> None:
         """One published batch (called on the events thread)."""
+        if len(payload) > m.MAX_EVENT_BYTES:
+            self.observe("event", "oversized")
+            return
         with self._lock:
             reg = self._topics.get(topic)
-            last = self._seq.get(topic)
-            self._seq[topic] = seq
         if reg is None:
             reg = self._find_topic(topic)
             if reg is None:
                 self.observe("event", "unknown_topic")
                 return
-        change = parse_batch(payload, reg.chunk_size)
+        try:
+            change = parse_batch(payload, reg.chunk_size)
+        except ValueError:
+            self.observe("event", "malformed")
+            return
+        with self._lock:
+            last = self._seq.get(topic)
+            self._seq[topic] = seq
         if last is None:  # this process starts following the topic: what came before?
-            self.queue_resync(reg.instance, "first")
+            self.want_resync(reg.instance, "first")
         elif seq != last + 1:
-            self.queue_resync(reg.instance, "restart" if seq <= last else "gap")
+            self.want_resync(reg.instance, "restart" if seq <= last else "gap")
         if change.cleared:
             self.state.clear(reg.instance)
             self.observe("event", "cleared")
-            self.queue_resync(reg.instance, "cleared")
+            self.want_resync(reg.instance, "cleared")
         for tier, keys in change.removed.items():
             self.state.remove(reg.instance, tier, keys)
             self.observe("event", "removed")
@@ -128,6 +184,28 @@ class Controller:
             self.observe("event", "stored")
         if change.ignored:
             self.observe("event", "ignored")
+
+    def relayed(self, push: m.EventsPush, credential: str | None) -> int:
+        """Batches an instance's relay forwards: applied under its own topic only."""
+        try:
+            rec = self._owner(push.instance, credential)
+        except Forbidden:
+            self.observe("event", "forged")
+            raise
+        topic = rec.get("topic") or push.instance
+        payloads = []
+        for i, b in enumerate(push.batches):  # all checked before any is applied
+            try:
+                payloads.append((b.seq, base64.b64decode(b.payload, validate=True)))
+            except binascii.Error:
+                self.observe("event", "malformed")
+                raise ValueError(f"batches.{i}.payload: not base64") from None
+            if len(payloads[-1][1]) > m.MAX_EVENT_BYTES:
+                self.observe("event", "oversized")
+                raise ValueError(f"batches.{i}.payload: over {m.MAX_EVENT_BYTES} bytes")
+        for seq, payload in payloads:
+            self.on_message(topic, seq, payload)
+        return len(push.batches)
 
     def _find_topic(self, topic: str) -> m.Register | None:
         """A topic registered at another replica (shared state)."""
@@ -140,48 +218,32 @@ class Controller:
         return None
 
     # -- resyncs
-    def queue_resync(self, instance: str, reason: str) -> None:
-        with self._lock:
-            if instance in self._queued:
-                return
-            self._queued.add(instance)
-        self.observe("resync", reason)
-        self._resyncs.put(instance)
+    def want_resync(self, instance: str, reason: str) -> None:
+        """Ask ``instance`` for its snapshot at its next heartbeat (coalesced)."""
+        if self.resyncs.want(instance):
+            self.observe("resync", reason)
 
-    def resync(self, instance: str) -> bool:
-        """Replace the instance's chunks by its management API's snapshot."""
-        rec = next((r for r in self.state.instances() if r["instance"] == instance), None)
-        if rec is None or not rec.get("control"):
-            return False
-        try:
-            snap = self._http.request("GET", rec["control"].rstrip("/") + "/v1/snapshot",
-                                      token=self.control_token).json()
-            tiers = {t: [bytes.fromhex(k) for k in keys] for t, keys in snap["tiers"].items()}
-        except (HttpError, ValueError, KeyError, TypeError) as e:
-            log.warning("resync of %s from %s failed: %s", instance,
-                        shown_url(rec["control"]), e)
-            self.observe("resync", "failed")
-            return False
-        self.state.replace(instance, tiers)
-        return True
-
-    def _resync_loop(self) -> None:
-        while not self._stop.is_set():
-            instance = self._resyncs.get()
-            if instance is None:
-                return
-            with self._lock:
-                self._queued.discard(instance)
-            try:
-                self.resync(instance)
-            except Exception:
-                log.exception("resync of %s failed", instance)
+    def snapshot(self, push: m.SnapshotPush, credential: str | None) -> int:
+        """Replace the instance's chunks by the snapshot it pushed; the keys taken."""
+        rec = self._owner(push.instance, credential)
+        if push.chunk_size != rec["chunk_size"]:
+            raise ValueError(f"chunk_size: {push.chunk_size} is not the registered "
+                             f"{rec['chunk_size']}")
+        if not self.resyncs.take(push.instance):
+            self.observe("resync", "too_soon")
+            raise TooSoon(f"snapshot: one per {self.resyncs.interval_s / 2:g} s per instance; "
+                          "push when a heartbeat answers resync")
+        tiers = {t: [bytes.fromhex(k) for k in keys] for t, keys in push.tiers.items()}
+        self.state.replace(push.instance, tiers)
+        self.observe("resync", "pushed")
+        return sum(len(k) for k in tiers.values())
 
     def _sweep_loop(self) -> None:
         while not self._stop.wait(min(1.0, self.state.ttl_s / 4)):
             try:
                 for gone in self.state.expire():
                     log.info("%s stopped heartbeating; dropped", gone)
+                    self.resyncs.forget(gone)
                     self.observe("expired", "ttl")
             except Exception:  # Redis away: try again next round
                 log.warning("sweeping expired instances failed",
@@ -236,12 +298,15 @@ class Controller:
         return hasher
 
     def _tokenize(self, model: str, prompt: str) -> list[int]:
-        path = self.tokenizer_paths.get(model) or next(
-            (r.get("tokenizer") for r in self.state.instances()
-             if r["model"] == model and r.get("tokenizer")), None)
+        path = self.tokenizer_paths.get(model)
+        if not path and self.registered_tokenizers:
+            path = next((r.get("tokenizer") for r in self.state.instances()
+                         if r["model"] == model and r.get("tokenizer")), None)
         if not path:
             raise ValueError(f"prompt: no tokenizer known for model {model!r}; send token_ids "
-                             "or start the controller with --tokenizer MODEL=PATH")
+                             "or start the controller with --tokenizer MODEL=PATH (the "
+                             "tokenizer path an instance registers is not loaded: any "
+                             "token holder could name a path on this machine)")
         tok = self._tokenizers.get(path)
         if tok is None:
             from transformers import AutoTokenizer
@@ -251,8 +316,6 @@ class Controller:
 
     def close(self) -> None:
         self._stop.set()
-        self._resyncs.put(None)
         for t in self._threads:
             t.join(5)
-        self._http.close()
         self.state.close()

@@ -8,9 +8,13 @@ each event a map tagged ``type``: ``BlockStored`` (``block_hashes``,
 ``AllBlocksCleared``. kvtier's events carry its tier as the medium (``CPU`` =
 memory, ``DISK``, ``REDIS``) and one 16-byte chunk key per block.
 
-The controller binds one SUB socket; every instance's vLLM connects to it
-(``--kv-events-config`` with a host:port endpoint) and publishes under its own
-topic, which names the instance. A :class:`EventFollower` runs one daemon
+The controller binds one SUB socket, on loopback unless explicitly waived (vLLM's
+publisher has no authentication: whoever reaches the socket can write any
+topic); instances on its host connect their vLLM to it (``--kv-events-config``
+with a host:port endpoint) and publish under their own topic, which names the
+instance; instances elsewhere relay over HTTP (:mod:`kvtier.cluster.relay`).
+A message over ``max_bytes`` (``zmq.MAXMSGSIZE``) makes libzmq drop its
+sender's connection; the socket goes on serving the others. A :class:`EventFollower` runs one daemon
 thread that hands each message to a callback; the callback never blocks on
 the network (resyncs are queued elsewhere).
 """
@@ -82,11 +86,12 @@ OnMessage = Callable[[str, int, bytes], None]
 class EventFollower:
     """A bound ZMQ SUB socket and the thread reading it."""
 
-    def __init__(self, endpoint: str, on_message: OnMessage) -> None:
+    def __init__(self, endpoint: str, on_message: OnMessage, max_bytes: int = 1 << 20) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.setsockopt(zmq.RCVHWM, 10_000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         self.sock.setsockopt(zmq.LINGER, 0)
         try:
             self.sock.bind(endpoint)

@@ -5,16 +5,47 @@ Two backends with one interface: :class:`MemoryState` (one controller) and
 An instance is live while its last heartbeat is under ``ttl_s`` old; reads
 never return an expired one, and :meth:`expire` drops them with their chunks.
 Chunk keys are the 16-byte kvtier keys; tiers are kvtier's tier names.
+
+Each record holds ``cred``: the SHA-256 of the instance's credential (never the
+credential). :meth:`claim` writes a record only for its owner: a live record is
+replaced only by a caller presenting the same credential, and once it expired
+the name is anyone's again. Both backends do that check and the write as one
+step (a lock; a Redis WATCH transaction), so replicas sharing Redis agree.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 Record = dict[str, Any]
+Claim = Optional[str]
+"""What :meth:`claim` did: ``"kept"`` (the owner's update), ``"new"`` (a new owner), or
+None (refused: a live record with another credential)."""
+
+
+def digest(credential: str) -> str:
+    """What is stored of a credential (a random 256-bit token: a plain hash suffices)."""
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
+def owns(rec: Record, presented: str | None) -> bool:
+    """Whether ``presented`` (a digest) is the record's credential (constant time)."""
+    return bool(presented) and hmac.compare_digest(str(rec.get("cred", "")), str(presented))
+
+
+def _claimed(cur: Record | None, rec: Record, presented: str | None, new: str,
+             ttl_s: float, now: float) -> tuple[Claim, Record | None]:
+    """The claim's outcome and the record to write (None: nothing)."""
+    if cur is not None and now - cur["last_seen"] <= ttl_s:
+        if not owns(cur, presented):
+            return None, None
+        return "kept", {**rec, "cred": cur["cred"], "last_seen": now}
+    return "new", {**rec, "cred": new, "last_seen": now}
 
 
 def leading(held: Sequence[Sequence[bool]], tiers: Sequence[str]) -> dict[str, int]:
@@ -40,16 +71,35 @@ class MemoryState:
         self._chunks: dict[str, dict[str, set[bytes]]] = {}
 
     # -- instances
-    def put_instance(self, rec: Record) -> None:
+    def claim(self, rec: Record, presented: str | None, new: str) -> Claim:
+        """Write ``rec`` if its name is free (credential digest ``new``) or ``presented``
+        is the live record's credential digest (which it keeps)."""
         with self._lock:
-            self._instances[rec["instance"]] = {**rec, "last_seen": time.time()}
-            self._chunks.setdefault(rec["instance"], {})
+            name = rec["instance"]
+            out, write = _claimed(self._instances.get(name), rec, presented, new, self.ttl_s,
+                                  time.time())
+            if write is not None:
+                if out == "new":
+                    self._chunks[name] = {}
+                self._instances[name] = write
+            return out
 
-    def touch(self, instance: str) -> bool:
+    def get(self, instance: str) -> Record | None:
+        """The live record of ``instance`` (None: unknown or expired)."""
+        with self._lock:
+            rec = self._instances.get(instance)
+            if rec is None or time.time() - rec["last_seen"] > self.ttl_s:
+                return None
+            return dict(rec)
+
+    def touch(self, instance: str, presented: str | None) -> bool | None:
+        """A heartbeat: True, False (unknown or expired), None (another credential)."""
         with self._lock:
             rec = self._instances.get(instance)
             if rec is None or time.time() - rec["last_seen"] > self.ttl_s:
                 return False
+            if not owns(rec, presented):
+                return None
             rec["last_seen"] = time.time()
             return True
 
@@ -126,19 +176,53 @@ class RedisState:
     def _tiers(self, instance: str) -> str:
         return f"{self.prefix}tiers:{instance}"
 
-    def put_instance(self, rec: Record) -> None:
-        self.r.hset(self._inst(), rec["instance"], json.dumps({**rec, "last_seen": time.time()}))
+    def claim(self, rec: Record, presented: str | None, new: str) -> Claim:
+        import redis
 
-    def touch(self, instance: str) -> bool:
+        name = rec["instance"]
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(self._inst())
+                    raw = pipe.hget(self._inst(), name)
+                    out, write = _claimed(json.loads(raw) if raw else None, rec, presented, new,
+                                          self.ttl_s, time.time())
+                    if write is None:
+                        return None
+                    pipe.multi()
+                    pipe.hset(self._inst(), name, json.dumps(write))
+                    pipe.execute()
+                except redis.WatchError:  # another write in between: look again
+                    continue
+            if out == "new":
+                self.clear(name)
+            return out
+
+    def get(self, instance: str) -> Record | None:
         raw = self.r.hget(self._inst(), instance)
-        if raw is None:
-            return False
-        rec = json.loads(raw)
-        if time.time() - rec["last_seen"] > self.ttl_s:
-            return False
-        rec["last_seen"] = time.time()
-        self.r.hset(self._inst(), instance, json.dumps(rec))
-        return True
+        rec = json.loads(raw) if raw else None
+        return rec if rec and time.time() - rec["last_seen"] <= self.ttl_s else None
+
+    def touch(self, instance: str, presented: str | None) -> bool | None:
+        import redis
+
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(self._inst())
+                    raw = pipe.hget(self._inst(), instance)
+                    rec = json.loads(raw) if raw else None
+                    if rec is None or time.time() - rec["last_seen"] > self.ttl_s:
+                        return False
+                    if not owns(rec, presented):
+                        return None
+                    rec["last_seen"] = time.time()
+                    pipe.multi()
+                    pipe.hset(self._inst(), instance, json.dumps(rec))
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def instances(self) -> list[Record]:
         now = time.time()

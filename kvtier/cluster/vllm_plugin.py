@@ -12,9 +12,16 @@ itself when it is asked). What it registers:
   when partial chunks are stored: so the controller computes the same keys;
 - ``topic``: vLLM's ``--kv-events-config`` topic (the controller reads this
   instance's events under it; "" means the instance id);
-- ``control``: the management API's URL (for resyncs), ``transfer``: the
-  peer tier's ``host:port`` (``transfer.host``/``transfer.port``; absent or
-  port 0: none), ``url``: ``controller.instance_url``.
+- ``control``: the management API's URL (``control.advertise``, else from its
+  host and port; shown, never dialed by the controller), ``transfer``: the
+  peer tier's ``host:port`` (:attr:`TransferConfig.address`: ``transfer.advertise``
+  or host:port; absent or port 0: none), ``url``: ``controller.instance_url``.
+
+The registrar presents the credential the controller issues, speaks TLS as
+``tls`` says, and pushes the store's snapshot (:func:`store_snapshot`) when the
+controller asks. With ``controller.relay_events`` it also relays vLLM's KV
+events (:class:`~kvtier.cluster.relay.EventRelay`) from the loopback endpoint of
+``--kv-events-config``.
 """
 
 from __future__ import annotations
@@ -26,11 +33,22 @@ import socket
 from typing import Any
 
 from kvtier.cluster.agent import Registrar
+from kvtier.cluster.relay import EventRelay
 from kvtier.config import KvtierConfig
 from kvtier.engine.cache_engine import CacheEngine
+from kvtier.errors import UnsupportedConfig
 
 log = logging.getLogger(__name__)
 _registrars: list[Registrar] = []
+_relays: list[EventRelay] = []
+
+
+def store_snapshot(engine: CacheEngine) -> dict[str, Any]:
+    """Every key each tier holds now: what the management API's ``/v1/snapshot``
+    answers (:meth:`kvtier.control.api.CacheAPI.snapshot`)."""
+    return {"namespace": engine.hasher.namespace.layout,
+            "chunk_size": engine.hasher.chunk_size,
+            "tiers": {t.name: [k.hex() for k in t.iter_keys()] for t in engine.store.tiers}}
 
 
 def instance_body(cfg: KvtierConfig, engine: CacheEngine, vllm_config: Any = None) -> dict:
@@ -45,14 +63,12 @@ def instance_body(cfg: KvtierConfig, engine: CacheEngine, vllm_config: Any = Non
             topic = getattr(events, "topic", "") or ""
         tokenizer = getattr(vllm_config.model_config, "tokenizer", None)
     instance = cfg.controller.instance_id or f"{socket.gethostname()}:{os.getpid()}"
-    control = None
-    if cfg.control.port:
+    control = cfg.control.advertise or None
+    if cfg.control.port and not control:
         host = f"[{cfg.control.host}]" if ":" in cfg.control.host else cfg.control.host
-        control = f"http://{host}:{cfg.control.port}"
-    transfer_cfg = getattr(cfg, "transfer", None)
-    transfer = None
-    if transfer_cfg is not None and getattr(transfer_cfg, "port", 0):
-        transfer = f"{getattr(transfer_cfg, 'host', '127.0.0.1')}:{transfer_cfg.port}"
+        scheme = "https" if cfg.tls.files().serving else "http"
+        control = f"{scheme}://{host}:{cfg.control.port}"
+    transfer = cfg.transfer.address or None
     return {"instance": instance, "url": cfg.controller.instance_url or None, "model": str(model),
             "namespace": ns.seed().hex(), "key_namespace": dataclasses.asdict(ns),
             "layout": ns.layout, "chunk_size": ns.chunk_size,
@@ -74,6 +90,21 @@ def start_registrar(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
         vllm_config = None
     body = instance_body(cfg, engine, vllm_config)
     c = cfg.controller
-    _registrars.append(Registrar(c.url, body, c.resolve_token(), c.heartbeat_s, c.timeout_s))
-    log.info("kvtier: registering %s (model %s) at the controller %s", body["instance"],
-             body["model"], c.url)
+    events = getattr(vllm_config, "kv_events_config", None) if vllm_config is not None else None
+    relay_at = ""
+    if c.relay_events:
+        if events is None or not getattr(events, "enable_kv_cache_events", False):
+            raise UnsupportedConfig("controller.relay_events: vLLM publishes no KV events: "
+                                    "pass --kv-events-config with enable_kv_cache_events and "
+                                    "a tcp://127.0.0.1:PORT endpoint")
+        relay_at = str(getattr(events, "endpoint", ""))
+    registrar = Registrar(c.url, body, c.resolve_token(), c.heartbeat_s, c.timeout_s,
+                          snapshot=lambda: store_snapshot(engine), tls=cfg.tls.files())
+    _registrars.append(registrar)
+    if relay_at:
+        try:
+            _relays.append(EventRelay(relay_at, registrar))
+        except (OSError, ValueError) as e:
+            raise UnsupportedConfig(f"controller.relay_events: {e}") from None
+    log.info("kvtier: registering %s (model %s) at the controller %s%s", body["instance"],
+             body["model"], c.url, f" (KV events relayed from {relay_at})" if relay_at else "")

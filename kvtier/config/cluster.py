@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from kvtier.config.fields import Addresses, Int, Name, Number, Secret, Section, Size, Url
+from kvtier.config.fields import Addresses, Flag, Int, Name, Number, Secret, Section, Size, Url
 from kvtier.config.secrets import read_token, token_env
 from kvtier.config.values import host_port, is_loopback
 from kvtier.errors import ConfigError
@@ -34,6 +34,11 @@ class ControllerConfig(Section):
     """Heartbeat period."""
     timeout_s: Number = Field(2.0, gt=0)
     """Bound on each call to the controller (made on a background thread)."""
+    relay_events: Flag = False
+    """Relay this instance's KV events to the controller over HTTP (its credential, TLS):
+    the relay binds vLLM's ``--kv-events-config`` endpoint, which must then be
+    ``tcp://127.0.0.1:PORT``. For instances on another host than the controller, whose
+    events socket listens on loopback only."""
 
     def resolve_token(self) -> str:
         """The configured token (``token`` or the file ``token_file``); "" if none."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -20,9 +21,11 @@ class KvtierProcess:
     """One ``kvtier <command>`` child (its own session); ``start``/``stop`` may repeat."""
 
     def __init__(self, args: list[str], port: int, log_path: Path, token: str = "",
-                 env: dict[str, str] | None = None, start_timeout_s: float = 60.0) -> None:
+                 env: dict[str, str] | None = None, start_timeout_s: float = 60.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.args, self.port, self.log_path, self.token = args, port, log_path, token
-        self.url = f"http://{HOST}:{port}"
+        self.ssl_context = ssl_context  # https, checked (and presenting a certificate) with it
+        self.url = f"{'https' if ssl_context else 'http'}://{HOST}:{port}"
         self.env = env or {}
         self.events = ""  # a controller's KV events endpoint
         self.start_timeout_s = start_timeout_s
@@ -40,7 +43,8 @@ class KvtierProcess:
                 raise RuntimeError(f"kvtier {self.args[0]} exited with {self.proc.returncode} "
                                    f"(log: {self.log_path})")
             try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2).close()
+                urllib.request.urlopen(f"{self.url}/health", timeout=2,
+                                       context=self.ssl_context).close()
                 return self
             except OSError:
                 if time.monotonic() > deadline:
@@ -68,16 +72,17 @@ class KvtierProcess:
         self.stop()
 
     def call(self, path: str, body: dict | None = None, token: str | None = None,
-             timeout_s: float = 30.0) -> tuple[int, Any, dict[str, str]]:
+             timeout_s: float = 30.0, headers: dict[str, str] | None = None
+             ) -> tuple[int, Any, dict[str, str]]:
         """(status, JSON body, headers) of a GET (no body) or POST."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"{self.url}{path}", data,
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json", **(headers or {})})
         token = self.token if token is None else token
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=timeout_s, context=self.ssl_context) as resp:
                 raw, status, headers = resp.read(), resp.status, dict(resp.headers)
         except urllib.error.HTTPError as e:
             raw, status, headers = e.read(), e.code, dict(e.headers)
@@ -89,8 +94,10 @@ class KvtierProcess:
 
 def controller(log_path: Path, token: str = "", redis_url: str = "", ttl_s: float = 10.0,
                events_port: int | None = None, port: int | None = None,
-               extra: list[str] | None = None) -> KvtierProcess:
-    """A controller (not started): ``.events`` is its KV events endpoint."""
+               extra: list[str] | None = None,
+               ssl_context: ssl.SSLContext | None = None) -> KvtierProcess:
+    """A controller (not started): ``.events`` is its KV events endpoint; with
+    ``ssl_context`` (``extra`` then passes ``--tls-cert``...) it is called over https."""
     port = port or free_port()
     events_port = events_port or free_port()
     args = ["controller", "--host", HOST, "--port", str(port), "--events-port",
@@ -98,7 +105,8 @@ def controller(log_path: Path, token: str = "", redis_url: str = "", ttl_s: floa
     if redis_url:
         args += ["--redis-url", redis_url]
     proc = KvtierProcess(args + list(extra or []), port, log_path, token,
-                         {"KVTIER_CONTROLLER__TOKEN": token} if token else {})
+                         {"KVTIER_CONTROLLER__TOKEN": token} if token else {},
+                         ssl_context=ssl_context)
     proc.events = f"tcp://{HOST}:{events_port}"
     return proc
 
