@@ -113,7 +113,8 @@ def cluster(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cl
     require_redis()
     redis = RedisProcess(root / "redis")
     redis.start()
-    ctl = controller(root / "controller.log", redis_url=redis.url, ttl_s=4.0).start()
+    ctl = controller(root / "controller.log", redis_url=redis.url, ttl_s=4.0,
+                     extra=["--tokenizer", f"tiny={model}"]).start()
     replica = controller(root / "replica.log", redis_url=redis.url, ttl_s=4.0).start()
     servers = {n: _server(n, model, root, ctl) for n in NAMES}
     errors = start_all(servers.values())
@@ -170,7 +171,7 @@ def test_prompts_are_counted_as_vllm_counts_them(cluster: Cluster) -> None:
     status, out, h = cluster.rtr.call("/v1/chat/completions", body)
     assert status == 200 and h["x-kvtier-instance"] in NAMES
     assert int(h["x-kvtier-prompt-tokens"]) == out["usage"]["prompt_tokens"]
-    # the controller answers a string prompt too (with the tokenizer the instances registered)
+    # the controller answers a string prompt too (with its own --tokenizer for the model)
     status, out, _ = cluster.ctl.call("/v1/lookup", {"model": cluster.model, "prompt": "hi"})
     assert status == 200 and {i["instance"] for i in out["instances"]} == set(NAMES)
     assert cluster.rtr.call("/v1/models")[1]["data"][0]["id"] == cluster.model

@@ -116,7 +116,7 @@ def test_the_commands_report_an_unreadable_token_file(tmp_path: Path,
     assert "--token-file: cannot read" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--token-file: cannot read"):
         main(["controller", "--token-file", missing])
-    with pytest.raises(SystemExit, match="--control-token-file: cannot read"):
+    with pytest.raises(SystemExit, match="--control-token-file: no longer used"):
         main(["controller", "--control-token-file", missing])
     with pytest.raises(SystemExit, match="--controller-token-file: cannot read"):
         main(["router", "--instance", "http://127.0.0.1:9", "--controller-token-file",

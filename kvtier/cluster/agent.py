@@ -25,12 +25,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from typing import Any, Callable
 
 from kvtier.net.backoff import Backoff
-from kvtier.net.http import (HttpClient, HttpError, Response, StatusError, _Body, _failure,
-                             _prepare, _split, _TRANSPORT, shown_url)
+from kvtier.net.http import HttpClient, HttpError, StatusError, shown_url
 from kvtier.net.tls import TlsFiles
 
 log = logging.getLogger(__name__)
@@ -39,29 +37,6 @@ MAX_ANSWER = 1024**2
 """The bound on the controller's answer (a registration's is a few hundred bytes)."""
 CREDENTIAL = "X-Kvtier-Instance-Token"
 Snapshot = Callable[[], dict[str, Any]]
-
-
-class ControllerClient(HttpClient):
-    """:class:`HttpClient` calls that also present the instance's credential header."""
-
-    def call(self, method: str, url: str, *, token: str, credential: str,
-             json_body: object, timeout_s: float | None = None) -> Response:
-        send, shown = _split(url)
-        t = self.timeout_s if timeout_s is None else timeout_s
-        content, headers = _prepare(token, json_body)
-        if credential:
-            headers[CREDENTIAL] = credential
-        deadline = time.monotonic() + t
-        try:
-            with self._httpx().stream(method, send, content=content, headers=headers,
-                                      timeout=t, follow_redirects=False) as resp:
-                body = _Body(resp, shown, self.max_bytes, t, deadline)
-                for chunk in resp.iter_bytes():
-                    if body.add(chunk):
-                        break
-                return body.result()
-        except _TRANSPORT as exc:
-            raise _failure(shown, exc, t) from None
 
 
 class Registrar:
@@ -87,7 +62,7 @@ class Registrar:
         self.snapshots = 0
         self._owed = False  # a snapshot the controller asked for and has not got
         self._shown = shown_url(self.url)  # for logs: no credentials
-        self._http = ControllerClient(timeout_s, MAX_ANSWER, tls=tls)
+        self._http = HttpClient(timeout_s, MAX_ANSWER, tls=tls)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-registrar", daemon=True)
         self._thread.start()
@@ -95,8 +70,10 @@ class Registrar:
     def post(self, path: str, body: dict[str, Any], timeout_s: float | None = None
              ) -> dict[str, Any]:
         """A call to the controller with the token and this instance's credential."""
-        resp = self._http.call("POST", f"{self.url}{path}", token=self.token,
-                               credential=self.credential, json_body=body, timeout_s=timeout_s)
+        resp = self._http.request("POST", f"{self.url}{path}", token=self.token,
+                                  json_body=body, timeout_s=timeout_s,
+                                  headers={CREDENTIAL: self.credential} if self.credential
+                                  else None)
         return json.loads(resp.body or b"{}")
 
     def _once(self) -> None:

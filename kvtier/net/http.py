@@ -191,18 +191,21 @@ class HttpClient:
 
     def request(self, method: str, url: str, *, token: str = "",
                 json_body: object | None = None, timeout_s: float | None = None,
-                max_bytes: int | None = None) -> Response:
-        """``method url`` (a JSON body if ``json_body`` is not None); the 2xx answer.
+                max_bytes: int | None = None, headers: dict[str, str] | None = None
+                ) -> Response:
+        """``method url`` (a JSON body if ``json_body`` is not None, more ``headers`` if
+        given: the caller's own credentials, never from the environment); the 2xx answer.
 
         Raises :class:`StatusError` (:class:`Redirected` for 3xx), :class:`TooLarge`
         or :class:`Unreachable`, all :class:`HttpError`.
         """
         send, shown = _split(url)
         t = self.timeout_s if timeout_s is None else timeout_s
-        content, headers = _prepare(token, json_body)
+        content, sent = _prepare(token, json_body)
+        sent.update(headers or {})
         deadline = time.monotonic() + t
         try:
-            with self._httpx().stream(method, send, content=content, headers=headers,
+            with self._httpx().stream(method, send, content=content, headers=sent,
                                       timeout=t, follow_redirects=False) as resp:
                 body = _Body(resp, shown, max_bytes or self.max_bytes, t, deadline)
                 for chunk in resp.iter_bytes():
