@@ -20,7 +20,7 @@ from tests.test_layers import LAYERS
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "kvtier"
 ARCH = ROOT / "docs" / "architecture.md"
-DOCS = (ARCH, ROOT / "docs" / "reliability.md", ROOT / "README.md")
+DOCS = (ARCH, ROOT / "docs" / "reliability.md", ROOT / "docs" / "security.md", ROOT / "README.md")
 SECTION = "## The tree is the architecture"
 LAYER_HEADING = re.compile(r"#{3,}\s+(?:layer\s+)?(\d+)\b", re.IGNORECASE)
 MODULE = re.compile(r"`(?:kvtier/)?([\w/]+\.py)`")

@@ -22,10 +22,10 @@ class KvtierProcess:
 
     def __init__(self, args: list[str], port: int, log_path: Path, token: str = "",
                  env: dict[str, str] | None = None, start_timeout_s: float = 60.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, host: str = HOST) -> None:
         self.args, self.port, self.log_path, self.token = args, port, log_path, token
         self.ssl_context = ssl_context  # https, checked (and presenting a certificate) with it
-        self.url = f"{'https' if ssl_context else 'http'}://{HOST}:{port}"
+        self.url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
         self.env = env or {}
         self.events = ""  # a controller's KV events endpoint
         self.start_timeout_s = start_timeout_s
@@ -95,25 +95,27 @@ class KvtierProcess:
 def controller(log_path: Path, token: str = "", redis_url: str = "", ttl_s: float = 10.0,
                events_port: int | None = None, port: int | None = None,
                extra: list[str] | None = None,
-               ssl_context: ssl.SSLContext | None = None) -> KvtierProcess:
+               ssl_context: ssl.SSLContext | None = None, host: str = HOST) -> KvtierProcess:
     """A controller (not started): ``.events`` is its KV events endpoint; with
     ``ssl_context`` (``extra`` then passes ``--tls-cert``...) it is called over https."""
     port = port or free_port()
     events_port = events_port or free_port()
-    args = ["controller", "--host", HOST, "--port", str(port), "--events-port",
+    args = ["controller", "--host", host, "--port", str(port), "--events-port",
             str(events_port), "--ttl-s", str(ttl_s), "--heartbeat-s", str(min(1.0, ttl_s / 3))]
     if redis_url:
         args += ["--redis-url", redis_url]
     proc = KvtierProcess(args + list(extra or []), port, log_path, token,
                          {"KVTIER_CONTROLLER__TOKEN": token} if token else {},
-                         ssl_context=ssl_context)
+                         ssl_context=ssl_context, host=host)
     proc.events = f"tcp://{HOST}:{events_port}"
     return proc
 
 
 def router(log_path: Path, args: list[str], port: int | None = None,
-           start_timeout_s: float = 120.0) -> KvtierProcess:
-    """A router (not started) with ``args`` after ``--host``/``--port``."""
+           start_timeout_s: float = 120.0, ssl_context: ssl.SSLContext | None = None,
+           host: str = HOST) -> KvtierProcess:
+    """A router (not started) with ``args`` after ``--host``/``--port`` (called over https
+    with ``ssl_context``, whose ``args`` then pass ``--tls-cert``...)."""
     port = port or free_port()
-    return KvtierProcess(["router", "--host", HOST, "--port", str(port), *args], port, log_path,
-                         start_timeout_s=start_timeout_s)
+    return KvtierProcess(["router", "--host", host, "--port", str(port), *args], port, log_path,
+                         start_timeout_s=start_timeout_s, ssl_context=ssl_context, host=host)
