@@ -21,7 +21,11 @@
   posts its snapshot, which replaces what the index holds for it.
 - **Lookup**: keys are computed with :class:`~kvtier.keys.ChunkHasher` from the
   namespace fields each instance registered (so salts work), once per
-  distinct namespace; an instance's cached prefix is its leading held keys.
+  distinct namespace and block size; an instance's cached prefix is its leading
+  held keys. A registration whose fields cannot key a prompt (``key_namespace``
+  not ``namespace``'s digest or of another chunk size, a block size that does not
+  divide the chunk size) is refused: one bad record would fail every lookup of its
+  model.
   Prompts are tokenized only with the controller's own ``--tokenizer``s (a
   registered tokenizer path is loaded only with ``registered_tokenizers``).
 """
@@ -75,7 +79,7 @@ class Controller:
         self.resyncs = Resyncs(resync_interval_s)
         self._seq: dict[str, int] = {}
         self._topics: dict[str, m.Register] = {}
-        self._hashers: dict[str, ChunkHasher] = {}
+        self._hashers: dict[tuple[str, int], ChunkHasher] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._sweep_loop, name="kvtier-sweep",
@@ -87,11 +91,17 @@ class Controller:
     def register(self, reg: m.Register, credential: str | None) -> m.Registered:
         """Record ``reg``: a free name gets a new credential (in the answer); a live
         one only for the caller presenting its credential (else :class:`Forbidden`)."""
-        if reg.key_namespace is not None:
-            ns_digest = Namespace(**reg.key_namespace.model_dump()).seed().hex()
-            if ns_digest != reg.namespace:
-                raise ValueError(f"key_namespace: its digest {ns_digest} is not namespace "
-                                 f"{reg.namespace}")
+        if reg.key_namespace is not None:  # lookups key prompts with it: it must work
+            ns = Namespace(**reg.key_namespace.model_dump())
+            if ns.seed().hex() != reg.namespace:
+                raise ValueError(f"key_namespace: its digest {ns.seed().hex()} is not "
+                                 f"namespace {reg.namespace}")
+            if ns.chunk_size != reg.chunk_size:
+                raise ValueError(f"key_namespace: chunk_size {ns.chunk_size} is not chunk_size "
+                                 f"{reg.chunk_size}")
+        if reg.block_size and reg.chunk_size % reg.block_size:
+            raise ValueError(f"block_size: {reg.block_size} does not divide chunk_size "
+                             f"{reg.chunk_size}")
         topic = reg.topic or reg.instance
         other = next((r["instance"] for r in self.state.instances()
                       if r.get("topic") == topic and r["instance"] != reg.instance), None)
@@ -254,16 +264,17 @@ class Controller:
         tokens = req.token_ids if req.token_ids is not None else self._tokenize(req.model,
                                                                                 req.prompt or "")
         out = []
-        keys_of: dict[str, tuple[ChunkHasher, list[bytes]]] = {}
+        keys_of: dict[tuple[str, int], tuple[ChunkHasher, list[bytes]]] = {}
         for rec in self.state.instances():
             if rec["model"] != req.model:
                 continue
             hit: dict[str, int] = {"any": 0}
             if rec.get("key_namespace"):
-                if rec["namespace"] not in keys_of:
+                kind = (rec["namespace"], rec.get("block_size") or 0)
+                if kind not in keys_of:
                     hasher = self._hasher(rec).with_salt(req.salt)
-                    keys_of[rec["namespace"]] = (hasher, [bytes(k) for k in hasher.keys(tokens)])
-                hasher, keys = keys_of[rec["namespace"]]
+                    keys_of[kind] = (hasher, [bytes(k) for k in hasher.keys(tokens)])
+                hasher, keys = keys_of[kind]
                 held = self.state.held(rec["instance"], keys)
                 covered = hasher.covered(len(tokens))
                 hit = {t: min(n * hasher.chunk_size, covered) for t, n in held.items()}
@@ -287,14 +298,17 @@ class Controller:
         return m.Located(holders=holders)
 
     def _hasher(self, rec: dict[str, Any]) -> ChunkHasher:
+        """The hasher of ``rec``'s namespace and block size (two instances sharing a
+        namespace may have different block sizes: their partial chunks' keys differ)."""
+        block = rec.get("block_size") or 0
+        kind = (rec["namespace"], block)
         with self._lock:
-            hasher = self._hashers.get(rec["namespace"])
+            hasher = self._hashers.get(kind)
         if hasher is None:
             ns = Namespace(**rec["key_namespace"])
-            block = rec.get("block_size") or 0
             hasher = ChunkHasher(ns, store_partial=bool(block), granule=block or ns.chunk_size)
             with self._lock:
-                self._hashers[rec["namespace"]] = hasher
+                self._hashers[kind] = hasher
         return hasher
 
     def _tokenize(self, model: str, prompt: str) -> list[int]:
