@@ -234,7 +234,9 @@ def test_router_and_controller_refuse_bad_arguments(capsys: pytest.CaptureFixtur
     for argv, msg in ((["router", "--prefill", "http://a"], "both --prefill and --decode"),
                       (["router"], "give --instance"),
                       (["router", "--instance", "localhost:1"], "not an http:// URL"),
-                      (["controller", "--host", "0.0.0.0"], "without a token"),
+                      (["controller", "--host", "0.0.0.0"], "TLS is off: give --tls-cert"),
+                      (["controller", "--host", "0.0.0.0", "--insecure-no-tls"],
+                       "without a token"),
                       (["controller", "--ttl-s", "1", "--heartbeat-s", "2"], "--heartbeat-s")):
         with pytest.raises(SystemExit, match=msg):
             main(argv)

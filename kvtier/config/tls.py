@@ -49,9 +49,10 @@ def require_tls(key: str, host: str, files: TlsFiles, insecure: bool,
     TLS, unless ``insecure`` (spelled ``waiver`` in the message) waives it."""
     if files.serving or insecure or is_loopback(host):
         return
-    raise ConfigError(key, f"{host} is reachable from other machines and TLS is off: set "
-                      f"tls.cert_file and tls.key_file (and tls.ca_file for mutual TLS), or "
-                      f"bind 127.0.0.1, or accept tokens and KV in clear with {waiver}")
+    fix = ("give --tls-cert and --tls-key (and --tls-ca for mutual TLS)" if waiver.startswith("--")
+           else "set tls.cert_file and tls.key_file (and tls.ca_file for mutual TLS)")
+    raise ConfigError(key, f"{host} is reachable from other machines and TLS is off: {fix}, "
+                      f"or bind 127.0.0.1, or accept tokens and KV in clear with {waiver}")
 
 
 def is_wildcard(host: str) -> bool:
