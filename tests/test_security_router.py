@@ -11,6 +11,7 @@ itself with the keys on.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import ssl
@@ -56,6 +57,7 @@ class StandIn:
         self.require_key = False
         self.hold: threading.Event | None = None
         self.stream_pause = 0.0  # a stream: one event, this pause, another, [DONE]
+        self.registered: list[dict[str, str]] = []  # as a controller: /v1/instances
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,7 +73,7 @@ class StandIn:
 
             def do_GET(self) -> None:  # noqa: N802
                 outer.seen.append((self.path, outer.lower(self.headers), None))
-                self._answer(200, {"instances": [], "data": [{"id": "m"}]})
+                self._answer(200, {"instances": outer.registered, "data": [{"id": "m"}]})
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -486,3 +488,28 @@ def _client_ctx(cert: str, key: str, ca: str) -> ssl.SSLContext:
     if cert:
         ctx.load_cert_chain(cert, key)
     return ctx
+
+
+def test_with_the_cluster_ca_a_registered_plain_http_instance_gets_no_prompts(
+        backend: StandIn, tmp_path: Path) -> None:
+    """A controller-token holder may register an instance; with TLS configured the router
+    sends users' prompts only to one that proves a certificate of the cluster CA (https)
+    or is on loopback, never to a plain-http address it was told about."""
+    host = non_loopback_address() or "192.0.2.2"
+    rogue, fine, local = f"http://{host}:9", f"https://{host}:9", "http://127.0.0.1:9"
+    backend.registered = [{"instance": n, "url": u} for n, u in
+                          (("rogue", rogue), ("fine", fine), ("local", local))]
+    certs = make_certs(tmp_path / "certs", ["router"], ["127.0.0.1"])["router"]
+    tls = TlsFiles(certs.cert_file, certs.key_file, certs.ca_file)
+    for waived, expect in ((False, {fine, local}), (True, {rogue, fine, local})):
+        router = Router([], backend.url, tls=tls, discover_s=0.05,
+                        plain_discovered=True if waived else None)
+
+        async def discover() -> None:
+            task = asyncio.create_task(router.discover_loop())
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await router.close()
+
+        asyncio.run(discover())
+        assert set(router.backends) == expect, waived

@@ -100,7 +100,8 @@ def _router(args: argparse.Namespace) -> int:
     tokens.load()
     router = Router(args.instance, args.controller, token, args.prefill, args.decode,
                     args.policy, args.alpha, args.lookup_timeout_s, args.cooldown_s,
-                    tls=tls, backend_key=backend_key, request_timeout_s=args.request_timeout_s)
+                    tls=tls, backend_key=backend_key, request_timeout_s=args.request_timeout_s,
+                    plain_discovered=True if args.insecure_no_tls else None)
     server = router_server(router, tokens, serving)
     pool = (f"PD: {len(args.prefill)} prefill, {len(args.decode)} decode" if router.pd
             else f"{len(args.instance)} instances")

@@ -24,11 +24,13 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvtier.cluster.choice import Candidate, Choice, choose
+from kvtier.config.values import is_loopback
 from kvtier.net.backoff import Backoff
 from kvtier.net.http import HttpError, arequest, async_client
 from kvtier.net.tls import TlsFiles
@@ -103,8 +105,15 @@ class Router:
                  policy: str = "kv", alpha: float = 0.5, lookup_timeout_s: float = 0.5,
                  cooldown_s: float = 10.0, controller_backoff_s: float = 2.0,
                  discover_s: float = 2.0, tls: TlsFiles | None = None, backend_key: str = "",
-                 request_timeout_s: float = 600.0) -> None:
+                 request_timeout_s: float = 600.0, plain_discovered: bool | None = None
+                 ) -> None:
         self.backends: dict[str, Backend] = {}
+        # A registration names where users' prompts go: with the cluster's CA, an
+        # instance found through the controller must prove it holds a certificate of it
+        # (https), unless it is on loopback or the operator waived TLS.
+        self.plain_discovered = not (tls is not None and tls.dialing) \
+            if plain_discovered is None else plain_discovered
+        self._refused: set[str] = set()
         for role, urls in (("any", instances), ("prefill", prefill or []),
                            ("decode", decode or [])):
             for u in urls:
@@ -168,7 +177,10 @@ class Router:
                                       max_bytes=MAX_CONTROLLER_ANSWER)
                 seen = {norm(i["url"]): i["instance"] for i in resp.json()["instances"]
                         if i.get("url")}
-                for url, name in seen.items():
+                for url, name in list(seen.items()):
+                    if url not in self.backends and not self._may_join(url, name):
+                        del seen[url]
+                        continue
                     if url not in self.backends:
                         log.info("%s (%s) joins from the controller", name, url)
                         self.backends[url] = Backend(url, name, static=False)
@@ -180,6 +192,19 @@ class Router:
             except (HttpError, ValueError, KeyError, TypeError):
                 pass  # keep what we know
             await asyncio.sleep(self.discover_s)
+
+    def _may_join(self, url: str, name: str) -> bool:
+        """Whether a discovered instance URL may receive users' prompts."""
+        parts = urlsplit(url)
+        if self.plain_discovered or parts.scheme == "https" or \
+                is_loopback(parts.hostname or ""):
+            return True
+        if url not in self._refused:
+            self._refused.add(url)
+            log.warning("%s registered %s: plain http off loopback, not routed to (with "
+                        "--tls-ca, instances found through the controller need https; "
+                        "--insecure-no-tls waives it)", name, url)
+        return False
 
     # -- choice
     def pool(self, role: str, exclude: set[str]) -> list[Backend]:
