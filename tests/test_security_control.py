@@ -6,8 +6,10 @@ address of its own (traffic to it never leaves the machine)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -132,3 +134,43 @@ def test_kvtier_ctl_speaks_tls(tls_api: Setup, certs: dict[str, TlsFiles]) -> No
     bad = subprocess.run(base + ["--tls-cert", a.cert_file, "status"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode != 0 and "--tls-key" in bad.stderr
+
+
+def loris(url: str, n: int) -> list[socket.socket]:
+    """``n`` connections that start a request and then send a header line now and then."""
+    host, port = url.split("://")[1].split(":")
+    out = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)), timeout=5)
+        s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n")
+        out.append(s)
+    return out
+
+
+def closed_by_server(sock: socket.socket, within_s: float) -> bool:
+    """Keep trickling a header line every 0.2 s; True once the server closed the socket."""
+    deadline = time.monotonic() + within_s
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(b"X-Slow: 1\r\n")
+            if sock.recv(1024) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_slow_loris_headers_are_cut_and_the_api_keeps_serving(tmp_path: Path) -> None:
+    s = make_setup(tmp_path, token=TOKEN, request_timeout_s=1.0, max_concurrency=4)
+    try:
+        slow = loris(s.url, 6)  # more than max_concurrency
+        assert all(closed_by_server(c, 10.0) for c in slow)
+        client = ControlClient(s.url, TOKEN)
+        assert client.status()["tiers"]
+        client.close()
+    finally:
+        s.server.close()
+        s.store.close()

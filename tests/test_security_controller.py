@@ -325,3 +325,13 @@ def test_start_up_refuses_unsafe_binds(certs: dict[str, Any]) -> None:
         main(["controller", "--tls-ca", certs["good"]["controller"].ca_file])
     with pytest.raises(SystemExit, match="--control-token-file: no longer used"):
         main(["controller", "--control-token-file", "/nonexistent"])
+
+
+def test_slow_loris_headers_are_cut_and_the_controller_keeps_serving(tmp_path: Path) -> None:
+    from tests.test_security_control import closed_by_server, loris
+
+    with controller(tmp_path / "loris.log", TOKEN, extra=[
+            "--request-timeout-s", "1", "--max-concurrency", "4"]) as c:
+        slow = loris(c.url, 6)  # more than --max-concurrency
+        assert all(closed_by_server(s, 10.0) for s in slow)
+        assert c.call("/v1/instances")[0] == 200

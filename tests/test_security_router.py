@@ -513,3 +513,11 @@ def test_with_the_cluster_ca_a_registered_plain_http_instance_gets_no_prompts(
 
         asyncio.run(discover())
         assert set(router.backends) == expect, waived
+
+
+def test_slow_loris_headers_are_cut_and_the_router_keeps_serving(keyed: RunningRouter) -> None:
+    from tests.test_security_control import closed_by_server, loris
+
+    slow = loris(keyed.url, 6)  # more than the fixture's --max-concurrency 4
+    assert all(closed_by_server(s, 10.0) for s in slow)
+    still_serves(keyed)

@@ -39,6 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "a certificate signed by it (mutual TLS)")
     c.add_argument("--insecure-no-tls", action="store_true", help="serve off loopback without "
                    "TLS (tokens, credentials and KV events cross the network in clear)")
+    c.add_argument("--request-timeout-s", type=float, default=30.0, help="a request's headers "
+                   "and body must arrive within this (slow clients are cut)")
+    c.add_argument("--max-concurrency", type=int, default=256, help="connections at once; "
+                   "more are answered 503")
     c.add_argument("--tokenizer", action="append", default=[], metavar="MODEL=PATH",
                    help="tokenizer folder for lookups of string prompts (repeatable)")
     c.set_defaults(func=_controller)
@@ -90,6 +94,8 @@ def _controller(args: argparse.Namespace) -> int:
     if not token and not is_loopback(args.host):
         sys.exit(f"kvtier controller: refusing to serve on {args.host} without a token "
                  "(--token-file or KVTIER_CONTROLLER__TOKEN), or bind 127.0.0.1")
+    if args.request_timeout_s <= 0 or args.max_concurrency < 1:
+        sys.exit("kvtier controller: need --request-timeout-s > 0 and --max-concurrency >= 1")
     if args.ttl_s <= 0 or args.heartbeat_s <= 0 or args.heartbeat_s >= args.ttl_s:
         sys.exit("kvtier controller: need 0 < --heartbeat-s < --ttl-s")
     if args.resync_interval_s <= 0:
@@ -118,7 +124,8 @@ def _controller(args: argparse.Namespace) -> int:
         except OSError as e:
             sys.exit(f"kvtier controller: {e}")
         ctl.events_endpoint = follower.endpoint
-    server = serve(ctl, metrics, args.host, args.port, token, tls=tls)
+    server = serve(ctl, metrics, args.host, args.port, token, tls=tls,
+                   timeout_s=args.request_timeout_s, max_concurrency=args.max_concurrency)
     scheme = "https" if tls.serving else "http"
     print(f"kvtier controller on {scheme}://{args.host}:{args.port} ("
           f"{'mutual TLS, ' if tls.mutual else ''}token "

@@ -37,6 +37,7 @@ from kvtier.cluster import models as m
 from kvtier.cluster.controller import Controller, Forbidden, TooSoon, Unknown
 from kvtier.control.app import _first_error
 from kvtier.control.guard import Guard
+from kvtier.control.protocol import header_deadline
 from kvtier.net.tls import TlsFiles, uvicorn_options
 
 _OPS = frozenset({"register", "heartbeat", "snapshot", "events", "lookup", "locate", "instances",
@@ -171,13 +172,18 @@ class _ByPath:
 
 def serve(ctl: Controller, metrics: ControllerMetrics, host: str, port: int, token: str,
           max_body_bytes: int = MAX_BODY, timeout_s: float = 30.0,
-          tls: TlsFiles | None = None, max_snapshot_bytes: int = MAX_SNAPSHOT) -> uvicorn.Server:
-    """A uvicorn server for the controller (call ``.run()``; blocks until stopped)."""
+          tls: TlsFiles | None = None, max_snapshot_bytes: int = MAX_SNAPSHOT,
+          max_concurrency: int = 256) -> uvicorn.Server:
+    """A uvicorn server for the controller (call ``.run()``; blocks until stopped): each
+    request's headers and body within ``timeout_s``, at most ``max_concurrency``
+    connections (503 past them)."""
     app = build_app(ctl, metrics)
     guarded = _ByPath(*(Guard(app, token, n, timeout_s, metrics, metrics.label)  # type: ignore
                         for n in (max_body_bytes, max_snapshot_bytes)))
     config = uvicorn.Config(guarded, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off", timeout_keep_alive=5, server_header=False,
+                            limit_concurrency=max_concurrency,
+                            http=header_deadline(timeout_s),
                             **uvicorn_options(tls or TlsFiles()))  # type: ignore[arg-type]
     return uvicorn.Server(config)
 

@@ -29,6 +29,7 @@ from kvtier.cluster.router_keys import Caller
 from kvtier.cluster.tokens import PromptTokens
 from kvtier.config import ConfigError, is_loopback, require_tls
 from kvtier.control.guard import Guard
+from kvtier.control.protocol import header_deadline
 from kvtier.net.tls import TlsError, TlsFiles, uvicorn_options
 
 TLS_FLAGS = {"cert_file": "--tls-cert", "key_file": "--tls-key", "ca_file": "--tls-ca"}
@@ -81,5 +82,6 @@ def router_server(router: Router, tokens: PromptTokens, serving: RouterServing
     config = uvicorn.Config(guarded, host=serving.host, port=serving.port,
                             log_level="warning", access_log=False, timeout_keep_alive=30,
                             limit_concurrency=serving.max_concurrency, server_header=False,
+                            http=header_deadline(serving.body_timeout_s),
                             **uvicorn_options(serving.tls))  # type: ignore[arg-type]
     return uvicorn.Server(config)

@@ -21,6 +21,7 @@ from kvtier.net.tls import TlsFiles, uvicorn_options
 from kvtier.control.api import CacheAPI
 from kvtier.control.app import OpRunner, build_app
 from kvtier.control.guard import Guard
+from kvtier.control.protocol import header_deadline
 from kvtier.control.metrics import ControlMetrics
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class ControlServer:
                                 timeout_keep_alive=5, timeout_graceful_shutdown=5,
                                 h11_max_incomplete_event_size=64 * 1024,
                                 server_header=False, proxy_headers=False,
+                                http=header_deadline(cfg.request_timeout_s),
                                 **uvicorn_options(tls))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="kvtier-control",
