@@ -11,7 +11,6 @@ import os
 import socket
 import ssl
 import struct
-import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -34,6 +33,7 @@ from kvtier.transfer.hello import Deadline, client_hello, open_body
 from kvtier.transfer.server import SLICE, TransferServer
 from kvtier.transfer.wire import (FRAME, GET_KEYS, LATER, MAX_KEYS, Op, Refused, Status,
                                   WireError, frame, keys_body, parse_frame)
+from tests.test_transfer import Proxy
 
 TOKEN = "s3cret-transfer-token"
 NS = "c" * 32
@@ -152,47 +152,9 @@ def ssl_context(files: TlsFiles) -> ssl.SSLContext:
 # -- HELLO ----------------------------------------------------------------------
 
 
-class Recorder:
-    """A TCP relay to ``port`` that keeps every byte the client sends (a sniffer)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sent = bytearray()
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.port))
-            threading.Thread(target=self._pump, args=(client, up, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if record:
-                    self.sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_token_never_crosses_the_wire_and_a_replayed_hello_is_refused(
         server: TransferServer) -> None:
-    rec = Recorder(server.port)
+    rec = Proxy(server.port)
     tier = reader(rec.address)
     assert all(c is not None for c in tier.get_many(keys(2)))
     tier.close()

@@ -148,10 +148,12 @@ def test_non_loopback_host_needs_a_token() -> None:
 
 class Proxy:
     """Forwards 127.0.0.1 connections to ``port``; the server's stream (to the client) can
-    have the byte at ``flip`` inverted, be cut after ``cut`` bytes or stall there."""
+    have the byte at ``flip`` inverted, be cut after ``cut`` bytes or stall there. Every
+    byte clients send is kept in ``sent`` (what a sniffer would see)."""
 
     def __init__(self, port: int, flip: int = -1, cut: int = -1, stall: bool = False) -> None:
         self.port, self.flip, self.cut, self.stall = port, flip, cut, stall
+        self.sent = bytearray()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.release = threading.Event()
@@ -171,6 +173,8 @@ class Proxy:
         seen = 0
         try:
             while data := src.recv(1 << 16):
+                if not damage:  # the client's stream
+                    self.sent += data
                 buf = bytearray(data)
                 if damage and seen <= self.flip < seen + len(buf):
                     buf[self.flip - seen] ^= 0xFF

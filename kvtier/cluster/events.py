@@ -83,22 +83,29 @@ def parse_batch(payload: bytes, chunk_size: int) -> Change:
 OnMessage = Callable[[str, int, bytes], None]
 
 
+def bound_sub(endpoint: str, max_bytes: int, what: str) -> tuple[zmq.Context, zmq.Socket]:
+    """A SUB socket bound at ``endpoint``, subscribed to everything, refusing messages over
+    ``max_bytes`` (libzmq drops the sender's connection); OSError naming ``what``."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.RCVHWM, 10_000)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as e:
+        sock.close()
+        ctx.term()
+        raise OSError(f"cannot bind {what} at {endpoint}: {e}") from None
+    return ctx, sock
+
+
 class EventFollower:
     """A bound ZMQ SUB socket and the thread reading it."""
 
     def __init__(self, endpoint: str, on_message: OnMessage, max_bytes: int = 1 << 20) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.setsockopt(zmq.RCVHWM, 10_000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        try:
-            self.sock.bind(endpoint)
-        except zmq.ZMQError as e:
-            self.sock.close()
-            self.ctx.term()
-            raise OSError(f"cannot bind the KV events endpoint {endpoint}: {e}") from None
+        self.ctx, self.sock = bound_sub(endpoint, max_bytes, "the KV events endpoint")
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.on_message = on_message
         self._stop = threading.Event()

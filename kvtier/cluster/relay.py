@@ -25,6 +25,7 @@ import time
 import zmq
 
 from kvtier.cluster.agent import Registrar
+from kvtier.cluster.events import bound_sub
 from kvtier.cluster.models import MAX_EVENT_BYTES
 from kvtier.net.http import HttpError
 
@@ -59,18 +60,8 @@ class EventRelay:
         self.registrar = registrar
         self.forwarded = 0
         self.dropped = 0
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.SUB)
-        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sock.setsockopt(zmq.RCVHWM, 10_000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_EVENT_BYTES)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        try:
-            self.sock.bind(loopback_endpoint(endpoint))
-        except zmq.ZMQError as e:
-            self.sock.close()
-            self.ctx.term()
-            raise OSError(f"cannot bind the KV events relay at {endpoint}: {e}") from None
+        self.ctx, self.sock = bound_sub(loopback_endpoint(endpoint), MAX_EVENT_BYTES,
+                                        "the KV events relay")
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvtier-relay", daemon=True)
