@@ -81,11 +81,13 @@ def test_a_slow_tier_does_not_stall_a_request_that_is_decoding(model: str,
     finishes or on the gap between the two first tokens: both depend on how fast this
     machine steps (vLLM processes of other tests on the same core, with spinning
     OpenMP threads, made 12 tokens take over 8 s in one run, and a 300-token prefill
-    3 s in another)."""
+    3 s in another). The delay is scaled to this machine's speed now: at least 6x the
+    other request's own cold time to first token, measured in the first run (under
+    another salt, so it stays cold)."""
     slow_doc, other = doc(model, 23), doc(model, 24, 300)
     cfg = kvtier_cfg(tmp_path, prefetch=False)
-    _run(model, [[req(slow_doc)]], cfg)
-    delay = 8.0
+    first = _run(model, [[req(slow_doc)], [req(other, salt="probe", max_tokens=1)]], cfg)
+    delay = max(8.0, 6 * first["rounds"][1][0]["ttft_s"])
     res = _run(model, [[req(other, max_tokens=12), req(slow_doc, max_tokens=4)]], cfg,
                delay_s=delay)
     decoding, slow = res["rounds"][0]
