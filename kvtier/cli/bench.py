@@ -121,8 +121,8 @@ def _tiers_table(res: dict[str, Any]) -> None:
 
 def _add_codecs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("codecs", help="chunk codecs on real vLLM KV: size, speed, outputs vs raw")
-    p.add_argument("--model", default="small", choices=["tiny", "small"],
-                   help="local random-weight model shape (kvtier model build)")
+    p.add_argument("--model", default="small", choices=["tiny", "small", "smollm2"],
+                   help="local model (kvtier model build); smollm2: real KV, real questions")
     p.add_argument("--codecs", default="zlib,zstd,lz4,q8,q4",
                    help="comma list of raw, zlib, zstd, lz4, q8, q4 (raw always runs)")
     p.add_argument("--prompts", type=int, default=16)
@@ -155,13 +155,13 @@ def _codecs_table(res: dict[str, Any]) -> None:
     print(f"  speed: one thread, median of {s['repeats']}; outputs: every request hits its "
           f"whole chunks from disk; baseline: {s['baseline']}")
     print(f"  {'codec':8} {'kind':8} {'ratio':>6} {'enc GB/s':>9} {'dec GB/s':>9} "
-          f"{'tokens':>7} {'max|dlp|':>9} {'mean|dlp|':>10} {'bitwise':>8} {'hit tok':>8}")
+          f"{'prefix':>7} {'exact':>6} {'max|dlp|':>9} {'mean|dlp|':>10} {'bitwise':>8} {'hit tok':>8}")
     for r in res["codecs"]:
         kind = "lossless" if r["lossless"] else f"{r['bits']}-bit" if r["bits"] else "noise"
         speed = [f"{x:9.3f}" if x is not None else f"{'-':>9}"
                  for x in (r["encode_gbps"], r["decode_gbps"])]
         print(f"  {r['codec']:8} {kind:8} {r['ratio']:6.2f} {speed[0]} {speed[1]} "
-              f"{r['token_agreement']:7.1%} "
+              f"{r['token_agreement']:7.1%} {r.get('exact_match', 0):6.0%} "
               f"{r['max_abs_logprob_diff']:9.2g} {r['mean_abs_logprob_diff']:10.2g} "
               f"{str(r['bitwise_equal']):>8} {r['hit_tokens']:>4}/{s['hit_tokens_expected']}")
 

@@ -59,20 +59,38 @@ def print_table(res: dict[str, Any]) -> None:
     med = statistics.median(r["speedup"] for r in res["rows"])
     same = all(r["identical"] for r in res["rows"])
     lp = max(r["logprob_max_abs_diff"] for r in res["rows"])
+    for r in res["rows"]:
+        if "question" in r:
+            print(f"\ndoc {r['doc']}: {r['document']} ({r['prompt_tokens']} tokens) -- "
+                  f"{r['question']}")
+            print(f"  cold ({r['ttft_cold_s'] * 1e3:>6.0f} ms): {_one_line(r['answer_cold'])}")
+            print(f"  warm ({r['ttft_warm_s'] * 1e3:>6.0f} ms): {_one_line(r['answer_warm'])}")
     print(f"\nA new vLLM instance got each document's KV back from kvtier's disk tier: median "
           f"TTFT speed-up {med:.1f}x; greedy tokens {'identical' if same else 'DIFFERENT'} "
-          f"to the cold run; logprobs differ by at most {lp:.2g} (0: bitwise equal; on CPUs "
-          f"without bf16 units vLLM's own prefix cache differs from a cold run the same way).")
+          f"to the cold run; logprobs differ by at most {lp:.2g} (0: bitwise equal).")
+    if not same:
+        print("A hit computes the question's tokens against stored KV, a cold run in one step "
+              "with the document: the sums round differently, so a near-tie between two tokens "
+              "can flip (vLLM's own prefix cache flips it the same way).")
+
+
+def _one_line(text: str, width: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``kvtier demo``."""
     p = subparsers.add_parser("demo", help="cold vs warm TTFT across two vLLM instances")
-    p.add_argument("--shape", default="small", help="local model shape to build (small, tiny)")
+    p.add_argument("--shape", default="smollm2",
+                   help="local model to build: smollm2 (real: answers you can read), or a "
+                        "random-weight shape (small, tiny: made-up documents)")
     p.add_argument("--model", help="a local model directory instead of a built one")
     p.add_argument("--docs", type=int, default=3)
-    p.add_argument("--tokens", type=int, default=8000, help="tokens per document")
-    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per question")
+    p.add_argument("--tokens", type=int, default=8000,
+                   help="tokens per made-up document (random-weight shapes)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens generated per question (default: 48 real, 16 random)")
     p.add_argument("--dtype", default="auto",
                    help="model dtype (auto: bfloat16 where the CPU has bf16 units, else float32)")
     p.add_argument("--memory", default="1GiB", help="memory tier budget")

@@ -1,7 +1,7 @@
 """Build small random-weight Llama models (plus a BPE tokenizer) locally, with no model hub.
 
-``kvtier model build --shape tiny|small [--out DIR]`` (:mod:`kvtier.cli.model`) prints the
-model directory.
+``kvtier model build --shape tiny|small|smollm2 [--out DIR]`` (:mod:`kvtier.cli.model`) prints
+the model directory (``smollm2``: a real pretrained model, :mod:`kvtier.testing.smollm2`).
 Builds are deterministic (same shape + seed -> same bytes), cached on disk and written
 atomically, so tests, demos and benchmarks can all call :func:`build_model` cheaply.
 """
@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # Bump when anything that changes the built bytes changes (corpus, tokenizer, init).
 BUILD_VERSION = 1
@@ -56,6 +56,9 @@ SHAPES: dict[str, ModelShape] = {
     "small": ModelShape(layers=24, hidden=896, heads=14, kv_heads=2, head_dim=64,
                         intermediate=1024, max_positions=32768),
 }
+# Real pretrained models, converted rather than built (see kvtier.testing.smollm2).
+PRETRAINED = ("smollm2",)
+ALL_SHAPES = sorted([*SHAPES, *PRETRAINED])
 
 _FUNCTION_WORDS = ("the of and to in is that it for as with was on be by at this from or an "
                    "are not but which have has had were their they we you he she his her its "
@@ -131,14 +134,30 @@ def default_dir(shape: str, seed: int = 0) -> Path:
 def build_model(shape: str, out_dir: Path | None = None, seed: int = 0) -> Path:
     """Build (or reuse) a random-weight bf16 Llama model + tokenizer; return its directory.
 
-    A directory holding a marker for the same shape/seed/version is returned at once.
-    The model is built in a temporary sibling directory and renamed into place, so a
-    crash never leaves a half-written model behind.
+    ``smollm2`` is the real pretrained model of :mod:`kvtier.testing.smollm2` instead
+    (no seed). A directory holding a marker for the same shape/seed/version is returned
+    at once; see :func:`cached_build`.
     """
+    if shape in PRETRAINED:
+        if seed != 0:
+            raise ValueError(f"{shape} is a pretrained model: it has no seed (got --seed {seed})")
+        from kvtier.testing.smollm2 import build_smollm2
+
+        return build_smollm2(out_dir)
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+        raise ValueError(f"unknown shape {shape!r}; choose from {ALL_SHAPES}")
     out = Path(out_dir) if out_dir is not None else default_dir(shape, seed)
     want = {"shape": shape, "seed": seed, "version": BUILD_VERSION}
+    return cached_build(out, want, lambda tmp: (_build_into(SHAPES[shape], tmp, seed),
+                                                {"dims": asdict(SHAPES[shape])})[1])
+
+
+def cached_build(out: Path, want: dict[str, Any], build: Callable[[Path], dict[str, Any]]) -> Path:
+    """``out`` if it holds a marker matching ``want``; else ``build(tmp)`` then publish ``tmp``.
+
+    ``build`` fills an empty temporary sibling directory and returns extra marker fields.
+    The sibling is renamed into place, so a crash never leaves a half-written model behind.
+    """
     marker = out / MARKER
     if marker.is_file():
         got = json.loads(marker.read_text())
@@ -150,8 +169,8 @@ def build_model(shape: str, out_dir: Path | None = None, seed: int = 0) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _build_into(SHAPES[shape], tmp, seed)
-        (tmp / MARKER).write_text(json.dumps({**want, "dims": asdict(SHAPES[shape])}, indent=1))
+        extra = build(tmp)
+        (tmp / MARKER).write_text(json.dumps({**want, **extra}, indent=1))
         # mkdtemp makes the dir 0700 (and safetensors writes 0600); the cache may be shared.
         tmp.chmod(0o755)
         for f in tmp.iterdir():

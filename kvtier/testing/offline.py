@@ -7,7 +7,8 @@ JSON result from its last stdout line.
 
 Spec keys: ``model`` (dir), ``kvtier`` (connector extra config, or null for
 plain vLLM), ``rounds`` (list of rounds; each a list of requests
-``{"prompt": [ids], "max_tokens": n, "salt": str|null}``), ``sequential``
+``{"prompt": [ids], "max_tokens": n, "salt": str|null, "stop_at_eos": bool}``; with
+``stop_at_eos`` a real model's answer ends at its end-of-turn token), ``sequential``
 (one request at a time, so TTFT is per request), ``max_model_len``,
 ``num_gpu_blocks`` (caps vLLM's own KV, so its prefix cache overflows),
 ``prefix_caching`` (vLLM's own, default true), ``multiprocess`` (vLLM's
@@ -115,7 +116,7 @@ def _generate(llm: Any, requests: list[dict[str, Any]], sequential: bool, round_
 
     def params(r: dict[str, Any]) -> Any:
         return SamplingParams(temperature=0.0, max_tokens=r.get("max_tokens", 8), logprobs=1,
-                              ignore_eos=True)
+                              ignore_eos=not r.get("stop_at_eos", False))
 
     def lora(r: dict[str, Any]) -> Any:
         from vllm.lora.request import LoRARequest
