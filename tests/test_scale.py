@@ -200,3 +200,23 @@ def test_an_unreadable_adapter_bypasses_without_a_hash(tmp_path: Path) -> None:
     assert p.num_new_matched_tokens(lora_request("gone", tmp_path / "missing"), 0) == 0
     assert p.bypasses == {Bypass.LORA_UNREADABLE.value: 1}
     p.close()
+
+
+# -- kvtier bench scale ------------------------------------------------------------
+
+def test_bench_scale_scheduler_quick_prints_its_keys() -> None:
+    """The scheduler-overhead part runs end to end (vLLM's scheduler, both connectors)
+    and prints one JSON object; its numbers are not judged here (benchmarks, not tests)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "kvtier.cli.main", "bench", "scale",
+                           "--part", "scheduler", "--quick", "--json"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    for key in ("scheduler_us_per_step_kvtier", "scheduler_us_per_step_native",
+                "scheduler_ratio_vs_native"):
+        assert res[key] > 0
+    assert res["scheduler_headline"]["running"] == 256
+    assert {(p["running"], p["prompt_tokens"]) for p in res["points"]} >= {(256, 1024)}
