@@ -220,3 +220,22 @@ def test_bench_scale_scheduler_quick_prints_its_keys() -> None:
         assert res[key] > 0
     assert res["scheduler_headline"]["running"] == 256
     assert {(p["running"], p["prompt_tokens"]) for p in res["points"]} >= {(256, 1024)}
+
+
+def test_token_bytes_of_a_list_match_numpys_and_refuse_what_numpy_refuses() -> None:
+    """A prompt's list goes the fast way (array('I')); the bytes, so the keys, are the
+    same as numpy's little-endian uint32, and ids outside [0, 2**32) are still refused."""
+    import numpy as np
+
+    from kvtier.keys import token_bytes
+
+    ids = [0, 1, 255, 256, 65535, 2**31, 2**32 - 1, 7] * 100
+    assert token_bytes(ids) == np.asarray(ids, dtype="<u4").tobytes() == token_bytes(
+        np.asarray(ids))
+    for bad in ([-1], [2**32], [1, 2**40]):
+        try:
+            token_bytes(bad)
+        except ValueError as exc:
+            assert "[0, 2**32)" in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")

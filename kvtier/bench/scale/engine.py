@@ -67,6 +67,7 @@ class TimedScheduler:
         self.connector = self.sched.connector
         self.connector_s = 0.0  # seconds spent in the connector's methods so far
         self._depth = 0  # a connector method calling another is timed once
+        self._mark = 0.0  # connector_s at the end of the last step
         for name in dir(KVConnectorBase_V1):
             if not name.startswith("_") and callable(getattr(self.connector, name, None)):
                 setattr(self.connector, name, self._timed(getattr(self.connector, name)))
@@ -97,11 +98,12 @@ class TimedScheduler:
         self.sched.finish_requests(req_id, RequestStatus.FINISHED_ABORTED)
 
     def step(self) -> tuple[float, float, bool]:
-        """One engine step: (connector seconds, vLLM scheduler seconds in all, whether a
-        prefill is still in progress)."""
+        """One engine step: (connector seconds since the last step, with the calls that
+        adding and finishing requests made; vLLM scheduler seconds of the step in all;
+        whether a prefill is still in progress)."""
         from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
-        before, t = self.connector_s, time.perf_counter()
+        t = time.perf_counter()
         out = self.sched.schedule()
         reqs = self.sched.requests
         ids = list(out.num_scheduled_tokens)
@@ -120,7 +122,8 @@ class TimedScheduler:
                                        kv_connector_worker_meta=_worker_report(
                                            out.kv_connector_metadata)))
         self.sched.update_from_output(out, result)
-        return self.connector_s - before, time.perf_counter() - t, prefilling
+        spent, self._mark = self.connector_s - self._mark, self.connector_s
+        return spent, time.perf_counter() - t, prefilling
 
     def close(self) -> None:
         self.connector.shutdown()
