@@ -107,11 +107,11 @@ def table(res: dict[str, Any]) -> str:
              f"{s['steps']} steps; block {s['block_size']}; one request finishes and one "
              f"arrives each step)",
              f"  {'running':>7} {'prompt':>7} {'kvtier us':>10} {'native us':>10} "
-             f"{'ratio':>6} {'vLLM step us (kvtier/native)':>30}"]
+             f"{'ratio':>6} {'vLLM schedule+update us (kvtier/native)':>40}"]
     for p in res["points"]:
         lines.append(f"  {p['running']:7} {p['prompt_tokens']:7} {p['kvtier_us']:10.0f} "
                      f"{p['native_us']:10.0f} {p['ratio']:6.2f} "
-                     f"{p['kvtier_vllm_step_us']:14.0f} / {p['native_vllm_step_us']:.0f}")
+                     f"{p['kvtier_vllm_step_us']:24.0f} / {p['native_vllm_step_us']:.0f}")
     for p in res["skipped"]:
         lines.append(f"  {p['running']:7} {p['prompt_tokens']:7} skipped (over "
                      f"--max-resident-tokens {s['max_resident_tokens']})")
