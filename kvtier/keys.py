@@ -13,6 +13,8 @@ give the same keys in every process, on every machine.
 from __future__ import annotations
 
 import json
+import sys
+from array import array
 from dataclasses import asdict, dataclass, replace
 from typing import NewType, Sequence
 
@@ -77,11 +79,26 @@ class Namespace:
 
 
 def token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
-    """Little-endian uint32 bytes of the token ids: the hashed representation."""
+    """Little-endian uint32 bytes of the token ids: the hashed representation.
+
+    A list (what vLLM holds) goes through ``array('I')``, about 4x faster than numpy's
+    conversion of Python ints (it runs on vLLM's scheduler thread for every new prompt)."""
+    if not isinstance(token_ids, np.ndarray) and _U32 is not None:
+        try:
+            packed = array(_U32, token_ids)
+        except (OverflowError, TypeError):  # out of range or not ints: numpy says which
+            pass
+        else:
+            if sys.byteorder == "big":
+                packed.byteswap()
+            return packed.tobytes()
     arr = np.asarray(token_ids)
     if arr.size and (arr.min() < 0 or arr.max() > 0xFFFFFFFF):
         raise ValueError("token ids must be in [0, 2**32)")
     return arr.astype("<u4", copy=False).tobytes()
+
+
+_U32 = next((code for code in "IL" if array(code).itemsize == 4), None)
 
 
 def _link(prev: ChunkKey, data: bytes) -> ChunkKey:

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from kvtier.config import load_config
-from kvtier.connectors.vllm.keys import (Bypass, check_supported, lora_identity,
-                                         model_identity, request_inputs)
+from kvtier.connectors.vllm.keys import (Bypass, check_supported, model_identity,
+                                         request_inputs)
+from kvtier.connectors.vllm.lora import LoraIdentities, lora_identity
 from kvtier.connectors.vllm.scheduler import KvtierWorkerMeta, SchedulerPlanner
 from kvtier.errors import UnsupportedConfig
 from kvtier.keys import Namespace
@@ -212,14 +213,22 @@ def test_lora_requests_get_their_own_keys_or_bypass(tmp_path: Path) -> None:
     adapter = _adapter(tmp_path / "a", b"w", "/m")
     base, lora = request("j", 600), request("k", 600)
     lora.lora_request = SimpleNamespace(lora_path=str(adapter), lora_name="x", lora_int_id=1)
-    assert request_inputs(lora) == (None, lora_identity(str(adapter)))
+    loras = LoraIdentities()
+    assert request_inputs(lora, loras) is Bypass.LORA_PENDING  # hashed in the background
+    assert loras.wait(30.0)
+    assert request_inputs(lora, loras) == (None, lora_identity(str(adapter)))
+    p.num_new_matched_tokens(lora, 0)  # a bypass: its adapter is new to this planner
+    assert p.loras.wait(30.0)
+    again = request("k2", 600)
+    again.lora_request = lora.lora_request
     p.num_new_matched_tokens(base, 0)
-    p.num_new_matched_tokens(lora, 0)
-    assert p._reqs["j"].keys[0][0] != p._reqs["k"].keys[0][0]
+    p.num_new_matched_tokens(again, 0)
+    assert "k" not in p._reqs and p._reqs["j"].keys[0][0] != p._reqs["k2"].keys[0][0]
     gone = request("l", 600)
     gone.lora_request = SimpleNamespace(lora_path=str(tmp_path / "nope"), lora_name="y",
                                         lora_int_id=2)
-    assert request_inputs(gone) is Bypass.LORA_UNREADABLE
+    assert request_inputs(gone, loras) is Bypass.LORA_UNREADABLE
+    loras.close()
 
 
 def _config(groups: list[Any], method: str | None = None) -> tuple[Any, Any]:

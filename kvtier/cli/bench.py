@@ -1,4 +1,4 @@
-"""``kvtier bench engine|tiers|codecs|serve|cluster|report``: arguments and printing.
+"""``kvtier bench engine|tiers|codecs|serve|cluster|scale|report``: arguments and printing.
 
 The benchmarks themselves live in :mod:`kvtier.bench`; each runs its baseline
 in the same run and reports medians and ratios.
@@ -16,7 +16,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
     sub = bench.add_subparsers(dest="bench", required=True)
     for add in (_add_engine, _add_tiers, _add_codecs, _add_layerwise, _add_serve, _add_cluster,
-                _add_report):
+                _add_scale, _add_report):
         add(sub)
 
 
@@ -197,14 +197,37 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    import importlib
-
     from kvtier.bench.cluster import PARTS
 
-    parts = list(PARTS) if args.part == "all" else [args.part]
+    return _parts(args, "kvtier.bench.cluster", PARTS)
+
+
+def _add_scale(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("scale", help="cost curves: the connector's scheduler-side cost per "
+                       "step against running requests and prompt length, vs vLLM native")
+    p.add_argument("--part", default="scheduler", choices=["scheduler", "all"])
+    p.add_argument("--quick", action="store_true", help="fewer points and steps")
+    p.add_argument("--block-size", type=int, default=16, help="engine block size (tokens)")
+    p.add_argument("--max-resident-tokens", type=int, default=8 << 20,
+                   help="skip points whose running requests hold more prompt tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_scale)
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from kvtier.bench.scale import PARTS
+
+    return _parts(args, "kvtier.bench.scale", PARTS)
+
+
+def _parts(args: argparse.Namespace, package: str, names: tuple[str, ...]) -> int:
+    """Run ``--part`` (or all) of a benchmark made of parts; print tables or one JSON object."""
+    import importlib
+
+    parts = list(names) if args.part == "all" else [args.part]
     results: dict[str, Any] = {}
     for part in parts:
-        module = importlib.import_module(f"kvtier.bench.cluster.{part}")
+        module = importlib.import_module(f"{package}.{part}")
         results[part] = module.run(args)
         if not args.json:
             print(module.table(results[part]))

@@ -32,7 +32,7 @@ from kvtier.store.events import EventLog, StoreEvents
 from kvtier.store.latency import LatencyHistogram
 from kvtier.store.service import TierService
 from kvtier.store.writer import BackgroundWriter
-from kvtier.tiers.base import HasContains, Tier, lookup_prefix
+from kvtier.tiers.base import HasContains, Tier, lookup_first, lookup_prefix
 from kvtier.tiers.memory import MemoryTier, Slot
 
 log = logging.getLogger(__name__)
@@ -335,10 +335,11 @@ def lookup_hit(sources: Sequence[HasContains], hasher: ChunkHasher, token_ids: S
     hit = PrefixHit(list(keys[:h]), min(h * cs, hasher.covered(n)), h)
     if not hasher.store_partial or h == len(keys):
         return hit
-    # keys[h] (all of chunk h that the prompt has, in whole granules) missed: try
-    # its shorter heads, longest first.
-    for t in range(hasher.chunk_tokens(h, n) - g, 0, -g):
-        key = hasher.sub_key(keys, token_ids, h, t)
-        if lookup_prefix(sources, [key]):
-            return PrefixHit(hit.keys + [key], h * cs + t, h)
+    # keys[h] (all of chunk h that the prompt has, in whole granules) missed: its
+    # shorter heads, longest first, asked of each source in one presence call.
+    heads = range(hasher.chunk_tokens(h, n) - g, 0, -g)
+    subs = [hasher.sub_key(keys, token_ids, h, t) for t in heads]
+    i = lookup_first(sources, subs)
+    if i < len(subs):
+        return PrefixHit(hit.keys + [subs[i]], h * cs + heads[i], h)
     return hit

@@ -169,6 +169,21 @@ def lookup_prefix(sources: Sequence[HasContains], keys: Sequence[ChunkKey]) -> i
     return first_false(present)
 
 
+def lookup_first(sources: Sequence[HasContains], keys: Sequence[ChunkKey]) -> int:
+    """Index of the first key present in some source (``len(keys)`` if none): one
+    presence call per source, each about the keys before the first one an earlier
+    source holds (a remote tier answers every candidate in one round trip)."""
+    end = len(keys)
+    for source in sources:
+        if not end:
+            break
+        for i, there in enumerate(source.contains_many(keys[:end])):
+            if there:
+                end = i
+                break
+    return end
+
+
 def first_false(flags: Sequence[bool]) -> int:
     for i, flag in enumerate(flags):
         if not flag:

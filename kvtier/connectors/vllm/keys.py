@@ -14,10 +14,12 @@ kvtier; a configuration that cannot be served correctly is refused at start-up:
 - the request: the tenant salt (``cache_salt``, combined with the instance's
   ``salt``) and the LoRA adapter, by a
   digest of its files (the same adapter shares under any name, on any
-  instance; a changed adapter never matches an old one);
+  instance; a changed adapter never matches an old one), hashed off the
+  scheduler thread (``lora.py``);
 - bypassed: prompt embeddings, multimodal inputs (their KV depends on the
-  items, not only on the placeholder tokens) and LoRA adapters whose files
-  cannot be read; counted and logged once per reason;
+  items, not only on the placeholder tokens), LoRA adapters whose files
+  cannot be read and, until its digest is known, a new or changed adapter;
+  counted and logged once per reason;
 - refused: more than one KV cache group (hybrid models: sliding window plus
   full attention, Mamba), a KV cache spec other than plain full attention,
   speculative decoding whose draft model has KV layers of its own.
@@ -28,14 +30,13 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from kvtier.config import KvtierConfig
+from kvtier.connectors.vllm.lora import PENDING, LoraIdentities
 from kvtier.engine.layout import LayoutKind, PagedLayout, dtype_name
 from kvtier.errors import UnsupportedConfig
 from kvtier.keys import Namespace
@@ -48,8 +49,6 @@ if TYPE_CHECKING:
 
 # Speculative methods that add no KV layers of their own (they propose from the prompt).
 _NO_DRAFT_KV = ("ngram", "ngram_gpu", "suffix")
-# Adapter-config fields that name the base model's location, not what the adapter computes.
-_LORA_CONFIG_IGNORED = ("base_model_name_or_path", "revision")
 
 
 class Bypass(str, enum.Enum):
@@ -58,6 +57,8 @@ class Bypass(str, enum.Enum):
     PROMPT_EMBEDS = "prompt embeddings"
     MULTIMODAL = "multimodal inputs"
     LORA_UNREADABLE = "a LoRA adapter whose files cannot be read"
+    LORA_PENDING = "a LoRA adapter not hashed yet"
+    """Its digest is being computed off the scheduler thread (connectors/vllm/lora.py)."""
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,10 @@ def recompute_on_load_failure(ktc: Any) -> None:
                         "KVTransferConfig; with 'fail' an unreadable chunk fails its request")
 
 
-def request_inputs(request: Any) -> tuple[str | None, str | None] | Bypass:
-    """(tenant salt, LoRA identity) of a request, or why it bypasses kvtier."""
+def request_inputs(request: Any, loras: LoraIdentities) -> tuple[str | None, str | None] | Bypass:
+    """(tenant salt, LoRA identity) of a request, or why it bypasses kvtier. The
+    adapter's identity comes from ``loras`` (hashed off this thread: until it is
+    known, the request bypasses)."""
     if getattr(request, "prompt_embeds", None) is not None:
         return Bypass.PROMPT_EMBEDS
     if getattr(request, "mm_features", None):
@@ -242,55 +245,9 @@ def request_inputs(request: Any) -> tuple[str | None, str | None] | Bypass:
     lora = getattr(request, "lora_request", None)
     lora_id = None
     if lora is not None:
-        lora_id = lora_identity(getattr(lora, "lora_path", "") or "")
+        lora_id = loras.identity(getattr(lora, "lora_path", "") or "")
         if lora_id is None:
             return Bypass.LORA_UNREADABLE
+        if lora_id == PENDING:
+            return Bypass.LORA_PENDING
     return getattr(request, "cache_salt", None), lora_id
-
-
-_lora_cache: dict[str, tuple[tuple, str]] = {}
-_lora_lock = threading.Lock()
-_MAX_LORAS = 256
-
-
-def lora_identity(path: str) -> str | None:
-    """Digest of a LoRA adapter folder's content, or None if it cannot be read.
-
-    Every file counts (names relative to the folder, sizes and bytes), except
-    the adapter config's fields that only say where the base model lives. The
-    digest is cached per folder and recomputed when a file's size or mtime changes.
-    """
-    root = Path(path)
-    try:
-        files = sorted(p for p in root.rglob("*") if p.is_file())
-        sig = tuple((str(p.relative_to(root)), st.st_size, st.st_mtime_ns)
-                    for p in files for st in (p.stat(),))
-    except OSError:
-        return None
-    if not files:
-        return None
-    with _lora_lock:
-        hit = _lora_cache.get(path)
-        if hit is not None and hit[0] == sig:
-            return hit[1]
-    h = xxhash.xxh3_128()
-    try:
-        for p, (rel, size, _) in zip(files, sig):
-            if p.name == "adapter_config.json":
-                conf = json.loads(p.read_text())
-                for k in _LORA_CONFIG_IGNORED:
-                    conf.pop(k, None)
-                h.update(f"{rel}\0".encode() + json.dumps(conf, sort_keys=True).encode())
-                continue
-            h.update(f"{rel}\0{size}\0".encode())
-            with open(p, "rb") as f:
-                while block := f.read(1 << 20):
-                    h.update(block)
-    except (OSError, ValueError):
-        return None
-    digest = h.hexdigest()
-    with _lora_lock:
-        if len(_lora_cache) >= _MAX_LORAS:
-            _lora_cache.clear()
-        _lora_cache[path] = (sig, digest)
-    return digest

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from kvtier.config import KvtierConfig
 from kvtier.connectors.vllm.canary import CanarySampler
 from kvtier.connectors.vllm.keys import Bypass, request_inputs
+from kvtier.connectors.vllm.lora import LoraIdentities
 from kvtier.connectors.vllm.meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec, SaveSpec
 from kvtier.connectors.vllm.requests import RequestState, common_hit
 from kvtier.connectors.vllm.surfaces import EventLog, KvtierStats
@@ -71,6 +72,7 @@ class SchedulerPlanner:
         self.stats = KvtierStats()
         self.events = EventLog(cfg.chunk_size)
         self.canary = CanarySampler(cfg.verify)
+        self.loras = LoraIdentities()  # adapters hashed on their own thread, never here
 
     # -- lookup ---------------------------------------------------------------
 
@@ -302,6 +304,7 @@ class SchedulerPlanner:
         """Close the shared tiers this process opened. If the workers never passed the
         last reset, clear them again: the workers' writes, flushed at their shutdown
         (before this one), may have landed after the first clear."""
+        self.loras.close()
         if self.shared is not None:
             if self._workers_epoch != self.epoch:
                 self.shared.clear()
@@ -313,20 +316,19 @@ class SchedulerPlanner:
         st = self._reqs.get(request.request_id)
         if st is not None or request.request_id in self._bypassed:
             return st
-        inputs = request_inputs(request)
+        inputs = request_inputs(request, self.loras)
         if isinstance(inputs, Bypass):
             self._bypass(request.request_id, inputs)
             return None
         if request.prompt_token_ids is None:
             return None
-        prompt = list(request.prompt_token_ids)
-        hashers = self._hashers_for(*inputs)
-        st = self._reqs[request.request_id] = RequestState(prompt, hashers,
-                                                       [h.keys(prompt) for h in hashers])
+        prompt, hashers = list(request.prompt_token_ids), self._hashers_for(*inputs)
+        st = RequestState(prompt, hashers, [h.keys(prompt) for h in hashers])
+        self._reqs[request.request_id] = st
         return st
 
     def _bypass(self, req_id: str, reason: Bypass) -> None:
-        if not self.bypasses[reason.value]:
+        if not self.bypasses[reason.value] and reason is not Bypass.LORA_PENDING:
             log.warning("kvtier: requests with %s bypass kvtier (their KV depends on more "
                         "than the prompt's tokens); counted in bypasses", reason.value)
         self.bypasses[reason.value] += 1
@@ -340,10 +342,8 @@ class SchedulerPlanner:
         self._bypassed.discard(req_id)
 
     def _hashers_for(self, salt: str | None, lora: str | None) -> list[ChunkHasher]:
-        hashers = self._hashers.get((salt, lora))
-        if hashers is None:
+        if (salt, lora) not in self._hashers:
             if len(self._hashers) >= _MAX_HASHERS:
                 self._hashers.clear()
-            hashers = [h.with_inputs(salt, lora) for h in self._base]
-            self._hashers[(salt, lora)] = hashers
-        return hashers
+            self._hashers[(salt, lora)] = [h.with_inputs(salt, lora) for h in self._base]
+        return self._hashers[(salt, lora)]
