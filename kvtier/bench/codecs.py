@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     codecs = [Codec[c.strip().upper()] for c in args.codecs.split(",") if c.strip()]
     codecs = [Codec.RAW] + [c for c in codecs if c is not Codec.RAW]
     model = str(build_model(args.model))
+    real = args.model in PRETRAINED  # answers end at the end-of-turn token
     prompts = (real_prompts(model, args.prompts, args.prompt_tokens) if args.model in PRETRAINED
                else [make_document(model, args.prompt_tokens, seed) for seed in range(args.prompts)])
     work = Path(tempfile.mkdtemp(prefix="kvtier-bench-codecs-", dir=args.work_dir))
@@ -96,13 +97,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         plain = [v for v in variants if not (isinstance(v, Codec) and v.lossy)]
         by_variant = dict(zip(plain, run_instance(
             {"model": model, "kvtier": cfg, "sequential": True,
-             "rounds": [[_req(p, _salt(v), args.max_tokens) for p in prompts] for v in plain]},
+             "rounds": [[_req(p, _salt(v), args.max_tokens, real) for p in prompts]
+                        for v in plain]},
             timeout_s=args.timeout_s)["rounds"]))
         for codec in (c for c in codecs if c.lossy):  # an instance that opted in to it
             (by_variant[codec],) = run_instance(
                 {"model": model, "kvtier": {**cfg, "disk.codec": codec.name.lower()},
                  "sequential": True,
-                 "rounds": [[_req(p, _salt(codec), args.max_tokens) for p in prompts]]},
+                 "rounds": [[_req(p, _salt(codec), args.max_tokens, real) for p in prompts]]},
                 timeout_s=args.timeout_s)["rounds"]
         outs = [by_variant[c] for c in codecs] + [by_variant[NOISE]]
         hits_s = time.perf_counter() - t0
@@ -119,6 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         setup = {"model": args.model, "shape": vars(SHAPES[args.model]) if args.model in SHAPES
                  else args.model, "prompts": len(prompts),
                  "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                 "stop_at_eos": real,
                  "chunks": len(keys), "chunk_meta": str(next(iter(chunks.values())).meta),
                  "raw_bytes": sum(c.payload.nbytes for c in chunks.values()),
                  "hit_tokens_expected": full, "repeats": args.repeats,
@@ -129,8 +132,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _req(prompt: list[int], salt: str | None, max_tokens: int) -> dict[str, Any]:
-    return {"prompt": prompt, "salt": salt, "max_tokens": max_tokens}
+def _req(prompt: list[int], salt: str | None, max_tokens: int, stop: bool = False
+         ) -> dict[str, Any]:
+    """One request; ``stop``: a real model's answer ends at its end-of-turn token (what
+    follows it is free continuation, more sensitive to any change than the answer)."""
+    return {"prompt": prompt, "salt": salt, "max_tokens": max_tokens, "stop_at_eos": stop}
 
 
 def _salt(variant: Codec | str) -> str:
