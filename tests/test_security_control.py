@@ -174,3 +174,15 @@ def test_slow_loris_headers_are_cut_and_the_api_keeps_serving(tmp_path: Path) ->
     finally:
         s.server.close()
         s.store.close()
+
+
+def test_a_plain_http_controller_off_loopback_is_refused_unless_waived() -> None:
+    """The controller token and the instance's credential never cross the network in
+    clear by default: the instance refuses an http:// controller off loopback."""
+    remote = f"http://{HOST if HOST != '127.0.0.1' else '192.0.2.7'}:8800"
+    for key in ("controller.url", "peer.controller_url"):
+        with pytest.raises(ConfigError, match=f"{key}.*plain http off loopback"):
+            load_config(env={}, engine={key: remote})
+        load_config(env={}, engine={key: remote, "tls.insecure": True})
+        load_config(env={}, engine={key: remote.replace("http://", "https://")})
+    load_config(env={}, engine={"controller.url": "http://127.0.0.1:8800"})

@@ -19,6 +19,7 @@ import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import ValidationError
@@ -144,6 +145,14 @@ def _check_tls(cfg: KvtierConfig) -> None:
         require_tls("transfer.host", cfg.transfer.host, files, cfg.tls.insecure)
     if cfg.transfer.advertise:
         parse_address("transfer.advertise", cfg.transfer.advertise)
+    for key, url in (("controller.url", cfg.controller.url),
+                     ("peer.controller_url", cfg.peer.controller_url)):
+        host = urlsplit(url).hostname or ""
+        if url.startswith("http://") and not is_loopback(host) and not cfg.tls.insecure:
+            raise ConfigError(key, f"{url} is plain http off loopback: the controller token "
+                              "and this instance's credential would cross the network in "
+                              "clear; use https:// (tls.ca_file to check it), or accept that "
+                              "with tls.insecure: true")
     if not cfg.controller.url:
         return
     for key, host, port, advertised in (
