@@ -76,12 +76,11 @@ def _controller(args: argparse.Namespace) -> int:
     if args.tls_ca and not args.tls_cert:
         sys.exit("kvtier controller: --tls-ca: mutual TLS needs the controller's own "
                  "--tls-cert and --tls-key too")
-    flag = {"cert_file": "--tls-cert", "key_file": "--tls-key", "ca_file": "--tls-ca"}
     try:
-        tls.check("")
+        tls.check_flags()
         require_tls("--host", args.host, tls, args.insecure_no_tls, waiver="--insecure-no-tls")
     except TlsError as e:
-        sys.exit(f"kvtier controller: {flag.get(e.key, e.key)}: {e.problem}")
+        sys.exit(f"kvtier controller: {e.key}: {e.problem}")
     except ConfigError as e:
         sys.exit(f"kvtier controller: {e.key}: {e.problem}")
     if args.events_port >= 0 and not is_loopback(args.events_host) and not args.insecure_no_tls:

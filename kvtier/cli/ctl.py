@@ -129,9 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
     try:
-        tls.check("--tls-")
+        tls.check_flags()
     except TlsError as e:
-        sys.exit(f"kvtier ctl: {e.key.replace('_file', '')}: {e.problem}")
+        sys.exit(f"kvtier ctl: {e.key}: {e.problem}")
     try:
         client = ControlClient(args.url, cli_token("control", args.token, args.token_file),
                                tls=tls)

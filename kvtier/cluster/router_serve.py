@@ -32,8 +32,6 @@ from kvtier.control.guard import Guard
 from kvtier.control.protocol import header_deadline
 from kvtier.net.tls import TlsError, TlsFiles, uvicorn_options
 
-TLS_FLAGS = {"cert_file": "--tls-cert", "key_file": "--tls-key", "ca_file": "--tls-ca"}
-
 
 @dataclass
 class RouterServing:
@@ -52,9 +50,9 @@ class RouterServing:
     def check(self) -> None:
         """ConfigError (naming the flag) for a configuration the router will not serve."""
         try:
-            self.tls.check("")
+            self.tls.check_flags()
         except TlsError as e:
-            raise ConfigError(TLS_FLAGS.get(e.key, e.key), e.problem) from None
+            raise ConfigError(e.key, e.problem) from None
         require_tls("--host", self.host, self.tls, self.insecure_no_tls,
                     waiver="--insecure-no-tls")
         if not self.keys and not is_loopback(self.host):

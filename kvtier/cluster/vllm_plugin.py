@@ -36,6 +36,7 @@ from kvtier.cluster.agent import Registrar
 from kvtier.cluster.relay import EventRelay
 from kvtier.config import KvtierConfig
 from kvtier.engine.cache_engine import CacheEngine
+from kvtier.store import manage
 from kvtier.errors import UnsupportedConfig
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,8 @@ _relays: list[EventRelay] = []
 
 def store_snapshot(engine: CacheEngine) -> dict[str, Any]:
     """Every key each tier holds now: what the management API's ``/v1/snapshot``
-    answers (:meth:`kvtier.control.api.CacheAPI.snapshot`)."""
-    return {"namespace": engine.hasher.namespace.layout,
-            "chunk_size": engine.hasher.chunk_size,
-            "tiers": {t.name: [k.hex() for k in t.iter_keys()] for t in engine.store.tiers}}
+    answers (:func:`kvtier.store.manage.snapshot`)."""
+    return manage.snapshot(engine.store, engine.hasher)
 
 
 def instance_body(cfg: KvtierConfig, engine: CacheEngine, vllm_config: Any = None) -> dict:

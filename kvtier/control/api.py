@@ -160,10 +160,7 @@ class CacheAPI:
 
     def snapshot(self) -> m.Snapshot:
         """Every key each tier holds now (shared tiers: other instances' chunks too)."""
-        return m.Snapshot(namespace=self.hasher.namespace.layout,
-                          chunk_size=self.hasher.chunk_size,
-                          tiers={t.name: [k.hex() for k in t.iter_keys()]
-                                 for t in self.store.tiers})
+        return m.Snapshot(**manage.snapshot(self.store, self.hasher))
 
     def status(self) -> m.Status:
         """Usage and counters of every tier."""

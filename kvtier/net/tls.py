@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+FLAGS = {"cert_file": "--tls-cert", "key_file": "--tls-key", "ca_file": "--tls-ca"}
+"""The command-line spelling of each file (``kvtier controller``, ``router``, ``ctl``)."""
+
+
 class TlsError(ValueError):
     """A TLS file that is missing, unreadable or does not fit (``key``: which one)."""
 
@@ -68,6 +72,13 @@ class TlsFiles:
             server_context(self, prefix)
         if self.dialing:
             client_context(self, prefix)
+
+    def check_flags(self) -> None:
+        """:meth:`check`, the error naming the command-line flag (``--tls-cert``, ...)."""
+        try:
+            self.check("")
+        except TlsError as e:
+            raise TlsError(FLAGS.get(e.key, e.key), e.problem) from None
 
 
 def server_context(files: TlsFiles, prefix: str = "tls.") -> ssl.SSLContext:

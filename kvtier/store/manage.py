@@ -1,17 +1,18 @@
 """Layer 4: management operations over a :class:`ChunkStore`.
 
 The operations of the paper's management API, by chunk key: locate, admit,
-evict, move, clear, pin, unpin, compress, decompress. Token-level forms
+evict, move, clear, pin, unpin, compress, decompress, and the snapshot of every
+key held (the management API's and the controller's resyncs). Token-level forms
 (lookup by prompt) live in the control layer, which owns the hashing.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from kvtier.codecs import ChunkData, Codec, compress, decompress
 from kvtier.errors import CorruptChunk
-from kvtier.keys import ChunkKey
+from kvtier.keys import ChunkHasher, ChunkKey
 from kvtier.store.hierarchy import ChunkStore
 
 
@@ -33,6 +34,13 @@ def admit(store: ChunkStore, items: Sequence[tuple[ChunkKey, ChunkData]],
     target = store.tier(tier)
     stored = target.put_many(items)
     return sum(stored)
+
+
+def snapshot(store: ChunkStore, hasher: ChunkHasher) -> dict[str, Any]:
+    """Every key each tier holds now (shared tiers: other instances' chunks too), hex,
+    with the namespace's layout and chunk size they are keyed under."""
+    return {"namespace": hasher.namespace.layout, "chunk_size": hasher.chunk_size,
+            "tiers": {t.name: [k.hex() for k in t.iter_keys()] for t in store.tiers}}
 
 
 def evict(store: ChunkStore, keys: Sequence[ChunkKey], tier: str | None = None) -> int:
