@@ -134,12 +134,18 @@ def test_a_save_gathered_before_a_clear_is_not_committed() -> None:
     assert store.flush(5) and list(mem.iter_keys()) == [] and low.written == []
 
 
-def test_a_background_load_across_a_clear_is_failed_never_served() -> None:
+def held_loads(n: int) -> tuple[Any, Any, Any, AsyncLoads]:
+    """A store whose lower tier holds chunks 0..n-1 and holds its reads until
+    ``low.reads`` is set, and background loads over it."""
     store, mem, low = stores()
-    low.put_many([(key(i), chunk(i)) for i in range(3)])
+    low.put_many([(key(i), chunk(i)) for i in range(n)])
     low.reads.clear()
     engine = SimpleNamespace(store=store, fetch=store.get_many)
-    loads = AsyncLoads(engine, timeout_s=30)  # type: ignore[arg-type]
+    return store, mem, low, AsyncLoads(engine, timeout_s=30)  # type: ignore[arg-type]
+
+
+def test_a_background_load_across_a_clear_is_failed_never_served() -> None:
+    store, mem, low, loads = held_loads(3)
     load = SimpleNamespace(start_token=0, end_token=3 * SLOT)
     loads.submit("r", load, [key(i) for i in range(3)])
     assert low.reading.wait(5)  # the fetch thread has read the chunks
@@ -162,11 +168,7 @@ def test_a_background_load_across_a_clear_is_failed_never_served() -> None:
 
 
 def test_a_prefetch_across_a_clear_promotes_nothing() -> None:
-    store, mem, low = stores()
-    low.put_many([(key(i), chunk(i)) for i in range(8)])
-    low.reads.clear()
-    engine = SimpleNamespace(store=store, fetch=store.get_many)
-    loads = AsyncLoads(engine, timeout_s=30)  # type: ignore[arg-type]
+    store, mem, low, loads = held_loads(8)
     loads.prefetch([key(i) for i in range(8)])
     assert low.reading.wait(5)
     store.clear()
