@@ -3,7 +3,7 @@
 
 - **Router**: a real router (uvicorn, the Guard, API keys with tenants and an
   operator) in front of a stand-in instance and controller (a small real HTTP
-  server, ``tests/test_security_router.StandIn``: what is under test is the router).
+  server, ``tests/router_standin.StandIn``: what is under test is the router).
   Bodies are OpenAI-shaped (prompts as text, token ids, batches, chat messages; any
   ``cache_salt``, ``stream``, ``max_tokens``) or arbitrary JSON or bytes, sent with
   an operator's, a tenant's, a shared, a wrong or no key. Every answer is below 500
@@ -49,7 +49,7 @@ from kvtier.testing.procs import HOST, free_port, wait_until
 from tests.test_cluster_controller import NS, TOKEN, batch, body, keys_of, stored
 from tests.test_cluster_controller import PROMPT as TOKEN_IDS
 from tests.test_control_fuzz import JSON, check, from_schema, operations
-from tests.test_security_router import (BACKEND_KEY, KEYS_TEXT, OP, SHARED, TEN_A, RunningRouter,
+from tests.router_standin import (BACKEND_KEY, KEYS_TEXT, OP, SHARED, TEN_A, RunningRouter,
                                         StandIn, kvtier_headers)
 
 CI_EXAMPLES = 120
