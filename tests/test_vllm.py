@@ -16,8 +16,6 @@ computed; misses are still compared with cold runs.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ import pytest
 from kvtier.config import DiskConfig
 from kvtier.keys import ChunkHasher
 from kvtier.testing.offline import KV_CONNECTOR, KV_CONNECTOR_MODULE
+from kvtier.testing.procs import free_port
 from kvtier.testing.vllm_cpu import key_namespace, vllm_env
 from kvtier.tiers.disk import DiskTier
 from tests.vllm_run import CHUNK, doc, kvtier_cfg, model, own_hit, req, run, same_output  # noqa: F401
@@ -135,12 +134,6 @@ def test_corrupt_chunk_on_disk_is_detected_and_recomputed(model: str, tmp_path: 
         tier.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     data = json.dumps(body).encode()
     request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
@@ -150,7 +143,7 @@ def _post(url: str, body: dict) -> dict:
 
 def test_openai_server_with_kv_transfer_config_json(model: str, tmp_path: Path) -> None:
     """The OpenAI server end to end, plus the management API the plugin starts in the worker."""
-    port, control = _free_port(), _free_port()
+    port, control = free_port(), free_port()
     ktc = {"kv_connector": KV_CONNECTOR, "kv_connector_module_path": KV_CONNECTOR_MODULE,
            "kv_role": "kv_both",
            "kv_connector_extra_config": kvtier_cfg(tmp_path, **{"control.port": control})}

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kvtier.testing.procs import HOST, free_port
+from kvtier.testing.procs import HOST, free_port, log_tail
 
 
 class KvtierProcess:
@@ -41,7 +41,8 @@ class KvtierProcess:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kvtier {self.args[0]} exited with {self.proc.returncode} "
-                                   f"(log: {self.log_path})")
+                                   f"(log: {self.log_path}); its log ends:\n"
+                                   + log_tail(self.log_path))
             try:
                 urllib.request.urlopen(f"{self.url}/health", timeout=2,
                                        context=self.ssl_context).close()
@@ -49,7 +50,8 @@ class KvtierProcess:
             except OSError:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise TimeoutError(f"kvtier {self.args[0]} not up (log: {self.log_path})")
+                    raise TimeoutError(f"kvtier {self.args[0]} not up (log: {self.log_path}); "
+                                       "its log ends:\n" + log_tail(self.log_path))
                 time.sleep(0.2)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

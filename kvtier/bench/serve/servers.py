@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kvtier.bench.peers.lmcache import lmcache_server
-from kvtier.testing.procs import free_port
+from kvtier.testing.procs import free_port, log_tail
 from kvtier.testing.vllm_cpu import memory_utilization
 
 NATIVE_SPEC = ("CPUCopyOffloadingSpec", "kvtier.bench.peers.vllm_native_cpu")
@@ -194,11 +194,14 @@ class Servers:
         while True:
             for proc in self.procs:
                 if proc.poll() is not None:
+                    self._log.flush()
                     raise RuntimeError(f"{self.cfg.name}: a server exited with {proc.returncode}"
-                                       f" while starting (log: {self.log_path})")
+                                       f" while starting (log: {self.log_path}); its log ends:\n"
+                                       + log_tail(self.log_path))
             if time.monotonic() - t0 > self.start_timeout_s:
                 raise TimeoutError(f"{self.cfg.name}: {url} not ready in "
-                                   f"{self.start_timeout_s:.0f} s (log: {self.log_path})")
+                                   f"{self.start_timeout_s:.0f} s (log: {self.log_path}); its log "
+                                   "ends:\n" + log_tail(self.log_path))
             try:
                 urllib.request.urlopen(url, timeout=2).close()
                 return
