@@ -129,6 +129,15 @@ class ChunkHasher:
         self.granule = granule
         self._seed = namespace.seed()
 
+    def adopt(self, namespace: Namespace) -> None:
+        """Hash under ``namespace`` from now on, in place (every holder of this hasher: the
+        management API, admissions, snapshots), e.g. the scheduler's namespace that a
+        worker computed differently. Same chunk size only: the chunking is not changed."""
+        if namespace.chunk_size != self.chunk_size:
+            raise ValueError(f"chunk_size {namespace.chunk_size} is not this hasher's "
+                             f"{self.chunk_size}")
+        self._seed, self.namespace = namespace.seed(), namespace
+
     def with_salt(self, salt: str | None) -> ChunkHasher:
         """The same hasher for another tenant."""
         return self.with_inputs(salt, None)

@@ -8,6 +8,7 @@ milliseconds. tests/test_vllm.py checks the same rules inside real vLLM.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -332,3 +333,52 @@ def test_producer_never_loads_and_consumer_never_saves() -> None:
     c.num_new_matched_tokens(request("a", 1100), 0)
     meta = c.build(step(new=[("a", list(range(9)), 0, 1100)]))
     assert meta.saves == [] and c.finish("a") is False
+
+
+def test_a_worker_that_computed_another_namespace_takes_the_schedulers() -> None:
+    """The scheduler's keys are the ones stored and loaded; a worker whose model changed
+    its config while loading (another config digest) would answer lookups, admissions and
+    peers under another namespace: every hit a miss. It adopts the scheduler's namespace
+    from the first step's metadata, in place, and announces it again (hooks)."""
+    import numpy as np
+
+    from kvtier.codecs import ChunkData, ChunkMeta
+    from kvtier.connectors.vllm import worker as worker_mod
+    from kvtier.connectors.vllm.surfaces import KvtierStats
+    from kvtier.control import models as m
+    from kvtier.control.api import CacheAPI
+    from kvtier.engine.cache_engine import CacheEngine
+    from kvtier.engine.layout import LayoutKind, PagedLayout
+    from kvtier.keys import ChunkHasher
+    from kvtier.store import ChunkStore
+    from kvtier.tiers.memory import MemoryTier
+
+    p = planner()
+    first, second = p.build(step()), p.build(step())
+    theirs = p._base[0].namespace
+    assert first.namespaces == [theirs] and second.namespaces is None  # sent once
+    layout = PagedLayout(LayoutKind.VLLM_CPU, 4, 1, 64, BS, "bfloat16")
+    ours = dataclasses.replace(theirs, model_id="m|config=0123456789abcdef")
+    w = worker_mod.KvtierWorker(load_config(), layout, KvtierStats())
+    w.engine = CacheEngine(ChunkHasher(ours, False, BS), layout,
+                           ChunkStore([MemoryTier(1 << 20, 4096)]))
+    api = CacheAPI(w.engine.store, w.engine.hasher, layout)  # holds the worker's hasher
+    prompt = list(range(7, 7 + 2 * CS))
+    key = p._base[0].keys(prompt)[0]  # stored by the scheduler's plan, under its key
+    w.engine.store.memory.put_many([(key, ChunkData(ChunkMeta("uint8", (16,)),
+                                                    np.zeros(16, np.uint8)))])
+    announced: list[int] = []
+    worker_mod.NAMESPACE_HOOKS.append(lambda cfg, engine, shard: announced.append(shard))
+    try:
+        assert api.lookup(m.Chunks(tokens=prompt)).hit_chunks == 0  # another namespace
+        w.start_load(second)  # no namespaces in it: nothing changes
+        assert w.engine.hasher.namespace == ours and not announced
+        w.start_load(first)
+        assert w.engine.hasher.namespace == theirs and announced == [0]
+        assert api.lookup(m.Chunks(tokens=prompt)).hit_chunks == 1
+        assert w.stats.data["namespace_adoptions"] == 1
+        w.wait_for_save(first)  # the same metadata again: adopted once
+        assert announced == [0]
+    finally:
+        worker_mod.NAMESPACE_HOOKS.pop()
+        api.close()

@@ -67,6 +67,12 @@ class Registrar:
         self._thread = threading.Thread(target=self._run, name="kvtier-registrar", daemon=True)
         self._thread.start()
 
+    def reregister(self, body: dict[str, Any]) -> None:
+        """Register ``body`` (same instance) in place of the registered one, at the next
+        heartbeat (with this instance's credential, as any registration after the first)."""
+        self.body = {**body, "instance": self.instance}
+        self.registered.clear()
+
     def post(self, path: str, body: dict[str, Any], timeout_s: float | None = None
              ) -> dict[str, Any]:
         """A call to the controller with the token and this instance's credential."""

@@ -77,16 +77,27 @@ def instance_body(cfg: KvtierConfig, engine: CacheEngine, vllm_config: Any = Non
             "tokenizer": str(tokenizer) if tokenizer and os.path.isdir(str(tokenizer)) else None}
 
 
+def register_again(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
+    """Namespace hook: the worker took the scheduler's namespace; the controller gets a new
+    registration with it (the router and lookups key prompts with what it registered)."""
+    for registrar in _registrars:
+        registrar.reregister(instance_body(cfg, engine, _current_vllm_config()))
+
+
+def _current_vllm_config() -> Any:
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        return get_current_vllm_config_or_none()
+    except ImportError:
+        return None
+
+
 def start_registrar(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
     """Engine-ready hook: register rank 0 with ``controller.url`` and keep heartbeating."""
     if not cfg.controller.url or rank != 0:
         return
-    try:
-        from vllm.config import get_current_vllm_config_or_none
-
-        vllm_config = get_current_vllm_config_or_none()
-    except ImportError:
-        vllm_config = None
+    vllm_config = _current_vllm_config()
     body = instance_body(cfg, engine, vllm_config)
     c = cfg.controller
     events = getattr(vllm_config, "kv_events_config", None) if vllm_config is not None else None

@@ -66,13 +66,24 @@ def start_transfer_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> 
              "TLS" if server.tls is not None else "plain TCP")
 
 
+def follow_namespace(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
+    """Namespace hook: the worker adopted the scheduler's namespace; its transfer server
+    serves that one's chunks (peers ask with the scheduler's digest) and the controller
+    registration announces it."""
+    for server in _transfer:
+        server.namespace = engine.hasher.namespace.seed().hex()
+
+
 def register() -> None:
     """vLLM plugin entry point: the management API and the controller registration
     (:mod:`kvtier.cluster.vllm_plugin`; one entry point, so an installed kvtier
     needs no new metadata for it)."""
-    from kvtier.cluster.vllm_plugin import start_registrar
+    from kvtier.cluster.vllm_plugin import register_again, start_registrar
     from kvtier.connectors import vllm as connector
 
     for hook in (start_control_server, start_transfer_server, start_registrar):
         if hook not in connector.ENGINE_READY_HOOKS:
             connector.ENGINE_READY_HOOKS.append(hook)
+    for hook in (follow_namespace, register_again):
+        if hook not in connector.NAMESPACE_HOOKS:
+            connector.NAMESPACE_HOOKS.append(hook)

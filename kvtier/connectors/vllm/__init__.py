@@ -12,6 +12,6 @@ into keys, what bypasses kvtier, what is refused at start-up), ``async_loads``
 """
 
 from kvtier.connectors.vllm.connector import KvtierConnector
-from kvtier.connectors.vllm.worker import ENGINE_READY_HOOKS
+from kvtier.connectors.vllm.worker import ENGINE_READY_HOOKS, NAMESPACE_HOOKS
 
-__all__ = ["ENGINE_READY_HOOKS", "KvtierConnector"]
+__all__ = ["ENGINE_READY_HOOKS", "KvtierConnector", "NAMESPACE_HOOKS"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorMetadata,
                                                                KVConnectorWorkerMetadata)
 
-from kvtier.keys import ChunkKey
+from kvtier.keys import ChunkKey, Namespace
 
 
 @dataclass
@@ -63,6 +63,10 @@ class KvtierMetadata(KVConnectorMetadata):
     that has seen fewer clears its store first, before any load of the step."""
     prefetch: list[list[list[ChunkKey]]] = field(default_factory=list)
     """Per request seen but not yet scheduled, per shard: keys to promote into memory."""
+    namespaces: list[Namespace] | None = None
+    """The scheduler's key namespace per shard, in its first step's metadata: the keys it
+    plans with are authoritative; a worker that computed another namespace (a model that
+    changed its config while loading in the worker's process) adopts it."""
 
 
 @dataclass

@@ -14,10 +14,10 @@ in the same step. A request that finishes with a save held keeps its blocks
 (vLLM's delay-free) until the workers report it saved; a preempted request's
 held saves are dropped (its blocks may be reused).
 
-A reset (``reset_prefix_cache(reset_connector=True)``) is a barrier: a new epoch,
-carried to the workers, which clear their stores before any load of that step; until
-all report it, nothing is promised from shared tiers and older reports add nothing;
-saves planned before it are dropped (docs/architecture.md, "Reset and clear").
+A reset (``reset_prefix_cache(reset_connector=True)``) is a barrier: a new epoch, carried
+to the workers, which clear their stores before any load of that step; until all report it,
+nothing is promised from shared tiers and older reports add nothing; saves planned before it
+are dropped (docs/architecture.md, "Reset and clear").
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ class SchedulerPlanner:
 
     def __init__(self, cfg: KvtierConfig, namespaces: list[Namespace], block_size: int,
                  shared: ChunkStore | None, loads: bool = True, saves: bool = True) -> None:
-        self.cfg = cfg
-        self.shared = shared
+        self.cfg, self.shared = cfg, shared
         self.loads, self.saves = loads, saves  # vLLM's kv_consumer / kv_producer roles
         self.index = KeyIndex()
         self._base = [ChunkHasher(ns, cfg.store_partial_chunks, block_size) for ns in namespaces]
+        self._unsent: list[Namespace] | None = [h.namespace for h in self._base]  # 1st step's
         self._blocks_per_chunk = cfg.chunk_size // block_size
         self._hashers: dict[tuple[str | None, str | None], list[ChunkHasher]] = {}
         self._reqs: dict[str, RequestState] = {}
@@ -146,8 +146,9 @@ class SchedulerPlanner:
         for req_id in getattr(out, "preempted_req_ids", None) or ():
             self._drop_held(req_id, reason="preempted")
         self._nudges = max(0, self._nudges - 1)
-        meta = KvtierMetadata(saves=self._ready, releases=self._releases, epoch=self.epoch)
-        self._ready, self._releases = [], []
+        meta = KvtierMetadata(saves=self._ready, releases=self._releases, epoch=self.epoch,
+                              namespaces=self._unsent)
+        self._ready, self._releases, self._unsent = [], [], None
         for req_id in self._async:
             st = self._reqs.get(req_id)
             if st is not None:

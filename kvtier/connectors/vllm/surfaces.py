@@ -52,6 +52,8 @@ COUNTERS = {
                          "verify_mismatch)",
     "verify_tiers_out": "Tiers the canary took out of service (until resumed)",
     "verify_skipped": "Chunks the canary did not check (its queue was full)",
+    "namespace_adoptions": "Workers that computed another key namespace than the scheduler "
+                           "and took the scheduler's",
 }
 MISMATCH = "verify_mismatch_"  # + tier: a stats key, the tier label of verify_mismatch
 

@@ -44,6 +44,9 @@ ENGINE_READY_HOOKS: list[EngineReadyHook] = []
 the worker's rank within the instance).
 Higher layers (the management API's vLLM plugin) register here; this layer
 imports none of them."""
+NAMESPACE_HOOKS: list[EngineReadyHook] = []
+"""Called in a worker after it adopted the scheduler's key namespace in place of its own
+(same arguments): what announced the old one (the controller's registration) again."""
 
 
 class KvtierWorker:
@@ -103,6 +106,7 @@ class KvtierWorker:
         (with ``layerwise``, most blocks a layer at a time in it); start background
         loads. A chunk that cannot be read is reported for recompute."""
         self._layerwise.finish(self.load_errors, self.stats)  # from a step w/o wait_for_save
+        self._adopt_namespace(meta)
         self._reset_if_asked(meta)
         if meta is None or self.engine is None or self._async is None:
             return
@@ -177,6 +181,7 @@ class KvtierWorker:
         load under them) into the memory tier: one batched copy per run and layer;
         lower tiers are written by background threads."""
         self._layerwise.finish(self.load_errors, self.stats)
+        self._adopt_namespace(meta)
         self._reset_if_asked(meta)
         if meta is None or self.engine is None:
             return
@@ -195,6 +200,34 @@ class KvtierWorker:
             if save.release:
                 self._awaiting_store.add(save.req_id)
         self._awaiting_store.update(meta.releases)
+
+    def _adopt_namespace(self, meta: KvtierMetadata | None) -> None:
+        """The scheduler's namespace for this shard is the one its keys are made with; a
+        worker that computed another one (its model changed the config while loading, in
+        a process the scheduler does not share) hashes with the scheduler's from now on:
+        its management API, admissions and peers then name the same chunks. Computed
+        apart, the two only ever give misses (the worker stores and loads the keys the
+        scheduler sends), never wrong KV."""
+        if meta is None or meta.namespaces is None or self.engine is None:
+            return
+        theirs, hasher = meta.namespaces[self.shard], self.engine.hasher
+        if theirs == hasher.namespace:
+            return
+        ours = hasher.namespace
+        differ = [k for k in vars(ours) if getattr(ours, k) != getattr(theirs, k)]
+        log.warning("kvtier: this worker computed another key namespace than the scheduler "
+                    "(%s differ: the model's config changed while it loaded?); using the "
+                    "scheduler's", ", ".join(differ))
+        hasher.adopt(theirs)
+        self.stats.add(namespace_adoptions=1)
+        for tier in self.engine.store.tiers:
+            if isinstance(tier, PeerTier):
+                tier.namespace = theirs.seed().hex()
+        for hook in NAMESPACE_HOOKS:
+            try:
+                hook(self.config, self.engine, self.shard)
+            except Exception:  # an add-on must not take the engine down
+                log.exception("kvtier: namespace hook %r failed", hook)
 
     def _reset_if_asked(self, meta: KvtierMetadata | None) -> None:
         """The scheduler reset kvtier: clear this worker's store, as a barrier, before any
