@@ -21,7 +21,7 @@ import pytest
 import xxhash
 
 from kvtier.codecs import HEADER_SIZE, ChunkData, ChunkMac, ChunkMeta, decode, encode
-from kvtier.codecs.format import FLAG_MAC
+from kvtier.codecs.format import FLAG_MAC, SIGNED_SIZE
 from kvtier.config import DiskConfig, PeerConfig, RedisConfig, TransferConfig, load_config
 from kvtier.errors import ConfigError, CorruptChunk, ForeignChunk, ForgedChunk
 from kvtier.keys import ChunkHasher, ChunkKey
@@ -76,8 +76,17 @@ def test_signed_chunks_read_with_or_without_the_key_and_forgeries_do_not() -> No
     assert signed[9] == FLAG_MAC and plain[9] == 0 and len(signed) == len(plain)
     for data, mac in [(signed, MAC), (signed, None), (plain, None)]:
         assert np.array_equal(decode(key, data, mac).payload, chunk().payload)
+    def mac_field(at: int) -> bytes:  # one bit of the MAC field flipped
+        out = bytearray(signed)
+        out[SIGNED_SIZE + at] ^= 0x01
+        return bytes(out)
+
+    moved = blob(ChunkKey(b"m" * 16), chunk(), MAC)  # signed under another chunk key
     forged = {"no MAC": plain, "another key's MAC": blob(key, chunk(), OTHER),
-              "tampered, checksums recomputed": tamper(signed)}
+              "tampered, checksums recomputed": tamper(signed), "nonce": mac_field(0),
+              "tag": mac_field(20), "algorithm": mac_field(30),
+              "another chunk's MAC": signed[:SIGNED_SIZE] + moved[SIGNED_SIZE:]}
+    assert MAC.sign(b"h", chunk().payload) != MAC.sign(b"h", chunk().payload)  # fresh nonces
     for what, data in forged.items():
         with pytest.raises(ForgedChunk):
             decode(key, data, MAC)
@@ -266,17 +275,17 @@ def test_the_key_is_never_accepted_inline(tmp_path: Path) -> None:
         assert secret not in str(exc.value)
 
 
-def test_a_key_without_blake3_stops_start_up(tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_key_without_cryptography_stops_start_up(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "blake3" else real(name, *a))
-    with pytest.raises(ConfigError, match="integrity.key_file.*blake3"):
+                        lambda name, *a: None if name == "cryptography" else real(name, *a))
+    with pytest.raises(ConfigError, match="integrity.key_file.*cryptography"):
         load_config(env={}, engine={"integrity.key_file": key_file(tmp_path)})
-    load_config(env={}, engine={})  # no key: blake3 is not needed
-    monkeypatch.setitem(sys.modules, "blake3", None)
+    load_config(env={}, engine={})  # no key: no MAC is needed
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.ciphers", None)
     with pytest.raises(ImportError, match="kvtier\\[integrity\\]"):
         ChunkMac(SECRET)
 

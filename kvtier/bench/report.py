@@ -177,7 +177,7 @@ def _tiers_section(t: dict[str, Any], cmd: str) -> list[str]:
                            f"{t[f'{name}_tier_{op}_gbps']:.2f} | {t[f'{name}_{op}_ratio']:.2f}x | "
                            f"{mac} |")
     return out + ["", "Tier + MAC: the same tier with an integrity key (`integrity.key_file`): "
-                  "chunks signed with a keyed BLAKE3 MAC on write, the MAC verified on read.", ""]
+                  "chunks signed with a keyed MAC (AES-256-GMAC) on write, the MAC verified on read.", ""]
 
 
 SECTIONS = {"engine": _engine_section, "tiers": _tiers_section,

@@ -14,7 +14,7 @@ Each tier runs beside its raw medium, in the same run:
   EXISTS round trip before writes and verification on reads.
 
 - MAC: the same tier with a cluster integrity key (a second tier object on
-  the same folder / prefix): writes sign each chunk with a keyed BLAKE3 MAC,
+  the same folder / prefix): writes sign each chunk with a keyed MAC (AES-256-GMAC),
   reads verify it (instead of the payload checksum). Its ratio is against the
   tier without a key, in the same round.
 

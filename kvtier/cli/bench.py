@@ -243,7 +243,7 @@ def _parts(args: argparse.Namespace, package: str, names: tuple[str, ...]) -> in
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from kvtier.bench.serve import run
-    from kvtier.bench.serve.servers import CONFIG_NAMES
+    from kvtier.bench.serve.servers import CONFIG_NAMES, DEFAULT_CONFIGS
     from kvtier.bench.serve.workloads import LongDocQA, MultiRoundQA
 
     p = sub.add_parser("serve", help="serving workloads vs vLLM alone and the peers",
@@ -253,7 +253,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    required=True, help="redis-hit: a large Redis-only hit while other "
                    "requests decode, in-step vs background loads vs a codec (own configs)")
     p.add_argument("--configs", default="all",
-                   help=f"comma list of {', '.join(CONFIG_NAMES)} (default all; vllm always)")
+                   help=f"comma list of {', '.join(CONFIG_NAMES)} (default all: "
+                        f"{', '.join(DEFAULT_CONFIGS)}; vllm always)")
     p.add_argument("--quick", action="store_true",
                    help="reduced sizes (all configurations in under 15 min on 2 cores)")
     p.add_argument("--toy", action="store_true", help="toy sizes (CI: keeps it working)")

@@ -11,7 +11,8 @@ read checks magic, version, key, lengths and both checksums; anything off is
 a :class:`CorruptChunk`. Parsing only: nothing read is ever unpickled.
 
 Keyed integrity (:mod:`kvtier.codecs.integrity`): a chunk written by a process
-holding the cluster's key has flag ``FLAG_MAC`` and a keyed BLAKE3 MAC of its
+holding the cluster's key has flag ``FLAG_MAC`` and a keyed MAC (AES-256-GMAC: nonce,
+tag and the algorithm's name, 32 bytes) of its
 first 80 header bytes (everything a reader interprets, the flags and the
 payload checksum included) and its payload in bytes 80-112, formerly padding.
 Version 1 readers that predate the flag ignore both (the flags byte was

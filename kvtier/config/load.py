@@ -129,9 +129,9 @@ def _check_integrity(cfg: KvtierConfig) -> None:
     if not cfg.integrity.key_file:
         return
     cfg.integrity.read_key()  # a key file that cannot be read, or too short, stops start-up
-    if importlib.util.find_spec("blake3") is None:  # no weaker MAC to fall back to
-        raise ConfigError("integrity.key_file", "a key needs the blake3 package: "
-                          "pip install 'kvtier[integrity]'")
+    if importlib.util.find_spec("cryptography") is None:  # no weaker MAC to fall back to
+        raise ConfigError("integrity.key_file", "a key needs the cryptography package "
+                          "(AES-GMAC): pip install 'kvtier[integrity]'")
 
 
 def _check_tls(cfg: KvtierConfig) -> None:

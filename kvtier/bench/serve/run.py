@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from typing import Any
 from kvtier.bench.peers.lmcache import lmcache_available
 from kvtier.bench.serve import analysis
 from kvtier.bench.serve.client import Result, run_workload, warm_up
-from kvtier.bench.serve.servers import CONFIG_NAMES, LABELS, EngineSettings, Servers, make_config
+from kvtier.bench.serve.servers import (CONFIG_NAMES, DEFAULT_CONFIGS, LABELS, EngineSettings,
+                                        Servers, make_config)
 from kvtier.bench.serve.workloads import LongDocQA, MultiRoundQA, Workload
 from kvtier.config import parse_size
 from kvtier.testing.models import build_model, make_document
@@ -85,7 +87,7 @@ def config_names(spec: str) -> list[str]:
     it explicitly then fails with the set-up hint instead.
     """
     if spec == "all":
-        names = list(CONFIG_NAMES)
+        names = list(DEFAULT_CONFIGS)
         if not lmcache_available():
             print("[bench serve] LMCache left out: its venv is missing "
                   "(scripts/setup_peer_lmcache.sh makes it)", file=sys.stderr)
@@ -151,12 +153,35 @@ def _run_config(args: Any, cfg: Any, eng: EngineSettings, workload: Workload,
             on_done=lambda r: bar.update(1) if bar is not None else None))
         if bar is not None:
             bar.close()
+        run_s = time.perf_counter() - t0
+        counters = kvtier_counters(srv.base_url) if cfg.name.startswith("kvtier") else {}
     summary = analysis.summarize(workload.name, results)
-    summary.update(wall_s=wall, startup_s=srv.startup_s, run_s=time.perf_counter() - t0)
+    summary.update(wall_s=wall, startup_s=srv.startup_s, run_s=run_s, **counters)
     _say(args, f"[{cfg.name}] TTFT p50 {summary['ttft_p50_s'] * 1e3:.0f} ms, "
                f"QPS {summary['qps']:.3f}, hit rate {summary['hit_rate']:.1%}, "
                f"errors {summary['errors']}")
     return results, summary
+
+
+CANARY_COUNTERS = ("verify_sampled", "verify_checks", "verify_mismatches")
+
+
+def kvtier_counters(base_url: str) -> dict[str, float]:
+    """The canary's counters from vLLM's ``/metrics`` (kvtier's connector metrics, summed
+    over labels): how many hits it served cold and checked in this run."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out = {name: 0.0 for name in CANARY_COUNTERS}
+    for family in text_string_to_metric_families(text):
+        name = family.name.removeprefix("vllm:kvtier_")
+        if name in out:
+            out[name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return out
 
 
 def _progress(args: Any, total: int, name: str) -> Any:

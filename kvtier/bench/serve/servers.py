@@ -13,6 +13,9 @@ purpose), greedy decoding. What differs is only the KV layer behind vLLM:
 - ``kvtier-memory``, ``kvtier-disk``: kvtier's connector, memory tier alone,
   or memory plus a disk tier in a scratch folder, on kvtier's defaults
   (partial last chunks kept in whole blocks);
+- ``kvtier-unverified``, ``kvtier-verify-all`` (named only, not in ``all``): the memory
+  configuration with the canary off (``verify.sample_rate: 0``) and on every hit (``1``);
+  ``kvtier-memory`` runs the default rate, so these two give the canary's cost;
 - ``native``: vLLM's own ``OffloadingConnector``; stock, it does not run on
   the CPU platform, so it runs with :mod:`kvtier.bench.peers.vllm_native_cpu`
   (a CPU copy spec) and is labelled so;
@@ -42,9 +45,15 @@ from kvtier.testing.procs import free_port, log_tail
 from kvtier.testing.vllm_cpu import memory_utilization
 
 NATIVE_SPEC = ("CPUCopyOffloadingSpec", "kvtier.bench.peers.vllm_native_cpu")
-CONFIG_NAMES = ("vllm", "kvtier-memory", "kvtier-disk", "native", "lmcache")
+CONFIG_NAMES = ("vllm", "kvtier-memory", "kvtier-disk", "native", "lmcache",
+                "kvtier-unverified", "kvtier-verify-all")
+DEFAULT_CONFIGS = CONFIG_NAMES[:5]
+"""What ``--configs all`` runs; the canary's two configurations are asked for by name."""
+VERIFY_RATES = {"kvtier-unverified": 0.0, "kvtier-verify-all": 1.0}
 LABELS = {"vllm": "vLLM alone (prefix cache on)",
           "kvtier-memory": "vLLM + kvtier (memory)",
+          "kvtier-unverified": "vLLM + kvtier (memory, canary off)",
+          "kvtier-verify-all": "vLLM + kvtier (memory, canary on every hit)",
           "kvtier-disk": "vLLM + kvtier (memory + disk)",
           "native": "vLLM native offloading + CPU copy shim",
           "lmcache": "vLLM + LMCache 0.5.6 (multiprocess server)"}
@@ -97,10 +106,12 @@ def make_config(name: str, eng: EngineSettings, scratch: Path) -> ServeConfig:
     budget = eng.kv_budget_bytes
     if name == "vllm":
         return ServeConfig(name, py)
-    if name in ("kvtier-memory", "kvtier-disk"):
+    if name in ("kvtier-memory", "kvtier-disk", *VERIFY_RATES):
         # kvtier's defaults (partial last chunks kept in whole blocks, as vLLM's
         # native offloading keeps every whole block); only the tiers and budget differ.
         extra: dict[str, Any] = {"tiers": ["memory"], "memory.max_bytes": budget}
+        if name in VERIFY_RATES:
+            extra["verify.sample_rate"] = VERIFY_RATES[name]
         if name == "kvtier-disk":
             extra.update({"tiers": ["memory", "disk"], "disk.path": str(scratch / "kvtier-disk")})
         return ServeConfig(name, py, {"kv_connector": "KvtierConnector",
