@@ -199,6 +199,11 @@ def cluster(res: dict[str, Any], cmd: str) -> list[str]:
             "|---|---|",
             f"| raw loopback TCP | {r['loopback_tcp_gbps']:.2f} |",
             f"| transfer channel (checked chunks) | {r['transfer_gbps']:.2f} |",
+            *([f"| over TLS | {r['transfer_tls_gbps']:.2f} |"] if "transfer_tls_gbps" in r
+              else []),
+            *([f"| signed (cluster key: MAC on every chunk) | {r['transfer_signed_gbps']:.2f} "
+               f"({r['signed_vs_plain']:.2f}x unsigned) |"] if "transfer_signed_gbps" in r
+              else []),
             f"| through the store (into memory slots) | {r['store_gbps']:.2f} |",
             "",
             f"Transfer / raw TCP: {r['transfer_vs_loopback']:.2f}x (goal >= 0.7x). Presence "

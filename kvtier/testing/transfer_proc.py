@@ -41,12 +41,18 @@ def chunk_data(i: int, nbytes: int) -> ChunkData:
     return ChunkData(ChunkMeta("uint8", (nbytes,)), chunk_payload(i, nbytes))
 
 
+SECRET_ENV = "KVTIER_TRANSFER_CHILD_SECRET"
+"""A cluster secret (hex) for the child's transfer server: it signs every chunk it sends."""
+
+
 class TransferChild:
     """A child process serving ``chunks`` chunks of ``chunk_bytes`` over the transfer channel."""
 
     def __init__(self, chunks: int, chunk_bytes: int, token: str = "", namespace: str = "ns",
-                 timeout_s: float = 120.0, tls_dir: str = "") -> None:
+                 timeout_s: float = 120.0, tls_dir: str = "", mac_secret: bytes = b"") -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if mac_secret:  # the child signs every chunk it sends with this cluster secret
+            env[SECRET_ENV] = mac_secret.hex()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kvtier.testing.transfer_proc", str(chunks), str(chunk_bytes),
              token, namespace, tls_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -77,6 +83,7 @@ def server_tls(folder: str) -> TlsFiles:
 
 
 def main(argv: list[str]) -> None:
+    from kvtier.codecs.integrity import ChunkMac
     from kvtier.store import ChunkStore
     from kvtier.transfer.server import TransferServer
     from kvtier.tiers.memory import MemoryTier
@@ -91,8 +98,10 @@ def main(argv: list[str]) -> None:
         memory.put_many([(chunk_key(i), chunk_data(i, nbytes))])
     store = ChunkStore([memory])
     tls = server_tls(argv[4]) if len(argv) > 4 and argv[4] else None
+    secret = os.environ.get(SECRET_ENV, "")
+    mac = ChunkMac(bytes.fromhex(secret)) if secret else None
     server = TransferServer(store, TransferConfig(token=token, max_batch_bytes=64 * 1024**2),
-                            namespace, port=0, tls=tls)
+                            namespace, port=0, mac=mac, tls=tls)
     print(json.dumps({"port": server.port}), flush=True)
     sys.stdin.read()  # until the parent closes our stdin (or dies)
     server.close()

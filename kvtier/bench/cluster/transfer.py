@@ -6,7 +6,9 @@ transfer server; this process reads them all with the peer tier's
 arrival). The baseline, in the same run: a child ``sendall``s the same number
 of bytes over a plain socket and this process ``recv_into``s one preallocated
 buffer. And the transfer channel over TLS (mutual, certificates of a throwaway
-CA made in a temporary folder), in the same run. Medians of several repeats,
+CA made in a temporary folder), and with a cluster integrity key (the server
+signs every chunk it sends, the reader verifies each MAC instead of the payload
+checksum), in the same run. Medians of several repeats,
 the three reads alternating so each sees the same machine. Also: the same read through a ChunkStore
 (memory + peer: the chunks are promoted into memory slots, one more copy), and
 the latency of a presence check (what vLLM's scheduler pays per lookup).
@@ -14,6 +16,7 @@ the latency of a presence check (what vLLM's scheduler pays per lookup).
 
 from __future__ import annotations
 
+import os
 import socket
 import statistics
 import struct
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from kvtier.codecs.integrity import ChunkMac
 from kvtier.config import PeerConfig
 from kvtier.net.tls import TlsFiles
 from kvtier.store import ChunkStore
@@ -50,6 +54,9 @@ def run_transfer(quick: bool) -> dict[str, Any]:
     tls_child = TransferChild(chunks, chunk_bytes, token=TOKEN, namespace=NAMESPACE,
                               tls_dir=certs_dir.name)
     raw = TransferChild(chunks, chunk_bytes, token="raw")
+    secret = os.urandom(32)
+    signed_child = TransferChild(chunks, chunk_bytes, token=TOKEN, namespace=NAMESPACE,
+                                 mac_secret=secret)
     try:
         tier = PeerTier(PeerConfig(peers=[child.address], timeout_s=60.0, cache_s=0.0),
                         token=TOKEN, namespace=NAMESPACE, read_pool_bytes=total + chunk_bytes)
@@ -57,22 +64,34 @@ def run_transfer(quick: bool) -> dict[str, Any]:
         tls_tier = PeerTier(PeerConfig(peers=[tls_child.address], timeout_s=60.0, cache_s=0.0),
                             token=TOKEN, namespace=NAMESPACE, read_pool_bytes=total + chunk_bytes,
                             tls=TlsFiles(c.cert_file, c.key_file, c.ca_file))
+        signed_tier = PeerTier(PeerConfig(peers=[signed_child.address], timeout_s=60.0,
+                                          cache_s=0.0), token=TOKEN, namespace=NAMESPACE,
+                               read_pool_bytes=total + chunk_bytes, mac=ChunkMac(secret))
         sock = socket.create_connection(("127.0.0.1", raw.port), timeout=60)
         buf = memoryview(np.empty(total, dtype=np.uint8))
         times: list[float] = []
         tls_times: list[float] = []
         raw_times: list[float] = []
+        signed_times: list[float] = []
         for _ in range(repeats + 1):  # alternating, so all see the same machine; 1st: warm-up
             times.append(_read(tier, keys))
             tls_times.append(_read(tls_tier, keys))
+            signed_times.append(_read(signed_tier, keys))
             raw_times.append(_raw_read(sock, buf))
         sock.close()
         tls_tier.close()
+        if signed_tier.stats.as_dict().get("forged"):
+            raise RuntimeError(f"signed peer read refused chunks: {signed_tier.stats.as_dict()}")
+        signed_tier.close()
         out["transfer_gbps"] = total / statistics.median(times[1:]) / 1e9
         out["transfer_tls_gbps"] = total / statistics.median(tls_times[1:]) / 1e9
         out["loopback_tcp_gbps"] = total / statistics.median(raw_times[1:]) / 1e9
         out["transfer_vs_loopback"] = out["transfer_gbps"] / out["loopback_tcp_gbps"]
         out["tls_vs_plain"] = out["transfer_tls_gbps"] / out["transfer_gbps"]
+        out["transfer_signed_gbps"] = total / statistics.median(signed_times[1:]) / 1e9
+        # per round, so the drift of a shared machine cancels (as bench tiers does)
+        out["signed_vs_plain"] = statistics.median(
+            a / b for a, b in zip(times[1:], signed_times[1:]))
         out["contains_ms_p50"], out["contains_ms_p99"] = _contains_ms(tier, keys[:16])
         store = ChunkStore([MemoryTier(total, chunk_bytes), tier])
         store_times = []
@@ -91,6 +110,7 @@ def run_transfer(quick: bool) -> dict[str, Any]:
     finally:
         child.stop()
         tls_child.stop()
+        signed_child.stop()
         raw.stop()
         certs_dir.cleanup()
     return out
@@ -142,6 +162,8 @@ def table(res: dict[str, Any]) -> str:
         f"transfer channel  {res['transfer_gbps']:6.2f} GB/s",
         f"  over TLS        {res['transfer_tls_gbps']:6.2f} GB/s "
         f"({res['tls_vs_plain']:.2f}x plain)",
+        f"  signed (MAC)    {res['transfer_signed_gbps']:6.2f} GB/s "
+        f"({res['signed_vs_plain']:.2f}x plain)",
         f"raw loopback TCP  {res['loopback_tcp_gbps']:6.2f} GB/s",
         f"ratio             {res['transfer_vs_loopback']:6.2f}x (goal >= 0.7x)",
         f"through the store {res['store_gbps']:6.2f} GB/s; presence check p50 "

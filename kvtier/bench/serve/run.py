@@ -176,11 +176,12 @@ def kvtier_counters(base_url: str) -> dict[str, float]:
             text = resp.read().decode()
     except OSError:
         return {}
-    out = {name: 0.0 for name in CANARY_COUNTERS}
+    out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         name = family.name.removeprefix("vllm:kvtier_")
-        if name in out:
-            out[name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        if name in CANARY_COUNTERS:
+            out[name] = out.get(name, 0.0) + sum(s.value for s in family.samples
+                                                 if s.name.endswith("_total"))
     return out
 
 
