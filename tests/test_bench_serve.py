@@ -180,5 +180,6 @@ def test_toy_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert k["errors"] == 0 and k["outputs_identical"] == k["outputs_compared"] == 8
     # The engine holds one document; kvtier holds all four: every question hits.
     assert k["hit_rate"] > 0.8 > s["vllm"]["hit_rate"]
+    assert k["verify_sampled"] >= 0 and k["verify_mismatches"] == 0  # the canary's counters
     assert (tmp_path / "long-doc-qa.png").stat().st_size > 10_000
     assert (tmp_path / "results-long-doc-qa.json").exists()
