@@ -183,3 +183,29 @@ def test_toy_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert k["verify_sampled"] >= 0 and k["verify_mismatches"] == 0  # the canary's counters
     assert (tmp_path / "long-doc-qa.png").stat().st_size > 10_000
     assert (tmp_path / "results-long-doc-qa.json").exists()
+
+
+def test_long_doc_qa_on_the_real_model_asks_real_questions_about_shared_documents() -> None:
+    """On SmolLM2: stdlib sources in the chat template, a document's questions sharing its
+    chunks, answers ending at the end of turn; a workload it has no version of is refused."""
+    from transformers import AutoTokenizer
+
+    from kvtier.bench.serve.run import build_workload
+    from kvtier.testing.smollm2 import build_smollm2
+
+    smol = str(build_smollm2())
+    w = LongDocQA(docs=2, doc_tokens=600, questions=2).build(smol, real=True)
+    assert w.num_requests == 4 and w.settings["real"]
+    tok = AutoTokenizer.from_pretrained(smol)
+    for turns in w.users:
+        (a, b) = turns
+        assert a.stop_at_eos and b.stop_at_eos and a.prompt != b.prompt
+        shared = next(i for i, (x, y) in enumerate(zip(a.prompt, b.prompt)) if x != y)
+        assert shared >= 512  # the document's whole chunks are a shared prefix
+        text = tok.decode(a.prompt)
+        assert "import " in text and "<|im_start|>assistant" in text
+    assert w.users[0][0].prompt[:shared] != w.users[1][0].prompt[:shared]  # two documents
+    args = type("Args", (), {"workload": "multi-round-qa", "quick": True, "toy": False,
+                             "model": None, "shape": "smollm2", "seed": 0})()
+    with pytest.raises(ValueError, match="no real-model version"):
+        build_workload(args, smol)

@@ -186,22 +186,16 @@ def _size_and_speed(chunks: dict[ChunkKey, ChunkData], codec: Codec, repeats: in
 
 def real_prompts(model: str, n: int, tokens: int) -> list[list[int]]:
     """``n`` chat questions, each about ``tokens`` tokens of a stdlib module's source."""
-    import importlib
-    import inspect
-
     from transformers import AutoTokenizer
 
+    from kvtier.bench.serve.workloads import MODULES, module_text
     from kvtier.testing.smollm2 import chat_prompt
 
     tok = AutoTokenizer.from_pretrained(model)
-    names = ["textwrap", "shlex", "calendar", "heapq", "getopt", "fnmatch", "colorsys", "bisect",
-             "string", "glob", "tempfile", "argparse", "random", "statistics", "difflib", "csv"]
     out = []
     for i in range(n):
-        name = names[i % len(names)]
-        ids = tok(inspect.getsource(importlib.import_module(name))).input_ids
-        start = (i // len(names)) * tokens
-        doc = tok.decode(ids[start:start + tokens])
+        name = MODULES[i % len(MODULES)]
+        doc = module_text(tok, name, tokens, (i // len(MODULES)) * tokens)
         out.append(chat_prompt(model, f"What does the {name} module's code above do?", doc, tok))
     return out
 

@@ -29,7 +29,10 @@ from kvtier.bench.serve import analysis
 from kvtier.bench.serve.servers import LABELS
 
 WORKLOADS = ("long-doc-qa", "multi-round-qa")
-PARTS = (*WORKLOADS, "engine", "tiers", "codecs", "layerwise", "redis-hit", "cluster")
+REAL = "real-doc-qa"
+"""long-doc-qa on the real model (SmolLM2): real documents, questions and answers."""
+SERVE_PARTS = {**{w: w for w in WORKLOADS}, REAL: "long-doc-qa"}
+PARTS = (*WORKLOADS, REAL, "engine", "tiers", "codecs", "layerwise", "redis-hit", "cluster")
 
 
 def _bench(args: list[str]) -> dict[str, Any]:
@@ -62,15 +65,18 @@ def run(args: Any) -> Path:
             "redis-hit": ["serve", "--workload", "redis-hit", *quick],
             "cluster": ["cluster", "--part", "all", *quick],
             **{w: ["serve", "--workload", w, *quick, "--configs", args.configs]
-               for w in WORKLOADS}}
+               for w in WORKLOADS},
+            REAL: ["serve", "--workload", "long-doc-qa", "--shape", "smollm2", *quick,
+                   "--configs", args.configs]}
     today = dt.date.today().isoformat()
     for part in parts:
-        extra = ["--out", str(scratch)] if part in (*WORKLOADS, "redis-hit", "cluster") else []
+        out = scratch / part
+        extra = ["--out", str(out)] if part in (*SERVE_PARTS, "redis-hit", "cluster") else []
         result = _bench([*cmds[part], *extra])
         saved[part] = {"cmd": "kvtier bench " + " ".join(cmds[part]), "date": today,
                        "result": result}
-        if part in WORKLOADS:
-            shutil.copy(scratch / f"{part}.png", docs / "img" / f"serve-{part}.png")
+        if part in SERVE_PARTS:
+            shutil.copy(out / f"{SERVE_PARTS[part]}.png", docs / "img" / f"serve-{part}.png")
         store.write_text(json.dumps(saved, indent=1) + "\n")  # each part as it lands
     page = docs / "benchmarks.md"
     page.write_text(render(saved, today, page.read_text() if page.is_file() else "", docs))
@@ -78,6 +84,7 @@ def run(args: Any) -> Path:
 
 
 HEADINGS = {"long-doc-qa": "## Serving: long-doc-qa", "multi-round-qa": "## Serving: multi-round-qa",
+            REAL: "## Serving a real model",
             "engine": "## Cache engine", "tiers": "## Tiers", "codecs": "## Codecs",
             "layerwise": "## Layer-wise loads", "redis-hit": "## A large Redis hit",
             "cluster": "## Many instances"}
@@ -111,7 +118,7 @@ def render(saved: dict[str, Any], today: str, old_page: str = "",
         entry = saved[part]
         res, cmd = entry["result"], entry["cmd"]
         when = "" if entry["date"] == today else f" (measured {entry['date']})"
-        if part in WORKLOADS:
+        if part in SERVE_PARTS:
             lines = _serve_section(part, res, cmd)
         elif part == "layerwise":
             lines = report_sections.layerwise(res, cmd, docs)
@@ -185,14 +192,19 @@ SECTIONS = {"engine": _engine_section, "tiers": _tiers_section,
             "cluster": report_sections.cluster}
 
 
-def _serve_section(w: str, res: dict[str, Any], cmd: str) -> list[str]:
-    s, summ = res["setup"], res["summary"]
-    sizes = ", ".join(f"{k}={v}" for k, v in s["settings"].items())
+def _serve_section(part: str, res: dict[str, Any], cmd: str) -> list[str]:
+    s, summ, w = res["setup"], res["summary"], SERVE_PARTS[part]
+    sizes = ", ".join(f"{k}={v}" for k, v in s["settings"].items() if k != "real")
+    model = (f"Model: `{Path(s['model']).name}`, SmolLM2-135M-Instruct (real weights, Q4_1 "
+             "dequantized to bf16); each document is a standard-library module's source, "
+             "asked real questions in the chat template; answers end at the end of turn."
+             if s["settings"].get("real") else
+             f"Model: `{Path(s['model']).name}` (random weights; KV per token of Qwen2.5-0.5B).")
     lines = [
-        f"## Serving: {w} (`{cmd}`)",
+        (f"## Serving a real model: {w} on SmolLM2 (`{cmd}`)" if part == REAL
+         else f"## Serving: {w} (`{cmd}`)"),
         "",
-        f"Model: `{Path(s['model']).name}` (random weights; KV per token of Qwen2.5-0.5B). "
-        f"{s['requests']} requests ({sizes}). Engine KV capped at {s['engine_kv_tokens']} tokens "
+        f"{model} {s['requests']} requests ({sizes}). Engine KV capped at {s['engine_kv_tokens']} tokens "
         f"({s['engine_kv_blocks']} blocks of 128) so vLLM's own prefix cache overflows; every KV "
         f"layer gets {s['kv_budget_bytes'] / 2**30:.1f} GiB of CPU memory; vLLM threads pinned "
         f"to cores {s['threads_bind']} in every configuration; greedy decoding; concurrency "
@@ -214,7 +226,7 @@ def _serve_section(w: str, res: dict[str, Any], cmd: str) -> list[str]:
         lines += ["kvtier against the peers (ratio > 1: kvtier faster):", "", peers, ""]
     cold = ", ".join(f"{LABELS[n]} {v['cold_ttft_p50_s'] * 1e3:.0f} ms" for n, v in summ.items())
     lines += [f"Cold TTFT p50 (warm-up round / first turns): {cold}.", "",
-              f"![{w}](img/serve-{w}.png)", ""]
+              f"![{part}](img/serve-{part}.png)", ""]
     return lines
 
 

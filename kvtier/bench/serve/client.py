@@ -103,7 +103,8 @@ def _arrivals(workload: Workload, rate: float | None, seed: int) -> dict[tuple[i
 
 async def _one(session: Any, url: str, model: str, turn: Turn, t0: float) -> Result:
     body = {"model": model, "prompt": turn.prompt, "max_tokens": turn.max_tokens,
-            "temperature": 0.0, "ignore_eos": True, "logprobs": 1, "stream": True,
+            "temperature": 0.0, "ignore_eos": not turn.stop_at_eos, "logprobs": 1,
+            "stream": True,
             "return_token_ids": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
     first = last = None

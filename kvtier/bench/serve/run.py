@@ -37,7 +37,7 @@ from kvtier.bench.serve.servers import (CONFIG_NAMES, DEFAULT_CONFIGS, LABELS, E
                                         Servers, make_config)
 from kvtier.bench.serve.workloads import LongDocQA, MultiRoundQA, Workload
 from kvtier.config import parse_size
-from kvtier.testing.models import build_model, make_document
+from kvtier.testing.models import PRETRAINED, build_model, make_document
 from kvtier.testing.vllm_cpu import fast_dtype
 
 log = logging.getLogger("kvtier.bench.serve")
@@ -63,6 +63,12 @@ def build_workload(args: Any, model: str) -> Workload:
         value = getattr(args, key, None)
         if value is not None:
             sizes[key] = value
+    if cls is LongDocQA:
+        real = not args.model and args.shape in PRETRAINED  # real documents and questions
+        return replace(cls(), **sizes).build(model, args.seed, real=real)
+    if not args.model and args.shape in PRETRAINED:
+        raise ValueError(f"--workload {args.workload} has no real-model version; "
+                         f"--shape {args.shape} runs long-doc-qa")
     return replace(cls(), **sizes).build(model, args.seed)
 
 

@@ -18,6 +18,13 @@ token by token. Everything is seeded: the same arguments give the same run.
   previous answer plus a think time. Most of every prompt is a prefix of the
   user's next prompt, as in agentic traces.
 
+On a real model (``--shape smollm2``), long-doc-qa asks real questions about
+real documents instead: each document is a Python standard-library module's
+source of ``doc_tokens`` tokens in the model's chat template, each question
+one of :data:`QUESTIONS`, and an answer ends at the model's end of turn (at
+most ``max_tokens``): what follows it is free continuation, more sensitive to
+any change than the answer.
+
 The assistant answers placed into the history are fixed synthetic text of
 ``answer_tokens`` tokens, not the engine's own output, so every prompt is
 known up front and is the same for every configuration (a KV layer stores
@@ -40,6 +47,7 @@ class Turn:
     max_tokens: int
     round: int
     user: int = 0  # the document (long-doc-qa) or the conversation (multi-round-qa)
+    stop_at_eos: bool = False  # a real model's answer ends at its end of turn
 
 
 @dataclass
@@ -74,14 +82,54 @@ class LongDocQA:
     question_tokens: int = 32
     max_tokens: int = 16
 
-    def build(self, model_dir: str, seed: int = 0) -> Workload:
-        """One sender per document, asking its questions in order."""
+    def build(self, model_dir: str, seed: int = 0, real: bool = False) -> Workload:
+        """One sender per document, asking its questions in order (``real``: real
+        documents and questions in the model's chat template)."""
+        if real:
+            return self._build_real(model_dir, seed)
         docs = [make_document(model_dir, self.doc_tokens, seed * 1000 + 100 + d)
                 for d in range(self.docs)]
         users = [[Turn(docs[d] + make_document(model_dir, self.question_tokens,
                                                seed * 1000 + 500 + q), self.max_tokens, q, d)
                   for q in range(self.questions)] for d in range(self.docs)]
         return Workload("long-doc-qa", users, settings=dict(vars(self)))
+
+
+    def _build_real(self, model_dir: str, seed: int) -> Workload:
+        from transformers import AutoTokenizer
+
+        from kvtier.testing.smollm2 import chat_prompt
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        users = []
+        for d in range(self.docs):
+            name = MODULES[(seed + d) % len(MODULES)]
+            doc = module_text(tok, name, self.doc_tokens)
+            users.append([Turn(chat_prompt(model_dir, QUESTIONS[(seed + q) % len(QUESTIONS)]
+                                           .format(name=name), doc, tok),
+                               self.max_tokens, q, d, stop_at_eos=True)
+                          for q in range(self.questions)])
+        return Workload("long-doc-qa", users, settings={**vars(self), "real": True})
+
+
+MODULES = ("textwrap", "shlex", "calendar", "heapq", "getopt", "fnmatch", "colorsys", "bisect",
+           "string", "glob", "tempfile", "argparse", "random", "statistics", "difflib", "csv")
+"""Standard-library modules whose source is a real model's long document."""
+QUESTIONS = ("What does the {name} module above do? Answer in one sentence.",
+             "Name one function defined in the code above.",
+             "Which modules does the code above import?",
+             "Is the code above written in Python? Answer yes or no.")
+"""Questions a real model is asked about each document, in turn."""
+
+
+def module_text(tok: Any, name: str, tokens: int, start: int = 0) -> str:
+    """About ``tokens`` tokens (from token ``start`` on) of the source of standard-library
+    module ``name``."""
+    import importlib
+    import inspect
+
+    ids = tok(inspect.getsource(importlib.import_module(name))).input_ids
+    return tok.decode(ids[start:start + tokens])
 
 
 @dataclass(frozen=True)
