@@ -250,3 +250,31 @@ def test_after_a_reset_vllm_is_asked_for_a_few_steps_and_close_clears_again() ->
     p.build(step())
     done(p, KvtierWorkerMeta(epoch=1))
     assert not p.reset_pending
+
+
+def test_an_idle_step_sleeps_until_a_background_load_lands() -> None:
+    """A step that computes nothing waits for the fetch thread without the GIL (vLLM would
+    loop at once and starve it), and wakes when the load lands, not at its bound."""
+    store, mem, low, loads = held_loads(2)
+    loads.wait(30.0)  # nothing in flight: returns at once
+    loads.submit("r", SimpleNamespace(start_token=0, end_token=2 * SLOT), [key(0), key(1)])
+    assert low.reading.wait(5)
+    woke: list[float] = []
+    waiter = in_thread(lambda: (loads.wait(30.0), woke.append(time.monotonic())))
+    time.sleep(0.2)
+    assert not woke  # still asleep: the load has not landed
+    low.reads.set()
+    waiter.join(10)  # woken by the load, long before its 30 s bound
+    assert woke and not waiter.is_alive()
+    (fin,) = loads.poll(lambda _, chunks: len(chunks) * SLOT)
+    assert fin.loaded == 2 * SLOT and not fin.timed_out
+    loads.close()
+
+
+def test_the_scheduler_marks_a_step_that_computes_nothing_idle() -> None:
+    from tests.test_vllm_plan import planner
+
+    p = planner()
+    assert p.build(step()).idle
+    p.num_new_matched_tokens(request("s", 600), 0)
+    assert not p.build(step(new=[("s", [1, 2, 3, 4, 5], 0, 600)])).idle

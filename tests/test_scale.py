@@ -191,7 +191,8 @@ def test_a_lora_adapter_is_hashed_off_the_scheduler_thread(tmp_path: Path) -> No
                                             num_computed_tokens=0)],
         scheduled_cached_reqs=SimpleNamespace(req_ids=[], resumed_req_ids=set(),
                                               new_block_ids=[], num_computed_tokens=[]),
-        num_scheduled_tokens={"third": 600}, preempted_req_ids=set())).saves
+        num_scheduled_tokens={"third": 600}, total_num_scheduled_tokens=600,
+        preempted_req_ids=set())).saves
     p.close()
 
 

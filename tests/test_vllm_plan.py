@@ -51,6 +51,7 @@ def step(new: list[tuple[str, list[int], int, int]] = (),
             new_block_ids=[(b,) if b else None for _, b, _, _ in cached],
             num_computed_tokens=[c for _, _, c, _ in cached]),
         num_scheduled_tokens={r: s for r, _, _, s in [*new, *cached]},
+        total_num_scheduled_tokens=sum(s for *_, s in [*new, *cached]),
         preempted_req_ids=set(preempted))
 
 

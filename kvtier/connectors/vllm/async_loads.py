@@ -16,6 +16,13 @@ while the engine keeps running the others, and here
    reported as invalid blocks in the same step, so vLLM recomputes it; a late
    batch is released when it lands, never copied.
 
+When a step computes nothing (every request waits for its KV), vLLM calls
+the connector again at once, in a loop that holds the GIL nearly all the time:
+the fetch thread then gets it only at the interpreter's switch interval, and
+a load of a few chunks took minutes (measured: 2 minutes per request of 4
+zlib chunks). ``wait`` lets the engine's thread sleep, without the GIL, until
+a load lands or a few milliseconds pass.
+
 Also ``prefetch``: keys of a request the scheduler has only seen (not yet
 scheduled) are promoted into memory in the background, so its later load is
 a memory hit.
@@ -44,6 +51,7 @@ from kvtier.keys import ChunkKey
 log = logging.getLogger("kvtier.vllm")
 
 FETCH_BATCH = 4  # chunks per read: what arrived counts even if the rest is late
+IDLE_WAIT_S = 0.005  # an empty step waits at most this long for a load to land
 
 
 @dataclass
@@ -97,6 +105,7 @@ class AsyncLoads:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-fetch")
         self._loads: dict[str, tuple[object, _Fetch, float]] = {}
         self._prefetching: set[ChunkKey] = set()
+        self._landed = threading.Event()  # a load finished reading since the last wait
 
     def __len__(self) -> int:
         return len(self._loads)
@@ -121,6 +130,13 @@ class AsyncLoads:
             return
         self._prefetching.update(todo)
         self._pool.submit(self._prefetch, todo, self.engine.store.gate.epoch)
+
+    def wait(self, timeout_s: float = IDLE_WAIT_S) -> None:
+        """Sleep (the GIL released) until a load in flight lands or ``timeout_s`` passes;
+        at once when none is in flight or one has landed already."""
+        if any(not fetch.done for _, fetch, _ in self._loads.values()):
+            self._landed.wait(timeout_s)
+        self._landed.clear()
 
     def poll(self, place: Callable[[object, list[ChunkData | None]], int]) -> list[Finished]:
         """Complete the loads that are done or past their deadline: ``place(load,
@@ -176,6 +192,7 @@ class AsyncLoads:
             log.exception("kvtier: background read failed")
         finally:
             fetch.done = True
+            self._landed.set()
 
     def _prefetch(self, keys: list[ChunkKey], epoch: int) -> None:
         gate = self.engine.store.gate

@@ -63,6 +63,9 @@ class KvtierMetadata(KVConnectorMetadata):
     that has seen fewer clears its store first, before any load of the step."""
     prefetch: list[list[list[ChunkKey]]] = field(default_factory=list)
     """Per request seen but not yet scheduled, per shard: keys to promote into memory."""
+    idle: bool = False
+    """The step computes nothing (vLLM only polls the connector, e.g. every request waits
+    for its background load): the workers may wait a little for a load to land."""
     namespaces: list[Namespace] | None = None
     """The scheduler's key namespace per shard, in its first step's metadata: the keys it
     plans with are authoritative; a worker that computed another namespace (a model that

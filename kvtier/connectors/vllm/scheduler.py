@@ -147,7 +147,7 @@ class SchedulerPlanner:
             self._drop_held(req_id, reason="preempted")
         self._nudges = max(0, self._nudges - 1)
         meta = KvtierMetadata(saves=self._ready, releases=self._releases, epoch=self.epoch,
-                              namespaces=self._unsent)
+                              namespaces=self._unsent, idle=not out.total_num_scheduled_tokens)
         self._ready, self._releases, self._unsent = [], [], None
         for req_id in self._async:
             st = self._reqs.get(req_id)

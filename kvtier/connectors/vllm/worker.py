@@ -66,6 +66,7 @@ class KvtierWorker:
         self._async: AsyncLoads | None = None
         self._layerwise = LayerwiseLoads()
         self._canary: Canary | None = None
+        self._idle = False  # this step computes nothing (the scheduler says so)
         self.epoch = 0  # the scheduler's resets this worker has applied
         self._reported_epoch = 0
 
@@ -108,6 +109,7 @@ class KvtierWorker:
         self._layerwise.finish(self.load_errors, self.stats)  # from a step w/o wait_for_save
         self._adopt_namespace(meta)
         self._reset_if_asked(meta)
+        self._idle = meta is not None and meta.idle
         if meta is None or self.engine is None or self._async is None:
             return
         for keys in meta.prefetch:
@@ -255,6 +257,8 @@ class KvtierWorker:
         done, self._finished_saving = self._finished_saving, set()
         received: set[str] = set()
         if self._async is not None and len(self._async):
+            if self._idle:  # vLLM loops at once: let the fetch thread have the GIL
+                self._async.wait()
             for fin in self._async.poll(lambda load, chunks: self._load(
                     load, time.perf_counter(), chunks)):
                 received.add(fin.req_id)
