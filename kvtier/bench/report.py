@@ -60,7 +60,7 @@ def run(args: Any) -> Path:
     saved: dict[str, Any] = json.loads(store.read_text()) if store.is_file() else {}
     quick = ["--quick"] if args.quick else []
     # What the page shows as the command; --out only says where the scratch goes.
-    cmds = {"engine": ["engine"], "tiers": ["tiers"], "codecs": ["codecs"],
+    cmds = {"engine": ["engine"], "tiers": ["tiers"], "codecs": ["codecs", "--model", "smollm2"],
             "layerwise": ["layerwise", *quick],
             "redis-hit": ["serve", "--workload", "redis-hit", *quick],
             "cluster": ["cluster", "--part", "all", *quick],

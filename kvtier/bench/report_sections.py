@@ -20,8 +20,8 @@ def codecs(res: dict[str, Any], cmd: str) -> list[str]:
         "from a real vLLM run through the disk tier. Speed: one thread, median of "
         f"{s['repeats']}. Outputs: every prompt served again as a hit of its whole chunks, "
         f"encoded with each codec, {s['max_tokens']} greedy tokens, against {s['baseline']}. "
-        "`raw+1ulp` flips the last bit of every value: the agreement any lossy codec is "
-        "measured against.",
+        "`raw+1ulp` flips the last bit of about half the values, at random: the agreement "
+        "any lossy codec is measured against.",
         "",
         "| codec | kind | ratio | encode GB/s | decode GB/s | answer prefix = raw | "
         "max abs logprob diff | mean | hit tokens |",
@@ -38,7 +38,17 @@ def codecs(res: dict[str, Any], cmd: str) -> list[str]:
     out += ["", "Goals: lossless >= 1.4x smaller than raw; 8-bit >= 2x with >= 99% "
             "greedy token agreement."]
     noise = next((r for r in res["codecs"] if r["codec"] == "raw+1ulp"), None)
-    if noise is not None and noise["token_agreement"] < 0.99:
+    q8 = next((r for r in res["codecs"] if r["codec"] == "q8"), None)
+    if noise is not None and noise["token_agreement"] < 0.99 and s.get("stop_at_eos"):
+        out += ["", f"A trained model (answers end at its end of turn), and still: one flipped "
+                f"last bit in about half the values leaves {noise['token_agreement']:.1%} of "
+                "each greedy answer (its prefix) equal to raw's. Its greedy answers are this "
+                "sensitive to any change of their KV, so that is the most any lossy codec can "
+                "show here, and the 99% goal is out of reach of every lossy codec on this model"
+                + (f"; q8 keeps {q8['token_agreement']:.1%}, "
+                   f"{q8['token_agreement'] / noise['token_agreement']:.0%} of it." if q8 and
+                   noise["token_agreement"] else ".")]
+    elif noise is not None and noise["token_agreement"] < 0.99:
         out += ["", f"These models have random weights: their greedy choices sit on near-ties, "
                 f"and one flipped last bit per value already leaves only "
                 f"{noise['token_agreement']:.1%} of each greedy answer (its prefix) equal to raw's. Token "
