@@ -229,17 +229,26 @@ def test_the_registrar_registers_heartbeats_and_backs_off_when_refused(
         assert "agent1" in names() and good.registrations == 1 and good.credential
         assert not bad.registered.is_set() and "agent2" not in names()
         assert bad.backoff.delay_s == 1.0  # 401s: doubled from 0.5 up to its cap
-        # a worker that took the scheduler's namespace registers it again, same credential
+        # a worker that took the scheduler's namespace registers it again (its namespace
+        # hook), same credential, everything else it registered unchanged
+        from types import SimpleNamespace
+
+        from kvtier.cluster import vllm_plugin
         other = dataclasses.replace(NS, model_id="tiny|config=other")
         cred = good.credential
-        good.reregister(body("agent1", namespace=other.seed().hex(),
-                             key_namespace=dataclasses.asdict(other)))
+        engine = SimpleNamespace(hasher=SimpleNamespace(namespace=other))
+        vllm_plugin._registrars.append(good)
+        try:
+            vllm_plugin.register_again(None, engine, 0)  # type: ignore[arg-type]
+        finally:
+            vllm_plugin._registrars.remove(good)
         wait_until(lambda: good.registrations == 2 and good.registered.is_set(), 10,
                    "the second registration")
         assert good.credential == cred
         record = next(i for i in ctl.call("/v1/instances")[1]["instances"]
                       if i["instance"] == "agent1")
-        assert record["namespace"] == other.seed().hex()
+        assert record["namespace"] == other.seed().hex() and record["model"] == "tiny"
+        assert record["transfer"] == body("agent1")["transfer"]
     finally:
         good.close()
         bad.close()

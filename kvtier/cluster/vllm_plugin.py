@@ -79,9 +79,13 @@ def instance_body(cfg: KvtierConfig, engine: CacheEngine, vllm_config: Any = Non
 
 def register_again(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
     """Namespace hook: the worker took the scheduler's namespace; the controller gets a new
-    registration with it (the router and lookups key prompts with what it registered)."""
+    registration with it (the router and lookups key prompts with what it registered).
+    Everything else registered stays (vLLM's config is not at hand during a step)."""
+    ns = engine.hasher.namespace
     for registrar in _registrars:
-        registrar.reregister(instance_body(cfg, engine, _current_vllm_config()))
+        registrar.reregister({**registrar.body, "namespace": ns.seed().hex(),
+                              "key_namespace": dataclasses.asdict(ns), "layout": ns.layout,
+                              "chunk_size": ns.chunk_size})
 
 
 def _current_vllm_config() -> Any:
