@@ -133,10 +133,10 @@ class AsyncLoads:
 
     def wait(self, timeout_s: float = IDLE_WAIT_S) -> None:
         """Sleep (the GIL released) until a load in flight lands or ``timeout_s`` passes;
-        at once when none is in flight or one has landed already."""
-        if any(not fetch.done for _, fetch, _ in self._loads.values()):
+        at once when none is in flight or one has landed already (for :meth:`poll`)."""
+        self._landed.clear()  # before looking: a load landing after the look wakes us
+        if self._loads and not any(fetch.done for _, fetch, _ in self._loads.values()):
             self._landed.wait(timeout_s)
-        self._landed.clear()
 
     def poll(self, place: Callable[[object, list[ChunkData | None]], int]) -> list[Finished]:
         """Complete the loads that are done or past their deadline: ``place(load,
