@@ -40,16 +40,20 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts (about 5 minutes)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--shape", default="small", help="local model shape (kvtier model build)")
+    ap.add_argument("--dtype", default="auto", help="model dtype (auto: by the CPU)")
+    ap.add_argument("--concurrency", type=int, default=2, help="requests in flight")
     args = ap.parse_args()
-    model = str(build_model("small"))
+    model = str(build_model(args.shape))
     sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=8, output_len=32,
-                 num_prompts=32 if args.quick else 96, max_concurrency=2)
+                 num_prompts=32 if args.quick else 96, max_concurrency=args.concurrency)
     max_len = -(-(sizes["prefix_len"] + sizes["suffix_len"] + sizes["output_len"] + 16)
                 // BLOCK) * BLOCK
     # Room for what is in flight plus half the prefixes: vLLM's own cache thrashes.
     blocks = sizes["max_concurrency"] * max_len // BLOCK + sizes["num_prefixes"] * 4
     eng = EngineSettings(model=model, max_model_len=max_len, num_gpu_blocks=blocks,
-                         kv_budget_bytes=2 << 30, dtype=fast_dtype())
+                         kv_budget_bytes=2 << 30,
+                         dtype=fast_dtype() if args.dtype == "auto" else args.dtype)
     scratch = Path(tempfile.mkdtemp(prefix="kvtier-prefix-rep-"))
     rows = {}
     for name in CONFIGS:
@@ -65,16 +69,17 @@ def main() -> int:
                    "--prefix-repetition-output-len", str(sizes["output_len"]),
                    "--num-prompts", str(sizes["num_prompts"]),
                    "--max-concurrency", str(sizes["max_concurrency"]), "--seed", "0",
-                   "--ignore-eos", "--percentile-metrics", "ttft,itl",
-                   "--metric-percentiles", "50,99", "--save-result",
+                   "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl",
+                   "--metric-percentiles", "50,99,99.9,100", "--save-result",
                    "--result-dir", str(scratch), "--result-filename", out.name]
             print(f"[prefix-repetition] {name}: vllm bench serve ...", file=sys.stderr,
                   flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         r = json.loads(out.read_text())
-        rows[name] = {k: r[k] for k in ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms",
-                                        "p99_itl_ms", "request_throughput", "completed")}
-    res = {"setup": {"model": "small-v1", "dtype": eng.dtype, "engine_kv_blocks": blocks,
+        rows[name] = {k: r.get(k) for k in (
+            "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "p99.9_itl_ms",
+            "p100_itl_ms", "p99_tpot_ms", "request_throughput", "completed")}
+    res = {"setup": {"model": Path(model).name, "dtype": eng.dtype, "engine_kv_blocks": blocks,
                      "threads_bind": eng.threads_bind, **sizes, "logs": str(scratch)},
            "configs": rows}
     kv, native = rows["kvtier-memory"], rows["native"]
@@ -85,11 +90,14 @@ def main() -> int:
         print(json.dumps(res))
         return 0
     print(f"vllm bench serve, prefix_repetition {sizes}, engine KV {blocks} blocks")
-    print("| configuration | TTFT p50 | ITL p50 | ITL p99 | req/s |")
-    print("|---|---|---|---|---|")
+    print("| configuration | TTFT p50 | ITL p50 | ITL p99 | ITL p99.9 | ITL max | TPOT p99 | "
+          "req/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {LABELS[name]} | {r['median_ttft_ms']:.0f} ms | {r['median_itl_ms']:.0f} ms | "
-              f"{r['p99_itl_ms']:.0f} ms | {r['request_throughput']:.3f} |")
+        ms = [f"{r[k]:.0f} ms" if r.get(k) is not None else "-" for k in (
+            "median_ttft_ms", "median_itl_ms", "p99_itl_ms", "p99.9_itl_ms", "p100_itl_ms",
+            "p99_tpot_ms")]
+        print(f"| {LABELS[name]} | {' | '.join(ms)} | {r['request_throughput']:.3f} |")
     print(f"kvtier / native: ITL p99 {res['kvtier_itl_p99_vs_native']:.2f}x, throughput "
           f"{res['kvtier_throughput_vs_native']:.2f}x; kvtier / vLLM alone throughput "
           f"{res['kvtier_throughput_vs_vllm']:.2f}x")

@@ -55,6 +55,9 @@ SHAPES: dict[str, ModelShape] = {
     # but a narrow MLP so prefill stays tolerable on CPU.
     "small": ModelShape(layers=24, hidden=896, heads=14, kv_heads=2, head_dim=64,
                         intermediate=1024, max_positions=32768),
+    # Few layers, wide KV heads (4 x 128): another page shape for the serving matrix.
+    "wide": ModelShape(layers=6, hidden=1024, heads=8, kv_heads=4, head_dim=128,
+                       intermediate=2048, max_positions=16384),
 }
 # Real pretrained models, converted rather than built (see kvtier.testing.smollm2).
 PRETRAINED = ("smollm2",)
