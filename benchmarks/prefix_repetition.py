@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,18 @@ RUN_BENCH = ("import sys\n"
 BLOCK = 128
 
 
+def slowest_hooks(path: Path, n: int = 8) -> dict:
+    """The trace's hooks per kind (count, total and max ms) and its ``n`` slowest lines."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x]
+    kinds: dict = {}
+    for ln in lines:
+        k = kinds.setdefault(ln["hook"], {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+        k["count"] += 1
+        k["total_ms"] = round(k["total_ms"] + ln["ms"], 3)
+        k["max_ms"] = max(k["max_ms"], ln["ms"])
+    return {"hooks": kinds, "slowest": sorted(lines, key=lambda x: -x["ms"])[:n]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +59,8 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS),
                     help=f"comma list (default {','.join(CONFIGS)}; kvtier-unverified: the "
                          "canary off)")
+    ap.add_argument("--trace", action="store_true",
+                    help="kvtier's step timeline (KVTIER_STEP_TRACE): its slowest hooks")
     args = ap.parse_args()
     model = str(build_model(args.shape))
     sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=8, output_len=32,
@@ -61,6 +76,9 @@ def main() -> int:
     rows = {}
     for name in args.configs.split(","):
         cfg = make_config(name, eng, scratch)
+        trace = scratch / f"{name}.trace.jsonl"
+        if args.trace:
+            os.environ["KVTIER_STEP_TRACE"] = str(trace)
         out = scratch / f"{name}.json"
         with Servers(cfg, eng, scratch / f"{name}.log") as srv:
             cmd = [sys.executable, "-c", RUN_BENCH,
@@ -78,10 +96,13 @@ def main() -> int:
             print(f"[prefix-repetition] {name}: vllm bench serve ...", file=sys.stderr,
                   flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        os.environ.pop("KVTIER_STEP_TRACE", None)
         r = json.loads(out.read_text())
         rows[name] = {k: r.get(k) for k in (
             "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "p99.9_itl_ms",
             "p100_itl_ms", "p99_tpot_ms", "request_throughput", "completed")}
+        if args.trace and trace.exists():
+            rows[name]["trace"] = slowest_hooks(trace)
     res = {"setup": {"model": Path(model).name, "dtype": eng.dtype, "engine_kv_blocks": blocks,
                      "threads_bind": eng.threads_bind, **sizes, "logs": str(scratch)},
            "configs": rows}

@@ -94,7 +94,8 @@ def test_tool_variables_in_the_environment_are_not_config_keys() -> None:
     """A shell that exports the controller's token (or the bench's LMCache venv) for
     `kvtier controller` / `kvtier bench` still starts vLLM with kvtier."""
     env = {"KVTIER_CONTROLLER_TOKEN": "x", "KVTIER_LMCACHE_VENV": "/tmp/v",
-           "KVTIER_TRANSFER_TOKEN": "t", "KVTIER_CONTROL_TOKEN": "c"}
+           "KVTIER_TRANSFER_TOKEN": "t", "KVTIER_CONTROL_TOKEN": "c",
+           "KVTIER_SMOLLM2_WHEEL": "/tmp/w.whl", "KVTIER_STEP_TRACE": "/tmp/t.jsonl"}
     cfg = load_config(env=env)
     assert cfg.transfer.token == "t" and cfg.controller.token == ""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvtier.keys import ChunkKey
@@ -19,3 +21,50 @@ class TestMemoryTier(TierConformance):
 
     def break_backend(self, tier: Tier) -> None:
         pytest.skip("not applicable: the memory tier lives and dies with its process")
+
+
+def test_the_arena_is_mapped_ahead_of_its_slots_in_use_and_its_contents_left_alone() -> None:
+    """A fresh arena's pages are mapped on a background thread (madvise POPULATE_WRITE)
+    ahead of the highest slot allocated: the first save into a slot no longer pays a page
+    fault per 4 KiB on the engine's thread, memory is committed as the cache fills, and
+    bytes written meanwhile are kept."""
+    from kvtier.tiers.memory import SlabArena
+    from kvtier.tiers.prefault import PREFAULT_AHEAD
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    mib = 1 << 20
+    before = rss()
+    arena = SlabArena(mib, 1024)  # 1 GiB: more than mapped ahead
+    arena.view(100)[:4] = [1, 2, 3, 4]  # racing the thread: never overwritten
+    assert arena.prefault.idle(60)
+    if not arena.prefault.working:
+        pytest.skip("this kernel has no madvise(MADV_POPULATE_WRITE): pages map on first use")
+    assert PREFAULT_AHEAD - mib <= arena.prefault.mapped() <= PREFAULT_AHEAD + 4096
+    assert rss() - before >= PREFAULT_AHEAD - 16 * mib  # resident before any write
+    slots = arena.alloc(400)  # slots 0..399 in use: mapped up to 400 MiB + ahead
+    assert slots is not None and arena.prefault.idle(60)
+    assert arena.prefault.mapped() >= 400 * mib + PREFAULT_AHEAD - mib
+    assert arena.prefault.mapped() < arena.buffer.nbytes  # not all of it
+    assert arena.view(100)[:4].tolist() == [1, 2, 3, 4]
+
+
+def test_the_step_trace_records_each_hook_with_what_the_step_asked(tmp_path: Path) -> None:
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from kvtier.connectors.vllm.trace import StepTrace
+
+    trace = StepTrace(str(tmp_path / "t.jsonl"))
+    meta = SimpleNamespace(idle=False, loads=[SimpleNamespace(start_token=0, end_token=512,
+                                                              is_async=False)],
+                           saves=[SimpleNamespace(keys=[[b"a", b"b", b"c"]], start_chunk=1)])
+    trace.mark("wait_for_save", time.perf_counter(), meta)
+    trace.mark("get_finished", time.perf_counter(), None)
+    first, second = (json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines())
+    assert first["hook"] == "wait_for_save" and first["load_tokens"] == 512
+    assert first["save_chunks"] == 2 and first["async_loads"] == 0 and first["ms"] >= 0
+    assert second["hook"] == "get_finished" and "load_tokens" not in second

@@ -38,7 +38,9 @@ ENV_FILE = "KVTIER_CONFIG"
 # KVTIER_* variables that are not configuration keys: tooling and tests, `kvtier ctl`'s
 # URL, and the deprecated token spellings (read by kvtier.config.secrets, not as keys).
 NON_CONFIG_ENV = frozenset({ENV_FILE, "KVTIER_MODEL_DIR", "KVTIER_SKIP_REDIS",
-                            "KVTIER_CONTROL_URL", "KVTIER_LMCACHE_VENV", *DEPRECATED_TOKEN_ENV})
+                            "KVTIER_CONTROL_URL", "KVTIER_LMCACHE_VENV", "KVTIER_SMOLLM2_WHEEL",
+                            "KVTIER_STEP_TRACE", "KVTIER_TRANSFER_CHILD_SECRET",
+                            *DEPRECATED_TOKEN_ENV})
 # Keys whose values are secrets (the fields declared repr=False): never shown in an error
 # message, and taken from the environment as the raw string (YAML would read "0x1f" as 31).
 SECRET_KEYS = secret_keys(KvtierConfig)

@@ -25,10 +25,9 @@ import numpy as np
 from kvtier.codecs import ChunkData, ChunkMeta
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
+from kvtier.tiers.prefault import Prefaulter
 
 _ALIGN = 64  # keeps slot stride == chunk size for real layouts (see engine.transfer)
-
-
 class SlabArena:
     """``num_slots`` slots of ``slot_bytes`` in one buffer allocated up front."""
 
@@ -39,6 +38,7 @@ class SlabArena:
         self.num_slots = num_slots
         self.buffer = np.empty(self.slot_bytes * num_slots, dtype=np.uint8)
         self._free = np.ones(num_slots, dtype=bool)
+        self.prefault = Prefaulter(self.buffer)
 
     @property
     def num_free(self) -> int:
@@ -58,6 +58,7 @@ class SlabArena:
         else:
             slots = np.flatnonzero(self._free)[:n]
         self._free[slots] = False
+        self.prefault.need(int(slots[-1] + 1) * self.slot_bytes)
         return slots.tolist()
 
     def release(self, slots: Sequence[int]) -> None:

@@ -26,6 +26,7 @@ from kvtier.connectors.vllm.keys import all_shards, shard_namespace, worker_shar
 from kvtier.connectors.vllm.layerwise import LayerwiseLoads
 from kvtier.connectors.vllm.meta import KvtierMetadata, KvtierWorkerMeta, LoadSpec
 from kvtier.connectors.vllm.surfaces import KvtierStats
+from kvtier.connectors.vllm.trace import StepTrace
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.engine.layout import PagedLayout, detect_layout
 from kvtier.errors import LayoutMismatch
@@ -67,6 +68,7 @@ class KvtierWorker:
         self._layerwise = LayerwiseLoads()
         self._canary: Canary | None = None
         self._idle = False  # this step computes nothing (the scheduler says so)
+        self._trace = StepTrace.from_env()  # KVTIER_STEP_TRACE: a debug step timeline
         self.epoch = 0  # the scheduler's resets this worker has applied
         self._reported_epoch = 0
 
@@ -106,6 +108,14 @@ class KvtierWorker:
         """Load this step's memory hits into paged KV, batched, before the forward pass
         (with ``layerwise``, most blocks a layer at a time in it); start background
         loads. A chunk that cannot be read is reported for recompute."""
+        t0 = time.perf_counter()
+        try:
+            self._start_load(meta)
+        finally:
+            if self._trace is not None:
+                self._trace.mark("start_load", t0, meta)
+
+    def _start_load(self, meta: KvtierMetadata | None) -> None:
         self._layerwise.finish(self.load_errors, self.stats)  # from a step w/o wait_for_save
         self._adopt_namespace(meta)
         self._reset_if_asked(meta)
@@ -182,6 +192,14 @@ class KvtierWorker:
         """Gather the chunks the scheduler released (computed last step, with no failed
         load under them) into the memory tier: one batched copy per run and layer;
         lower tiers are written by background threads."""
+        t0 = time.perf_counter()
+        try:
+            self._wait_for_save(meta)
+        finally:
+            if self._trace is not None:
+                self._trace.mark("wait_for_save", t0, meta)
+
+    def _wait_for_save(self, meta: KvtierMetadata | None) -> None:
         self._layerwise.finish(self.load_errors, self.stats)
         self._adopt_namespace(meta)
         self._reset_if_asked(meta)
@@ -249,6 +267,14 @@ class KvtierWorker:
         """Finished requests whose held save is done (vLLM may free their blocks), and
         asynchronous loads that completed (what did not arrive in time is reported
         as load errors in the same step, and recomputed)."""
+        t0 = time.perf_counter()
+        try:
+            return self._get_finished()
+        finally:
+            if self._trace is not None:
+                self._trace.mark("get_finished", t0, None)
+
+    def _get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         if self.engine is not None:
             self.engine.complete_stores()
             if not self.engine.storing:  # accelerators: once the copies to host landed

@@ -1,0 +1,96 @@
+"""Layer 3: the memory tier's arena mapped ahead of use (:class:`Prefaulter`)."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+from typing import Callable
+
+import numpy as np
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in writable, contents untouched
+PREFAULT_AHEAD = 256 << 20  # bytes of arena kept mapped beyond the highest slot used
+PREFAULT_PIECE = 32 << 20  # bytes per madvise call of the prefault thread
+
+
+class Prefaulter:
+    """Keeps the arena's pages mapped ahead of the slots in use, on a background thread.
+
+    A fresh arena's pages are mapped lazily: the first save into each slot took a page
+    fault per 4 KiB on the engine's thread (measured: 4 chunks of 6 MiB gathered in
+    33 ms, where a copy into mapped pages takes 2; every decoder in the step waited).
+    ``madvise(MADV_POPULATE_WRITE)`` maps pages without writing them (safe beside
+    writers), through ctypes so the GIL is released; it runs :data:`PREFAULT_AHEAD`
+    bytes ahead of the highest slot allocated, so memory is committed as the cache
+    fills, not all at start-up. Kernels without it: pages fault in on first use.
+    """
+
+    def __init__(self, buffer: np.ndarray, ahead: int = PREFAULT_AHEAD) -> None:
+        page = mmap.PAGESIZE
+        addr = buffer.ctypes.data
+        self._base = addr
+        self._done = -(-addr // page) * page  # mapped up to here
+        self._end = (addr + buffer.nbytes) // page * page
+        self._ahead = ahead
+        self._page = page
+        self._want = min(self._end, max(self._done, -(-(addr + ahead) // page) * page))
+        self._cv = threading.Condition()
+        self._madvise = _madvise()
+        self.thread: threading.Thread | None = None
+        if self._madvise is not None:
+            self.thread = threading.Thread(target=self._run, name="kvtier-prefault",
+                                           daemon=True)
+            self.thread.start()
+
+    def need(self, upto: int) -> None:
+        """Slots up to byte ``upto`` of the arena are in use: map ahead of them."""
+        page = self._page
+        want = min(self._end, -(-(self._base + upto + self._ahead) // page) * page)
+        with self._cv:
+            if want > self._want:
+                self._want = want
+                self._cv.notify()
+
+    @property
+    def working(self) -> bool:
+        """Whether pages are being mapped ahead (False: unsupported, or it failed)."""
+        return self._madvise is not None
+
+    def mapped(self) -> int:
+        """Bytes of the arena mapped so far (from its first whole page)."""
+        return self._done - self._base
+
+    def idle(self, timeout_s: float) -> bool:
+        """Wait until everything asked for is mapped (tests); whether it is."""
+        with self._cv:
+            return self._cv.wait_for(lambda: self._done >= self._want or self._madvise is None,
+                                     timeout_s)
+
+    def _run(self) -> None:
+        assert self._madvise is not None
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._want > self._done)
+                at, want = self._done, self._want
+            while at < want:
+                n = min(PREFAULT_PIECE, want - at)
+                if self._madvise(at, n, MADV_POPULATE_WRITE) != 0:
+                    with self._cv:  # unsupported here (or no memory now): lazy from now on
+                        self._madvise, self._done = None, at
+                        self._cv.notify_all()
+                    return
+                at += n
+            with self._cv:
+                self._done = at
+                self._cv.notify_all()
+
+
+def _madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
