@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -108,12 +108,16 @@ class KvtierWorker:
         """Load this step's memory hits into paged KV, batched, before the forward pass
         (with ``layerwise``, most blocks a layer at a time in it); start background
         loads. A chunk that cannot be read is reported for recompute."""
+        self._traced("start_load", lambda: self._start_load(meta), meta)
+
+    def _traced(self, hook: str, step: Callable[[], Any], meta: KvtierMetadata | None) -> Any:
+        """``step()``, timed into the step trace when ``KVTIER_STEP_TRACE`` is set."""
         t0 = time.perf_counter()
         try:
-            self._start_load(meta)
+            return step()
         finally:
             if self._trace is not None:
-                self._trace.mark("start_load", t0, meta)
+                self._trace.mark(hook, t0, meta)
 
     def _start_load(self, meta: KvtierMetadata | None) -> None:
         self._layerwise.finish(self.load_errors, self.stats)  # from a step w/o wait_for_save
@@ -192,12 +196,7 @@ class KvtierWorker:
         """Gather the chunks the scheduler released (computed last step, with no failed
         load under them) into the memory tier: one batched copy per run and layer;
         lower tiers are written by background threads."""
-        t0 = time.perf_counter()
-        try:
-            self._wait_for_save(meta)
-        finally:
-            if self._trace is not None:
-                self._trace.mark("wait_for_save", t0, meta)
+        self._traced("wait_for_save", lambda: self._wait_for_save(meta), meta)
 
     def _wait_for_save(self, meta: KvtierMetadata | None) -> None:
         self._layerwise.finish(self.load_errors, self.stats)
@@ -267,12 +266,7 @@ class KvtierWorker:
         """Finished requests whose held save is done (vLLM may free their blocks), and
         asynchronous loads that completed (what did not arrive in time is reported
         as load errors in the same step, and recomputed)."""
-        t0 = time.perf_counter()
-        try:
-            return self._get_finished()
-        finally:
-            if self._trace is not None:
-                self._trace.mark("get_finished", t0, None)
+        return self._traced("get_finished", self._get_finished, None)
 
     def _get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         if self.engine is not None:
