@@ -20,10 +20,10 @@ at 2**32 per key). The AES key is derived from the secret (HMAC-SHA256 under a
 context string of kvtier's own), so the file may hold any secret of at least
 ``MIN_KEY_BYTES`` (32), and the same secret used elsewhere gives another key.
 It needs the ``cryptography`` package (OpenSSL); a configured key without it
-stops start-up (there is no weaker fallback). Readers keep the check off their
-I/O: one helper thread per key checks a chunk's MAC while the reader reads the
-next file (disk), or checks half of a batch already received (Redis, the
-transfer channel).
+stops start-up (there is no weaker fallback). Readers share the work with one
+helper thread per key: the disk tier reads (and checks) the second half of a
+batch there, Redis and the transfer channel check half of a batch already
+received there.
 """
 
 from __future__ import annotations
@@ -108,8 +108,7 @@ class ChunkMac:
     def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         """Run ``fn(*args)`` on this key's helper thread (one, started on first use, shared
         by every tier holding the key): the hash runs in OpenSSL without the GIL, so a
-        reader checks one chunk there while it reads the next. ``fn`` must not wait on the
-        helper itself."""
+        reader's work there overlaps its own. ``fn`` must not wait on the helper itself."""
         with self._lock:
             if self._helper is None:
                 self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvtier-mac")

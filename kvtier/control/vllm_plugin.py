@@ -68,8 +68,8 @@ def start_transfer_server(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> 
 
 def follow_namespace(cfg: KvtierConfig, engine: CacheEngine, rank: int) -> None:
     """Namespace hook: the worker adopted the scheduler's namespace; its transfer server
-    serves that one's chunks (peers ask with the scheduler's digest) and the controller
-    registration announces it."""
+    serves that one's chunks (peers ask with the scheduler's digest). The controller
+    registration follows in :func:`kvtier.cluster.vllm_plugin.register_again`."""
     for server in _transfer:
         server.namespace = engine.hasher.namespace.seed().hex()
 

@@ -28,6 +28,8 @@ from kvtier.tiers.base import Tier, TierUsage
 from kvtier.tiers.prefault import Prefaulter
 
 _ALIGN = 64  # keeps slot stride == chunk size for real layouts (see engine.transfer)
+
+
 class SlabArena:
     """``num_slots`` slots of ``slot_bytes`` in one buffer allocated up front."""
 

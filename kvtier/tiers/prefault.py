@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import threading
 from typing import Callable
@@ -23,34 +24,36 @@ class Prefaulter:
     ``madvise(MADV_POPULATE_WRITE)`` maps pages without writing them (safe beside
     writers), through ctypes so the GIL is released; it runs :data:`PREFAULT_AHEAD`
     bytes ahead of the highest slot allocated, so memory is committed as the cache
-    fills, not all at start-up. Kernels without it: pages fault in on first use.
+    fills, not all at start-up. The thread exists only while there is mapping to do
+    (it holds the buffer meanwhile). Kernels without the call: pages fault in on first
+    use.
     """
 
     def __init__(self, buffer: np.ndarray, ahead: int = PREFAULT_AHEAD) -> None:
         page = mmap.PAGESIZE
         addr = buffer.ctypes.data
-        self._base = addr
+        self._buffer = buffer  # alive while a mapping thread works on it
+        self._base, self._page, self._ahead = addr, page, ahead
         self._done = -(-addr // page) * page  # mapped up to here
+        self._want = self._done
         self._end = (addr + buffer.nbytes) // page * page
-        self._ahead = ahead
-        self._page = page
-        self._want = min(self._end, max(self._done, -(-(addr + ahead) // page) * page))
         self._cv = threading.Condition()
         self._madvise = _madvise()
-        self.thread: threading.Thread | None = None
-        if self._madvise is not None:
-            self.thread = threading.Thread(target=self._run, name="kvtier-prefault",
-                                           daemon=True)
-            self.thread.start()
+        self._running = False
+        self.need(0)
 
     def need(self, upto: int) -> None:
         """Slots up to byte ``upto`` of the arena are in use: map ahead of them."""
         page = self._page
         want = min(self._end, -(-(self._base + upto + self._ahead) // page) * page)
         with self._cv:
-            if want > self._want:
-                self._want = want
-                self._cv.notify()
+            if want <= self._want:
+                return
+            self._want = want
+            if self._running or self._madvise is None:
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="kvtier-prefault", daemon=True).start()
 
     @property
     def working(self) -> bool:
@@ -68,24 +71,28 @@ class Prefaulter:
                                      timeout_s)
 
     def _run(self) -> None:
-        assert self._madvise is not None
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._want > self._done)
+                madvise = self._madvise
+                if self._done >= self._want or madvise is None:
+                    self._running = False  # caught up: the thread ends
+                    self._cv.notify_all()
+                    return
                 at, want = self._done, self._want
             while at < want:
                 n = min(PREFAULT_PIECE, want - at)
-                if self._madvise(at, n, MADV_POPULATE_WRITE) != 0:
+                if madvise(at, n, MADV_POPULATE_WRITE) != 0:
                     with self._cv:  # unsupported here (or no memory now): lazy from now on
                         self._madvise, self._done = None, at
-                        self._cv.notify_all()
-                    return
+                    break
                 at += n
-            with self._cv:
-                self._done = at
-                self._cv.notify_all()
+            else:
+                with self._cv:
+                    self._done = at
+                    self._cv.notify_all()
 
 
+@functools.cache
 def _madvise() -> Callable[[int, int, int], int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).madvise
