@@ -263,21 +263,22 @@ class Controller:
     def lookup(self, req: m.Lookup) -> m.LookupResult:
         tokens = req.token_ids if req.token_ids is not None else self._tokenize(req.model,
                                                                                 req.prompt or "")
-        out = []
-        keys_of: dict[tuple[str, int], tuple[ChunkHasher, list[bytes]]] = {}
-        for rec in self.state.instances():
-            if rec["model"] != req.model:
-                continue
-            hit: dict[str, int] = {"any": 0}
+        recs = [r for r in self.state.instances() if r["model"] == req.model]
+        kinds: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for rec in recs:  # instances sharing a namespace and block size share keys
             if rec.get("key_namespace"):
-                kind = (rec["namespace"], rec.get("block_size") or 0)
-                if kind not in keys_of:
-                    hasher = self._hasher(rec).with_salt(req.salt)
-                    keys_of[kind] = (hasher, [bytes(k) for k in hasher.keys(tokens)])
-                hasher, keys = keys_of[kind]
-                held = self.state.held(rec["instance"], keys)
-                covered = hasher.covered(len(tokens))
-                hit = {t: min(n * hasher.chunk_size, covered) for t, n in held.items()}
+                kinds.setdefault((rec["namespace"], rec.get("block_size") or 0), []).append(rec)
+        hits: dict[str, dict[str, int]] = {}
+        for group in kinds.values():
+            hasher = self._hasher(group[0]).with_salt(req.salt)
+            keys = [bytes(k) for k in hasher.keys(tokens)]
+            covered = hasher.covered(len(tokens))
+            held = self.state.held_many([r["instance"] for r in group], keys)
+            for name, got in held.items():
+                hits[name] = {t: min(n * hasher.chunk_size, covered) for t, n in got.items()}
+        out = []
+        for rec in recs:
+            hit = dict(hits.get(rec["instance"], {"any": 0}))
             out.append(m.Cached(instance=rec["instance"], url=rec.get("url"),
                                 cached_tokens=hit.pop("any"), tiers=hit))
         out.sort(key=lambda c: (-c.cached_tokens, c.instance))
@@ -286,10 +287,11 @@ class Controller:
     def locate(self, req: m.Locate) -> m.Located:
         keys = [bytes.fromhex(k) for k in req.keys]
         holders = []
-        for rec in self.state.instances():
-            if rec["instance"] == req.exclude or not rec.get("transfer") or not keys:
-                continue
-            held = self.state.held(rec["instance"], keys)
+        recs = [r for r in self.state.instances()
+                if r["instance"] != req.exclude and r.get("transfer") and keys]
+        every = self.state.held_many([r["instance"] for r in recs], keys) if recs else {}
+        for rec in recs:
+            held = every[rec["instance"]]
             n = held.pop("any")
             if n > 0:
                 holders.append(m.Holder(instance=rec["instance"], transfer=rec["transfer"],
