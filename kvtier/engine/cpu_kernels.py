@@ -115,6 +115,24 @@ class RowKernels:
         self._layers: Any = TypedList(layers)
         self._arrays = list(layers)
         self._num_blocks, self._width = layers[0].shape[0], layers[0].shape[1]
+        self._warm()
+
+    def _warm(self) -> None:
+        """Run each kernel and the bounds check once, on scratch rows typed like the real
+        ones. Their first calls cost 40-100 ms here (numba loading and dispatching the
+        compiled code; numpy's first ``min``/``max`` reduction), which would otherwise land
+        in the engine step of the first save or load (the run's one slow save in the step
+        trace)."""
+        from numba.typed import List as TypedList
+
+        # One row of scratch arrays typed like the real ones: the engine's KV untouched.
+        spare = [np.zeros((1, self._width), np.int64) for _ in self._arrays]
+        layers, idx = TypedList(spare), np.zeros(1, np.int64)
+        rows = np.zeros((1, len(spare), self._width), np.int64)
+        self._check(idx, rows)
+        _run(self._gather, layers, idx, rows)
+        _run(self._scatter, layers, idx, rows)
+        _run(self._scatter_one, spare[0], idx, rows, 0)
 
     def _check(self, idx: np.ndarray, rows: np.ndarray) -> None:
         # The kernels do not bounds-check: a bad block id or row width would
