@@ -11,6 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
+import pytest
+
 from kvtier.codecs import ChunkMeta
 from kvtier.config import PeerConfig, RedisConfig, TransferConfig, load_config
 from kvtier.connectors.vllm.keys import Bypass
@@ -23,6 +25,7 @@ from kvtier.tiers.base import Tier
 from kvtier.tiers.memory import MemoryTier
 from kvtier.tiers.peer import PeerTier
 from kvtier.transfer.server import TransferServer
+from tests.redis_server import require_redis
 from tests.tier_conformance import make_chunk
 
 CS, G = 256, 16
@@ -240,3 +243,54 @@ def test_token_bytes_of_a_list_match_numpys_and_refuse_what_numpy_refuses() -> N
             assert "[0, 2**32)" in str(exc)
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def _scale(part: str) -> dict:
+    """``kvtier bench scale --part PART --toy --json``'s object (toy sizes: the part runs
+    end to end against the real servers; its numbers are not judged here)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "kvtier.cli.main", "bench", "scale",
+                           "--part", part, "--toy", "--json"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_bench_scale_controller_ingests_every_event_and_answers_lookups() -> None:
+    """Simulated instances over the real events socket: the part itself fails unless the
+    index ends up holding every chunk sent and every lookup names the instances holding
+    the document, with the index in memory and in a real redis-server."""
+    require_redis()
+    res = _scale("controller")
+    assert {(p["backend"], p["instances"]) for p in res["points"]} == {("memory", 8),
+                                                                       ("redis", 8)}
+    assert res["controller_lookup_p99_ms"] > 0 and res["controller_lookup_p99_ms_redis"] > 0
+    assert res["router_instances"] == 8 and res["router_decision_p99_ms"] > 0
+    assert res["controller_bytes_per_million_chunks"] > 0
+
+
+def test_bench_scale_miss_runs_vllms_own_client_against_both_servers() -> None:
+    res = _scale("miss")
+    assert set(res["medians"]) == {"vllm", "kvtier-memory"}
+    assert res["miss_path_throughput_ratio"] > 0 and res["miss_path_itl_p99_ratio"] > 0
+
+
+def test_bench_scale_beyond_memory_reads_back_what_native_dropped() -> None:
+    """Six documents, a CPU budget of two: native offloading has dropped each document
+    by the time it comes back; kvtier's disk tier still holds it."""
+    res = _scale("beyond")
+    s = res["summary"]
+    assert res["setup"]["working_set_over_budget"] >= 2.9
+    assert s["kvtier-disk"]["errors"] == 0 and s["native"]["errors"] == 0
+    assert s["kvtier-disk"]["hit_rate"] > 0.5
+    assert s["kvtier-disk"]["hit_rate"] > s["native"]["hit_rate"] + 0.3
+
+
+def test_bench_scale_long_context_hits_whole_documents() -> None:
+    res = _scale("long")
+    assert [p["tokens"] for p in res["points"]] == [1024, 2048]
+    for p in res["points"]:
+        assert p["kvtier_cached_tokens"] >= p["tokens"] - 256
+        assert p["bytes_moved"] == p["kvtier_cached_tokens"] * res["setup"]["kv_bytes_per_token"]

@@ -2,7 +2,7 @@
 
 One command for the whole page: ``kvtier bench serve`` for both workloads,
 ``engine``, ``tiers``, ``codecs``, ``serve --workload redis-hit`` and
-``cluster``, each as its own process with ``--json`` (so each starts clean),
+``cluster`` and ``scale``, each as its own process with ``--json`` (so each starts clean),
 then the page with the commands, the machine, the settings, the tables and
 the plots (``docs/img/``). Every part's result is kept in
 ``docs/benchmarks.json``; ``--parts`` reruns some and renders the others from
@@ -25,6 +25,7 @@ from typing import Any
 
 from kvtier.testing.procs import last_json_line
 from kvtier.bench import report_sections
+from kvtier.bench.scale import page as scale_page
 from kvtier.bench.serve import analysis
 from kvtier.bench.serve.servers import LABELS
 
@@ -32,7 +33,8 @@ WORKLOADS = ("long-doc-qa", "multi-round-qa")
 REAL = "real-doc-qa"
 """long-doc-qa on the real model (SmolLM2): real documents, questions and answers."""
 SERVE_PARTS = {**{w: w for w in WORKLOADS}, REAL: "long-doc-qa"}
-PARTS = (*WORKLOADS, REAL, "engine", "tiers", "codecs", "layerwise", "redis-hit", "cluster")
+PARTS = (*WORKLOADS, REAL, "engine", "tiers", "codecs", "layerwise", "redis-hit", "cluster",
+         "scale")
 
 
 def _bench(args: list[str]) -> dict[str, Any]:
@@ -64,6 +66,7 @@ def run(args: Any) -> Path:
             "layerwise": ["layerwise", *quick],
             "redis-hit": ["serve", "--workload", "redis-hit", *quick],
             "cluster": ["cluster", "--part", "all", *quick],
+            "scale": ["scale", "--part", "all", *quick],
             **{w: ["serve", "--workload", w, *quick, "--configs", args.configs]
                for w in WORKLOADS},
             REAL: ["serve", "--workload", "long-doc-qa", "--shape", "smollm2", *quick,
@@ -87,7 +90,7 @@ HEADINGS = {"long-doc-qa": "## Serving: long-doc-qa", "multi-round-qa": "## Serv
             REAL: "## Serving a real model",
             "engine": "## Cache engine", "tiers": "## Tiers", "codecs": "## Codecs",
             "layerwise": "## Layer-wise loads", "redis-hit": "## A large Redis hit",
-            "cluster": "## Many instances"}
+            "cluster": "## Many instances", "scale": "## Cost curves"}
 
 
 def render(saved: dict[str, Any], today: str, old_page: str = "",
@@ -122,6 +125,8 @@ def render(saved: dict[str, Any], today: str, old_page: str = "",
             lines = _serve_section(part, res, cmd)
         elif part == "layerwise":
             lines = report_sections.layerwise(res, cmd, docs)
+        elif part == "scale":
+            lines = scale_page.section(res, cmd, docs)
         else:
             lines = SECTIONS[part](res, cmd)
         lines[0] += when

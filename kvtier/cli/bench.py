@@ -204,12 +204,19 @@ def _cluster(args: argparse.Namespace) -> int:
 
 def _add_scale(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scale", help="cost curves: the connector's scheduler-side cost per "
-                       "step against running requests and prompt length, vs vLLM native")
-    p.add_argument("--part", default="scheduler", choices=["scheduler", "all"])
+                       "step against running requests and prompt length, vs vLLM native; "
+                       "the controller against simulated instances")
+    p.add_argument("--part", default="scheduler", choices=["scheduler", "miss", "beyond", "long", "controller", "all"])
     p.add_argument("--quick", action="store_true", help="fewer points and steps")
+    p.add_argument("--toy", action="store_true", help="toy sizes, numbers meaningless (CI: "
+                   "keeps the serving, long-context and controller parts working)")
     p.add_argument("--block-size", type=int, default=16, help="engine block size (tokens)")
     p.add_argument("--max-resident-tokens", type=int, default=8 << 20,
                    help="skip points whose running requests hold more prompt tokens")
+    p.add_argument("--miss-shape", default="small", help="miss part: the model shape")
+    p.add_argument("--beyond-shape", default="small", help="beyond part: the model shape")
+    p.add_argument("--instance-chunks", type=int, default=100_000,
+                   help="controller part: chunks each simulated instance stores")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_scale)
 

@@ -58,6 +58,9 @@ SHAPES: dict[str, ModelShape] = {
     # Few layers, wide KV heads (4 x 128): another page shape for the serving matrix.
     "wide": ModelShape(layers=6, hidden=1024, heads=8, kv_heads=4, head_dim=128,
                        intermediate=2048, max_positions=16384),
+    # The tiny model with room for 128k-token contexts (the long-context cost curve).
+    "tiny-long": ModelShape(layers=4, hidden=256, heads=4, kv_heads=2, head_dim=64,
+                            intermediate=512, max_positions=131072 + 1024),
 }
 # Real pretrained models, converted rather than built (see kvtier.testing.smollm2).
 PRETRAINED = ("smollm2",)

@@ -132,7 +132,7 @@ def run(args: Any) -> dict[str, Any]:
     try:
         for name in names:
             cfg = make_config(name, eng, scratch)
-            results[name], summary[name] = _run_config(args, cfg, eng, workload, out)
+            results[name], summary[name] = run_config(args, cfg, eng, workload, out)
             if name != "vllm":
                 summary[name].update(analysis.compare_outputs(results[name], results["vllm"]))
     finally:
@@ -146,7 +146,7 @@ def run(args: Any) -> dict[str, Any]:
     return {"setup": setup, "summary": summary, "outputs": outputs}
 
 
-def _run_config(args: Any, cfg: Any, eng: EngineSettings, workload: Workload,
+def run_config(args: Any, cfg: Any, eng: EngineSettings, workload: Workload,
                 out: Path) -> tuple[list[Result], dict[str, Any]]:
     _say(args, f"[{cfg.name}] starting {cfg.label} ...")
     with Servers(cfg, eng, out / f"server-{workload.name}-{cfg.name}.log") as srv:

@@ -12,7 +12,8 @@ purpose), greedy decoding. What differs is only the KV layer behind vLLM:
 - ``vllm``: vLLM alone, its own prefix cache on (the baseline);
 - ``kvtier-memory``, ``kvtier-disk``: kvtier's connector, memory tier alone,
   or memory plus a disk tier in a scratch folder, on kvtier's defaults
-  (partial last chunks kept in whole blocks);
+  (partial last chunks kept in whole blocks); ``kvtier-redis`` (named only): memory
+  plus a Redis tier, on its own ``redis-server`` started beside vLLM;
 - ``kvtier-unverified``, ``kvtier-verify-all`` (named only, not in ``all``): the memory
   configuration with the canary off (``verify.sample_rate: 0``) and on every hit (``1``);
   ``kvtier-memory`` runs the default rate, so these two give the canary's cost;
@@ -31,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,20 +43,23 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kvtier.bench.peers.lmcache import lmcache_server
-from kvtier.testing.procs import free_port, log_tail
+from kvtier.testing.procs import HOST, free_port, log_tail
+from kvtier.testing.redis_proc import redis_binary
 from kvtier.testing.vllm_cpu import memory_utilization
 
 NATIVE_SPEC = ("CPUCopyOffloadingSpec", "kvtier.bench.peers.vllm_native_cpu")
 CONFIG_NAMES = ("vllm", "kvtier-memory", "kvtier-disk", "native", "lmcache",
-                "kvtier-unverified", "kvtier-verify-all")
+                "kvtier-unverified", "kvtier-verify-all", "kvtier-redis")
 DEFAULT_CONFIGS = CONFIG_NAMES[:5]
-"""What ``--configs all`` runs; the canary's two configurations are asked for by name."""
+"""What ``--configs all`` runs; the canary's two configurations and memory plus Redis are
+asked for by name."""
 VERIFY_RATES = {"kvtier-unverified": 0.0, "kvtier-verify-all": 1.0}
 LABELS = {"vllm": "vLLM alone (prefix cache on)",
           "kvtier-memory": "vLLM + kvtier (memory)",
           "kvtier-unverified": "vLLM + kvtier (memory, canary off)",
           "kvtier-verify-all": "vLLM + kvtier (memory, canary on every hit)",
           "kvtier-disk": "vLLM + kvtier (memory + disk)",
+          "kvtier-redis": "vLLM + kvtier (memory + Redis)",
           "native": "vLLM native offloading + CPU copy shim",
           "lmcache": "vLLM + LMCache 0.5.6 (multiprocess server)"}
 
@@ -82,7 +87,9 @@ class Sidecar:
 
     cmd: list[str]
     env: dict[str, str]
-    ready_url: str
+    ready_url: str = ""
+    ready_port: int = 0
+    """Ready once this port on 127.0.0.1 takes connections (a server that is not HTTP)."""
 
 
 @dataclass
@@ -114,9 +121,16 @@ def make_config(name: str, eng: EngineSettings, scratch: Path) -> ServeConfig:
             extra["verify.sample_rate"] = VERIFY_RATES[name]
         if name == "kvtier-disk":
             extra.update({"tiers": ["memory", "disk"], "disk.path": str(scratch / "kvtier-disk")})
+        side = None
+        if name == "kvtier-redis":
+            port = free_port()
+            extra.update({"tiers": ["memory", "redis"], "redis.url": f"redis://{HOST}:{port}/0"})
+            side = Sidecar([redis_binary(), "--port", str(port), "--bind", HOST, "--save", "",
+                            "--appendonly", "no", "--dir", str(scratch)], {}, ready_port=port)
         return ServeConfig(name, py, {"kv_connector": "KvtierConnector",
                                       "kv_connector_module_path": "kvtier.connectors.vllm",
-                                      "kv_role": "kv_both", "kv_connector_extra_config": extra})
+                                      "kv_role": "kv_both", "kv_connector_extra_config": extra},
+                           side)
     if name == "native":
         spec_name, spec_module = NATIVE_SPEC
         return ServeConfig(name, py, {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
@@ -148,7 +162,7 @@ class Servers:
             if self.cfg.sidecar is not None:
                 side = self.cfg.sidecar
                 self._spawn(side.cmd, {**os.environ, **side.env})
-                self._wait(side.ready_url, t0)
+                self._wait(side.ready_url or f"tcp:{side.ready_port}", t0)
             self._spawn(self._vllm_cmd(), self._vllm_env())
             self._wait(f"{self.base_url}/health", t0)
         except BaseException:
@@ -214,7 +228,10 @@ class Servers:
                                    f"{self.start_timeout_s:.0f} s (log: {self.log_path}); its log "
                                    "ends:\n" + log_tail(self.log_path))
             try:
-                urllib.request.urlopen(url, timeout=2).close()
+                if url.startswith("tcp:"):
+                    socket.create_connection((HOST, int(url[4:])), timeout=2).close()
+                else:
+                    urllib.request.urlopen(url, timeout=2).close()
                 return
             except OSError:
                 time.sleep(1)
