@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvtier.cluster.state import MemoryState, RedisState, leading
+from kvtier.cluster.state import MemoryState, RedisState
 from kvtier.testing.redis_proc import RedisProcess
 from tests.redis_server import require_redis
 
@@ -19,6 +19,17 @@ KEYS = [bytes([i]) * 16 for i in range(12)]
 TIERS = ("disk", "memory", "redis")
 held_sets = st.dictionaries(st.sampled_from(["a", "b", "c"]), st.dictionaries(
     st.sampled_from(TIERS), st.sets(st.sampled_from(KEYS)), max_size=3), max_size=3)
+
+
+def leading(held: list[list[bool]], tiers: list[str]) -> dict[str, int]:
+    """The reference: per tier (and ``"any"``) how many of the first keys are held
+    without a gap, every key of every tier checked."""
+    out: dict[str, int] = {}
+    n = len(held[0]) if held else 0
+    for name, row in zip(tiers, held):
+        out[name] = next((i for i, h in enumerate(row) if not h), n)
+    out["any"] = next((i for i in range(n) if not any(row[i] for row in held)), n)
+    return out
 
 
 def every_key(chunks: dict[str, set[bytes]], keys: list[bytes]) -> dict[str, int]:
