@@ -120,3 +120,60 @@ def test_layerwise_section_without_a_gpu_result_in_the_docs_folder_shows_the_cpu
     page = report.render({"layerwise": entry(LAYERWISE)}, "2026-12-04", docs=tmp_path)
     assert "| bulk | 200.0 ms | 8.0 ms |" in page
     assert "On a GPU" not in page and "memory tier pinned" not in page
+
+
+ITL_POINT = {"setup": {"shape": "wide", "dtype": "float32", "engine_kv_blocks": 52,
+                       "threads_bind": "0-1", "prefix_len": 1024, "suffix_len": 64,
+                       "num_prefixes": 8, "output_len": 32, "num_prompts": 96,
+                       "max_concurrency": 2, "logs": "/tmp/x"},
+             "configs": {n: {"median_ttft_ms": 100.0, "p99_ttft_ms": 300.0,
+                             "median_itl_ms": 10.0, "p99_itl_ms": p99, "p99.9_itl_ms": 80.0,
+                             "p100_itl_ms": 90.0, "p99_tpot_ms": 20.0,
+                             "request_throughput": 4.0, "completed": 96}
+                         for n, p99 in (("vllm", 40.0), ("kvtier-memory", 30.0),
+                                        ("native", 33.0))},
+             "kvtier_itl_p99_vs_native": 30 / 33, "kvtier_throughput_vs_native": 1.0}
+SCALE = {
+    "miss": {"miss_path_throughput_ratio": 0.99, "miss_path_itl_p99_ratio": 1.01,
+             "medians": {n: {"throughput": 1.0, "itl_p50_ms": 20.0, "itl_p99_ms": 40.0,
+                             "ttft_p50_ms": 300.0, "tpot_p99_ms": 30.0}
+                         for n in ("vllm", "kvtier-memory")},
+             "setup": {"shape": "small", "dtype": "bfloat16", "rounds": 2, "prompts": 32,
+                       "input_tokens": 1024, "output_tokens": 128, "concurrency": 8,
+                       "client": "vllm.benchmarks.serve"}},
+    "long": {"long_context_speedup_vs_cold": 30.0, "long_context_per_token_growth": 0.6,
+             "long_context_load_gb_s": 5.0,
+             "points": [{"tokens": t, "cold_ttft_s": t / 1e3, "vllm_hit_ttft_s": 0.01,
+                         "kvtier_hit_ttft_s": 0.02, "bytes_moved": t * 2048, "load_gb_s": 5.0,
+                         "memcpy_gb_s": 10.0, "kvtier_hit_us_per_token": 1.0}
+                        for t in (8192, 32768)],
+             "setup": {"dtype": "bfloat16", "kv_bytes_per_token": 2048, "hits": 3}},
+    "controller": {"controller_lookup_p99_ms": 2.0, "controller_ingest_chunks_per_s": 1e6,
+                   "controller_ingest_goal_chunks_per_s": 3815.0,
+                   "controller_ingest_vs_goal": 262.0, "router_decision_p99_ms": 2.5,
+                   "points": [{"backend": b, "instances": 64, "ingest_chunks_per_s": 1e6,
+                               "publish_chunks_per_s": 5e6, "bytes_per_million_chunks": 1.6e8,
+                               "lookup_p50_ms": 1.5, "lookup_p99_ms": 2.0,
+                               "health_p50_ms": 0.3, "health_p99_ms": 1.0}
+                              for b in ("memory", "redis")],
+                   "setup": {"chunks_per_instance": 100000, "keys_per_batch": 32,
+                             "lookups": 100, "doc_tokens": 8192, "headline_instances": 64,
+                             "goal": "64 instances x 1 GB/s"}}}
+
+
+def test_itl_and_cost_curve_sections_show_goals_tables_and_plots(tmp_path: Path) -> None:
+    saved = {"itl": entry({"points": [ITL_POINT], "itl_p99_vs_native_max": 30 / 33,
+                           "throughput_vs_native_min": 1.0}),
+             "scale": entry(SCALE)}
+    page = report.render(saved, "2026-12-04", docs=tmp_path)
+    assert "## Inter-token latency (`kvtier bench x`)" in page
+    assert "| wide float32 | 2 | vLLM + kvtier (memory) | 100 ms | 10 ms | 30 ms |" in page
+    assert "| | | **kvtier / native** | | | **0.91x** |" in page
+    assert "## Cost curves (`kvtier bench x`)" in page
+    assert "| miss | no reuse: throughput >= 0.98x vLLM alone, ITL p99 <= 1.02x | " \
+           "throughput 0.990x, ITL p99 1.010x |" in page
+    assert "lookup p99 2.00 ms (64 instances)" in page
+    for part in ("long", "controller"):  # the curves: plotted, and shown on the page
+        assert (tmp_path / "img" / f"scale-{part}.png").stat().st_size > 1000
+        assert f"![{part}](img/scale-{part}.png)" in page
+    assert not (tmp_path / "img" / "scale-miss.png").exists()  # two numbers, no curve

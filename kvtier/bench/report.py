@@ -2,7 +2,7 @@
 
 One command for the whole page: ``kvtier bench serve`` for both workloads,
 ``engine``, ``tiers``, ``codecs``, ``serve --workload redis-hit`` and
-``cluster`` and ``scale``, each as its own process with ``--json`` (so each starts clean),
+``itl``, ``cluster`` and ``scale``, each as its own process with ``--json`` (so each starts clean),
 then the page with the commands, the machine, the settings, the tables and
 the plots (``docs/img/``). Every part's result is kept in
 ``docs/benchmarks.json``; ``--parts`` reruns some and renders the others from
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.testing.procs import last_json_line
-from kvtier.bench import report_sections
+from kvtier.bench import itl, report_sections
 from kvtier.bench.scale import page as scale_page
 from kvtier.bench.serve import analysis
 from kvtier.bench.serve.servers import LABELS
@@ -33,8 +33,8 @@ WORKLOADS = ("long-doc-qa", "multi-round-qa")
 REAL = "real-doc-qa"
 """long-doc-qa on the real model (SmolLM2): real documents, questions and answers."""
 SERVE_PARTS = {**{w: w for w in WORKLOADS}, REAL: "long-doc-qa"}
-PARTS = (*WORKLOADS, REAL, "engine", "tiers", "codecs", "layerwise", "redis-hit", "cluster",
-         "scale")
+PARTS = (*WORKLOADS, REAL, "itl", "engine", "tiers", "codecs", "layerwise", "redis-hit",
+         "cluster", "scale")
 
 
 def _bench(args: list[str]) -> dict[str, Any]:
@@ -67,6 +67,7 @@ def run(args: Any) -> Path:
             "redis-hit": ["serve", "--workload", "redis-hit", *quick],
             "cluster": ["cluster", "--part", "all", *quick],
             "scale": ["scale", "--part", "all", *quick],
+            "itl": ["itl", "--matrix", *quick],
             **{w: ["serve", "--workload", w, *quick, "--configs", args.configs]
                for w in WORKLOADS},
             REAL: ["serve", "--workload", "long-doc-qa", "--shape", "smollm2", *quick,
@@ -90,7 +91,8 @@ HEADINGS = {"long-doc-qa": "## Serving: long-doc-qa", "multi-round-qa": "## Serv
             REAL: "## Serving a real model",
             "engine": "## Cache engine", "tiers": "## Tiers", "codecs": "## Codecs",
             "layerwise": "## Layer-wise loads", "redis-hit": "## A large Redis hit",
-            "cluster": "## Many instances", "scale": "## Cost curves"}
+            "cluster": "## Many instances", "scale": "## Cost curves",
+            "itl": "## Inter-token latency"}
 
 
 def render(saved: dict[str, Any], today: str, old_page: str = "",
@@ -194,7 +196,7 @@ def _tiers_section(t: dict[str, Any], cmd: str) -> list[str]:
 
 SECTIONS = {"engine": _engine_section, "tiers": _tiers_section,
             "codecs": report_sections.codecs, "redis-hit": report_sections.redis_hit,
-            "cluster": report_sections.cluster}
+            "cluster": report_sections.cluster, "itl": itl.section}
 
 
 def _serve_section(part: str, res: dict[str, Any], cmd: str) -> list[str]:

