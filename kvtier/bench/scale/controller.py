@@ -66,7 +66,7 @@ def run(args: Any) -> dict[str, Any]:
     plan = ([("memory", (8,)), ("redis", (8,))] if toy else
             [("memory", (8, 64)), ("redis", (64,))] if quick else
             [("memory", (8, 64, 256)), ("redis", (8, 64))])
-    lookups = 20 if toy else 100 if quick else 400
+    lookups = 20 if toy else 400
     points = []
     with tempfile.TemporaryDirectory(prefix="kvtier-scale-ctl-") as tmp:
         for backend, sizes in plan:

@@ -10,10 +10,11 @@ output token each:
 - **kvtier hit**: vLLM's prefix cache reset, again: every cached token loaded from
   kvtier's memory tier (checked in the answer's ``cached_tokens``). Three times, median.
 
-Reported: the TTFTs, the KV bytes a hit moves, the load rate (those bytes over the hit's
-TTFT beyond vLLM's own hit) beside a plain memory copy of the same bytes in this process
-(the floor), and kvtier's hit time per cached token at each length: flat if nothing in
-kvtier's part grows faster than the context (no quadratic step).
+Reported: the TTFTs, the KV bytes a hit moves, the load rate (those bytes over the time
+the worker spent loading them, from kvtier's step trace, ``KVTIER_STEP_TRACE``) beside a
+plain memory copy of the same bytes in this process (the floor), and kvtier's hit time
+per cached token at each length: flat or falling if nothing in kvtier's part grows faster
+than the context (no quadratic step).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from kvtier.testing.models import build_model, make_document
 from kvtier.testing.vllm_cpu import fast_dtype
 
 BLOCK = 128
+TRACE_ENV = "KVTIER_STEP_TRACE"  # kvtier.connectors.vllm.trace.ENV (importing it imports vLLM)
 LENGTHS = (8192, 32768, 65536, 131072)
 QUICK_LENGTHS = (8192, 32768)
 TOY_LENGTHS = (1024, 2048)
@@ -53,16 +55,18 @@ def run(args: Any) -> dict[str, Any]:
                          kv_budget_bytes=int(max(lengths) * per_token * 1.5), dtype=dtype,
                          max_num_batched_tokens=8192)
     saved = {k: os.environ.get(k) for k in ("VLLM_SERVER_DEV_MODE",
-                                            "VLLM_ALLOW_LONG_MAX_MODEL_LEN")}
-    os.environ.update(VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_LONG_MAX_MODEL_LEN="1")
+                                            "VLLM_ALLOW_LONG_MAX_MODEL_LEN", TRACE_ENV)}
     points = []
     try:
         with tempfile.TemporaryDirectory(prefix="kvtier-scale-long-") as tmp:
+            trace = Path(tmp) / "trace.jsonl"
+            os.environ.update(VLLM_SERVER_DEV_MODE="1", VLLM_ALLOW_LONG_MAX_MODEL_LEN="1",
+                              **{TRACE_ENV: str(trace)})
             with Servers(make_config("kvtier-memory", eng, Path(tmp)), eng,
                          Path(tmp) / "server.log", start_timeout_s=900) as srv:
                 _complete(srv.base_url, model, make_document(model, 300, seed=1))  # warm
                 for n in lengths:
-                    points.append(_point(srv.base_url, model, n, per_token))
+                    points.append(_point(srv.base_url, model, n, per_token, trace))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -79,29 +83,42 @@ def run(args: Any) -> dict[str, Any]:
             "points": points,
             "setup": {"model": "tiny-long", "dtype": dtype, "kv_bytes_per_token": per_token,
                       "lengths": list(lengths), "hits": 3, "quick": quick, "toy": toy,
+                      "load": "the worker's start_load time in steps that loaded (step trace)",
                       "max_num_batched_tokens": eng.max_num_batched_tokens,
                       "threads_bind": eng.threads_bind}}
 
 
-def _point(url: str, model: str, n: int, per_token: int) -> dict[str, Any]:
+def _point(url: str, model: str, n: int, per_token: int, trace: Path) -> dict[str, Any]:
     prompt = make_document(model, n, seed=n)
     cold, _ = _complete(url, model, prompt)
     vllm_hit, vllm_cached = _complete(url, model, prompt)
-    hits = []
+    hits, loads = [], []
     for _ in range(3):
         _post(f"{url}/reset_prefix_cache")
+        start = trace.stat().st_size if trace.exists() else 0
         ttft, cached = _complete(url, model, prompt)
         if cached < n - 256:  # whole chunks (and blocks) of the document at least
             raise RuntimeError(f"{n} tokens: a kvtier hit of only {cached} cached tokens")
         hits.append(ttft)
-    hit = statistics.median(hits)
+        loads.append(_load_s(trace, start))
+    hit, load = statistics.median(hits), statistics.median(loads)
     moved = cached * per_token
     return {"tokens": n, "cold_ttft_s": cold, "vllm_hit_ttft_s": vllm_hit,
             "vllm_hit_cached_tokens": vllm_cached, "kvtier_hit_ttft_s": hit,
-            "kvtier_cached_tokens": cached, "bytes_moved": moved,
-            "load_gb_s": moved / max(hit - vllm_hit, 1e-6) / 1e9,
+            "kvtier_cached_tokens": cached, "bytes_moved": moved, "load_s": load,
+            "load_gb_s": moved / load / 1e9 if load else None,
             "memcpy_gb_s": _memcpy_gb_s(moved),
             "kvtier_hit_us_per_token": hit / cached * 1e6}
+
+
+def _load_s(trace: Path, start: int) -> float:
+    """Seconds the worker spent in steps that loaded tokens, in the trace from ``start``."""
+    if not trace.exists():
+        return 0.0
+    with open(trace, "rb") as f:
+        f.seek(start)
+        lines = [json.loads(x) for x in f.read().splitlines() if x.strip()]
+    return sum(x["ms"] for x in lines if x["hook"] == "start_load" and x["load_tokens"]) / 1e3
 
 
 def _memcpy_gb_s(nbytes: int) -> float:
@@ -144,7 +161,7 @@ def table(res: dict[str, Any]) -> str:
     for p in res["points"]:
         lines.append(f"  {p['tokens']:7} {p['cold_ttft_s']:8.2f} {p['vllm_hit_ttft_s']:10.3f} "
                      f"{p['kvtier_hit_ttft_s']:12.3f} {p['bytes_moved'] / 2**20:10.0f} "
-                     f"{p['load_gb_s']:10.2f} {p['memcpy_gb_s']:11.2f} "
+                     f"{p['load_gb_s'] or float('nan'):10.2f} {p['memcpy_gb_s']:11.2f} "
                      f"{p['kvtier_hit_us_per_token']:9.2f}")
     lines.append(f"  hit vs cold at the longest: {res['long_context_speedup_vs_cold']:.1f}x; "
                  f"hit time per token, longest / shortest: "
