@@ -2,11 +2,12 @@
 
 ``vllm bench serve`` (``vllm.benchmarks.serve``, prefix-repetition dataset) against
 vLLM alone, kvtier on its defaults (memory tier) and vLLM's native offloading (with the
-CPU copy shim), one configuration after the other on a fresh server each, the same
-engine settings for all: threads pinned alike, engine KV capped below the prefixes'
-total (room for what is in flight and half the prefixes, so vLLM's own prefix cache
-thrashes), the same CPU budget for the KV layers, the same dataset seed and request
-count. Reports TTFT p50, ITL p50/p99/p99.9/max, TPOT p99 and request throughput, and
+CPU copy shim), every configuration's server up at once and loaded one at a time, in
+rounds with new prefixes each (the order rotating), the same engine settings for all:
+threads pinned alike, engine KV capped below the prefixes' total (room for what is in
+flight and half the prefixes, so vLLM's own prefix cache thrashes), the same CPU budget
+for the KV layers, the same dataset seed and request count in a round. Reports TTFT p50, ITL p50/p99/p99.9/max, TPOT p99 and request throughput (each
+the median over rounds: single runs of a few seconds on 2 shared cores move by 30%), and
 kvtier's ratios to native (goal: ITL p99 at or below native's within 5%, throughput at
 least native's). ``--matrix`` runs the model shapes of :data:`MATRIX` at 2 and 4 in
 flight; ``--trace`` adds kvtier's step timeline (``KVTIER_STEP_TRACE``): its slowest
@@ -17,13 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.serve.servers import LABELS, EngineSettings, Servers, make_config
+from kvtier.bench.serve.servers import (LABELS, EngineSettings, Servers, make_config,
+                                        start_all)
 from kvtier.testing.models import build_model
 from kvtier.testing.vllm_cpu import fast_dtype
 
@@ -60,9 +63,13 @@ def run(args: Any) -> dict[str, Any]:
 
 def point(shape: str, dtype: str, concurrency: int, quick: bool,
           configs: tuple[str, ...] = CONFIGS, trace: bool = False) -> dict[str, Any]:
+    """Every configuration's server up at once; then rounds, each with new prefixes (the
+    dataset seed is the round's), sent to one server at a time, the order rotating; the
+    medians over rounds of each metric, and kvtier's ratios of those medians."""
     model = str(build_model(shape))
+    rounds = 2 if quick else 3
     sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=8, output_len=32,
-                 num_prompts=32 if quick else 96, max_concurrency=concurrency)
+                 num_prompts=48 if quick else 96, max_concurrency=concurrency)
     max_len = -(-(sizes["prefix_len"] + sizes["suffix_len"] + sizes["output_len"] + 16)
                 // BLOCK) * BLOCK
     blocks = concurrency * max_len // BLOCK + sizes["num_prefixes"] * 4
@@ -70,38 +77,37 @@ def point(shape: str, dtype: str, concurrency: int, quick: bool,
                          kv_budget_bytes=2 << 30,
                          dtype=fast_dtype() if dtype == "auto" else dtype)
     scratch = Path(tempfile.mkdtemp(prefix="kvtier-bench-itl-"))
+    trace_path = scratch / "kvtier.trace.jsonl"
+    if trace:
+        os.environ["KVTIER_STEP_TRACE"] = str(trace_path)
+    servers = [Servers(make_config(n, eng, scratch), eng, scratch / f"{n}.log") for n in configs]
+    try:
+        errors = start_all(servers)
+    finally:
+        os.environ.pop("KVTIER_STEP_TRACE", None)
+    if errors:
+        raise errors[0]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in configs}
+    try:
+        for r in range(rounds):
+            for srv in servers[r % len(servers):] + servers[:r % len(servers)]:
+                runs[srv.cfg.name].append(_bench(srv, model, sizes, scratch, r, shape, eng))
+    finally:
+        for srv in servers:
+            srv.__exit__()
     rows: dict[str, Any] = {}
-    for name in configs:
-        trace_path = scratch / f"{name}.trace.jsonl"
-        if trace:
-            os.environ["KVTIER_STEP_TRACE"] = str(trace_path)
-        out = scratch / f"{name}.json"
-        try:
-            with Servers(make_config(name, eng, scratch), eng, scratch / f"{name}.log") as srv:
-                cmd = [sys.executable, "-c", RUN_BENCH,
-                       "--backend", "vllm", "--base-url", srv.base_url, "--model", model,
-                       "--tokenizer", model, "--dataset-name", "prefix_repetition",
-                       "--prefix-repetition-prefix-len", str(sizes["prefix_len"]),
-                       "--prefix-repetition-suffix-len", str(sizes["suffix_len"]),
-                       "--prefix-repetition-num-prefixes", str(sizes["num_prefixes"]),
-                       "--prefix-repetition-output-len", str(sizes["output_len"]),
-                       "--num-prompts", str(sizes["num_prompts"]),
-                       "--max-concurrency", str(concurrency), "--seed", "0",
-                       "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl",
-                       "--metric-percentiles", "50,99,99.9,100", "--save-result",
-                       "--result-dir", str(scratch), "--result-filename", out.name]
-                print(f"[bench itl] {shape} {eng.dtype}, {concurrency} in flight, {name}: "
-                      "vllm bench serve ...", file=sys.stderr, flush=True)
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        finally:
-            os.environ.pop("KVTIER_STEP_TRACE", None)
-        r = json.loads(out.read_text())
-        rows[name] = {k: r.get(k) for k in KEYS}
-        if trace and trace_path.exists():
-            rows[name]["trace"] = slowest_hooks(trace_path)
+    for name, got in runs.items():
+        rows[name] = {k: statistics.median(x[k] for x in got) for k in KEYS}
+        rows[name]["rounds"] = got
+    if trace and trace_path.exists():  # every kvtier server's hooks (lines name the pid)
+        res_trace = slowest_hooks(trace_path)
+        for name in configs:
+            if name.startswith("kvtier"):
+                rows[name]["trace"] = res_trace
     res: dict[str, Any] = {
         "setup": {"shape": shape, "dtype": eng.dtype, "engine_kv_blocks": blocks,
-                  "threads_bind": eng.threads_bind, **sizes, "logs": str(scratch)},
+                  "threads_bind": eng.threads_bind, **sizes, "rounds": rounds,
+                  "statistic": "median over rounds", "logs": str(scratch)},
         "configs": rows}
     kv, native, alone = (rows.get(n) for n in ("kvtier-memory", "native", "vllm"))
     if kv and native:
@@ -111,6 +117,32 @@ def point(shape: str, dtype: str, concurrency: int, quick: bool,
     if kv and alone:
         res["kvtier_throughput_vs_vllm"] = kv["request_throughput"] / alone["request_throughput"]
     return res
+
+
+def _bench(srv: Servers, model: str, sizes: dict[str, int], scratch: Path, seed: int,
+           shape: str, eng: EngineSettings) -> dict[str, Any]:
+    """One ``vllm bench serve`` run against ``srv``: its metrics."""
+    out = scratch / f"{srv.cfg.name}-{seed}.json"
+    cmd = [sys.executable, "-c", RUN_BENCH,
+           "--backend", "vllm", "--base-url", srv.base_url, "--model", model,
+           "--tokenizer", model, "--dataset-name", "prefix_repetition",
+           "--prefix-repetition-prefix-len", str(sizes["prefix_len"]),
+           "--prefix-repetition-suffix-len", str(sizes["suffix_len"]),
+           "--prefix-repetition-num-prefixes", str(sizes["num_prefixes"]),
+           "--prefix-repetition-output-len", str(sizes["output_len"]),
+           "--num-prompts", str(sizes["num_prompts"]),
+           "--max-concurrency", str(sizes["max_concurrency"]), "--seed", str(seed),
+           "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl",
+           "--metric-percentiles", "50,99,99.9,100", "--save-result",
+           "--result-dir", str(scratch), "--result-filename", out.name]
+    print(f"[bench itl] {shape} {eng.dtype}, {sizes['max_concurrency']} in flight, round "
+          f"{seed}, {srv.cfg.name}: vllm bench serve ...", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    r = json.loads(out.read_text())
+    if r.get("completed") != sizes["num_prompts"]:
+        raise RuntimeError(f"{srv.cfg.name}: {r.get('completed')} of {sizes['num_prompts']} "
+                           "requests completed")
+    return {k: r.get(k) for k in KEYS}
 
 
 def slowest_hooks(path: Path, n: int = 8) -> dict[str, Any]:
@@ -155,7 +187,9 @@ def section(res: dict[str, Any], cmd: str) -> list[str]:
            f"vLLM's own `bench serve`, prefix-repetition dataset: {s['num_prefixes']} "
            f"prefixes of {s['prefix_len']} tokens, {s['suffix_len']}-token suffixes, "
            f"{s['output_len']} output tokens, {s['num_prompts']} prompts; each configuration "
-           "on a fresh server, engine KV capped so vLLM's own prefix cache thrashes. Goal: "
+           "on a server of its own, all up at once and loaded one at a time, "
+           f"{s.get('rounds', 1)} rounds of new prefixes (medians over rounds); engine KV "
+           "capped so vLLM's own prefix cache thrashes. Goal: "
            "kvtier's ITL p99 at or below native's (within 5%) and its throughput at least "
            "native's, at every point.", "", table(res), ""]
     if "itl_p99_vs_native_max" in res:
