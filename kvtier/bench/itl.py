@@ -6,9 +6,10 @@ CPU copy shim), every configuration's server up at once and loaded one at a time
 rounds with new prefixes each (the order rotating), the same engine settings for all:
 threads pinned alike, engine KV capped below the prefixes' total (room for what is in
 flight and half the prefixes, so vLLM's own prefix cache thrashes), the same CPU budget
-for the KV layers, the same dataset seed and request count in a round. Reports TTFT p50, ITL p50/p99/p99.9/max, TPOT p99 and request throughput (each
-the median over rounds: single runs of a few seconds on 2 shared cores move by 30%), and
-kvtier's ratios to native (goal: ITL p99 at or below native's within 5%, throughput at
+for the KV layers, the same dataset seed and request count in a round. Reports TTFT
+p50, ITL p50/p99/p99.9/max, TPOT p99 and request throughput (each the median over
+rounds: single runs of a few seconds on 2 shared cores move by 30%), and kvtier's
+ratios to native (goal: ITL p99 at or below native's within 5%, throughput at
 least native's). ``--matrix`` runs the model shapes of :data:`MATRIX` at 2 and 4 in
 flight; ``--trace`` adds kvtier's step timeline (``KVTIER_STEP_TRACE``): its slowest
 connector hooks.

@@ -90,7 +90,8 @@ end
 return out
 """
 """Per instance (``ARGV``: the key prefix, the instance count, the instances, the chunk
-keys) its tiers and ``any`` with how many of the first keys each holds, on the server, stopping at each prefix's end."""
+keys) its tiers and ``any`` with how many of the first keys each holds, worked out on
+the server and stopping at each prefix's end."""
 
 
 class MemoryState:

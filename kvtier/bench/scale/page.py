@@ -100,7 +100,8 @@ def _plot(part: str, r: dict[str, Any], img: Path) -> str | None:
         ax.set(xscale="log", yscale="log", xlabel="simulated instances", ylabel="ms")
     elif part == "long":
         x = [p["tokens"] for p in r["points"]]
-        for key, label in (("cold_ttft_s", "cold (prefill)"), ("vllm_hit_ttft_s", "vLLM's own hit"),
+        for key, label in (("cold_ttft_s", "cold (prefill)"),
+                           ("vllm_hit_ttft_s", "vLLM's own hit"),
                            ("kvtier_hit_ttft_s", "kvtier hit (memory tier)")):
             ax.plot(x, [p[key] for p in r["points"]], "o-", label=label)
         ax.set(xscale="log", yscale="log", xlabel="document tokens", ylabel="TTFT (s)")
