@@ -22,15 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from kvtier.bench.itl import RUN_BENCH
 from kvtier.bench.serve.servers import EngineSettings, Servers, make_config, start_all
 from kvtier.testing.models import build_model
 from kvtier.testing.vllm_cpu import fast_dtype
 
 BLOCK = 128
 CONFIGS = ("vllm", "kvtier-memory")
-VLLM_BENCH = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
-              "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
-              "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))")
 METRICS = {"throughput": "request_throughput", "itl_p99_ms": "p99_itl_ms",
            "itl_p50_ms": "median_itl_ms", "ttft_p50_ms": "median_ttft_ms",
            "tpot_p99_ms": "p99_tpot_ms"}
@@ -83,7 +81,7 @@ def run(args: Any) -> dict[str, Any]:
 def _bench(srv: Servers, model: str, out: Path, seed: int, prompts: int, input_len: int,
            output_len: int, concurrency: int) -> dict[str, float]:
     name = f"{srv.cfg.name}-{seed}.json"
-    cmd = [sys.executable, "-c", VLLM_BENCH, "--backend", "vllm", "--base-url", srv.base_url,
+    cmd = [sys.executable, "-c", RUN_BENCH, "--backend", "vllm", "--base-url", srv.base_url,
            "--model", model, "--dataset-name", "random", "--random-input-len", str(input_len),
            "--random-output-len", str(output_len), "--random-range-ratio", "0",
            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
