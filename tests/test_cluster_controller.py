@@ -278,6 +278,40 @@ def test_a_redis_index_answers_the_same_lookup_from_a_second_replica(tmp_path: P
         server.close()
 
 
+@pytest.mark.redis
+def test_a_snapshot_cannot_name_a_tier_that_writes_into_another_instances_index(
+        tmp_path: Path) -> None:
+    """The attack: in the Redis index instance ``sx`` tier ``y:memory`` and instance
+    ``sx:y`` tier ``memory`` would be the same set, so ``sx``, with only its own
+    credential, could make the controller say ``sx:y`` holds chunks it never stored (and
+    route prompts there). Tier names with a separator are refused (400); the victim's
+    entry stays its own."""
+    require_redis()
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    try:
+        with controller(tmp_path / "c.log", TOKEN, redis_url=server.url) as c:
+            k = keys_of()
+            attacker = register(c, "sx")
+            register(c, "sx:y")
+            pub = Publisher(c.events, "sx:y")
+            try:
+                wait_until(lambda: pub.send(batch(stored(k[:1]))) or cached(c, "sx:y") == 256,
+                           30, "the victim's own event")
+            finally:
+                pub.close()
+            forged = {"instance": "sx", "namespace": NS.layout, "chunk_size": 256,
+                      "tiers": {"y:memory": [x.hex() for x in k]}}
+            status, out, _ = c.call("/v1/snapshot", forged, headers={CRED: attacker})
+            assert status == 400 and "tiers.y:memory" in out["error"], out
+            assert cached(c, "sx:y") == 256  # still only what it stored itself
+            own = {**forged, "tiers": {"memory": [x.hex() for x in k[:2]]}}
+            assert c.call("/v1/snapshot", own, headers={CRED: attacker})[0] == 200
+            assert cached(c, "sx") == 512 and cached(c, "sx:y") == 256
+    finally:
+        server.close()
+
+
 def test_controller_config_is_validated() -> None:
     from kvtier.config import ConfigError, load_config
 

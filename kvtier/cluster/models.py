@@ -69,6 +69,10 @@ MAX_EVENT_BYTES = 1 << 20
 """The largest KV event batch accepted (ZMQ message or relayed)."""
 MAX_EVENT_B64 = (MAX_EVENT_BYTES + 2) // 3 * 4
 Name = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+TierName = Annotated[str, Field(max_length=32, pattern=r"^[a-z][a-z0-9_]*$",
+                                description="a kvtier tier's name (memory, disk, redis, peer)")]
+"""No separator in it: the Redis index keys an instance's set ``chunks:<instance>:<tier>``,
+so a tier named ``x:memory`` would write into instance ``<instance>:x``'s set."""
 Url = Annotated[str, Field(max_length=2048), AfterValidator(check_url)]
 HostPort = Annotated[str, Field(max_length=300, description="host:port"),
                      AfterValidator(check_host_port)]
@@ -148,7 +152,7 @@ class SnapshotPush(_Strict):
     instance: Name
     namespace: str = Field(max_length=256)
     chunk_size: int = Field(gt=0, le=1 << 20)
-    tiers: dict[Annotated[str, Field(max_length=32)], list[HexKey]] = Field(max_length=8)
+    tiers: dict[TierName, list[HexKey]] = Field(max_length=8)
 
 
 class EventBatch(_Strict):
