@@ -51,6 +51,41 @@ def test_the_arena_is_mapped_ahead_of_its_slots_in_use_and_its_contents_left_alo
     assert arena.view(100)[:4].tolist() == [1, 2, 3, 4]
 
 
+def test_the_arena_is_mapped_whole_before_anything_is_stored_by_default() -> None:
+    """``memory.map_at_start`` (the default) maps every page of the buffer when the tier
+    is built, on the caller's thread: no mapping thread competes with the engine's cores
+    while the cache fills, and nothing is left for a save to fault in. ``false`` keeps
+    mapping ahead of use on a thread."""
+    import threading
+
+    from kvtier.config.load import load_config
+    from kvtier.store.build import build_tiers
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    mib = 1 << 20
+    threads = {t.ident for t in threading.enumerate()}
+    before = rss()
+    tier = build_tiers(load_config(env={}, engine={"tiers": ["memory"],
+                                                 "memory.max_bytes": "384MiB"}), mib)[0]
+    arena = tier.arena  # type: ignore[attr-defined]
+    assert arena.prefault.mapped() >= arena.buffer.nbytes - 4096  # all of it, already
+    assert rss() - before >= 384 * mib - 16 * mib
+    assert not [t for t in threading.enumerate()
+                if t.ident not in threads and t.name == "kvtier-prefault"]
+    assert int(arena.buffer.max()) == 0  # mapped, nothing written into it
+    slots = arena.alloc(300)
+    assert slots is not None and arena.prefault.mapped() >= arena.buffer.nbytes - 4096
+
+    lazy = build_tiers(load_config(env={}, engine={"tiers": ["memory"], "memory.max_bytes": "1GiB",
+                                                 "memory.map_at_start": False}), mib)[0]
+    assert lazy.arena.prefault.idle(60)  # type: ignore[attr-defined]
+    if lazy.arena.prefault.working:  # type: ignore[attr-defined]
+        assert lazy.arena.prefault.mapped() < lazy.arena.buffer.nbytes  # type: ignore
+
+
 def test_the_step_trace_records_each_hook_with_what_the_step_asked(tmp_path: Path) -> None:
     import json
     import time

@@ -25,6 +25,11 @@ class MemoryConfig(Section):
     section_key: ClassVar[str] = "memory."
     max_bytes: Size = Field(2 * 1024**3, ge=0)
     """Memory tier budget (one pooled buffer)."""
+    map_at_start: Flag = True
+    """Map the whole buffer into memory before the engine serves (as a GPU host's pinned
+    buffers are), so filling the cache costs the engine nothing (mapping it on the fly
+    cost a server with no hits 3% of its throughput on two cores). ``false`` maps it
+    256 MiB ahead of use on a background thread: memory committed as the cache fills."""
 
 
 class DiskConfig(Section):

@@ -22,7 +22,8 @@ def build_tiers(cfg: KvtierConfig, chunk_bytes: int | None, shared_only: bool = 
                 continue
             if chunk_bytes is None:
                 raise ValueError("the memory tier needs the chunk size in bytes")
-            tiers.append(MemoryTier(cfg.memory.max_bytes, chunk_bytes))
+            tiers.append(MemoryTier(cfg.memory.max_bytes, chunk_bytes,
+                                     map_at_start=cfg.memory.map_at_start))
         elif name is TierName.DISK:
             # A file declaring more than a chunk (plus a codec's worst growth) is refused
             # before its payload is allocated (the scheduler, without chunk_bytes: 1 GiB).

@@ -25,22 +25,23 @@ import numpy as np
 from kvtier.codecs import ChunkData, ChunkMeta
 from kvtier.keys import ChunkKey
 from kvtier.tiers.base import Tier, TierUsage
-from kvtier.tiers.prefault import Prefaulter
+from kvtier.tiers.prefault import PREFAULT_AHEAD, Prefaulter
 
 _ALIGN = 64  # keeps slot stride == chunk size for real layouts (see engine.transfer)
 
 
 class SlabArena:
-    """``num_slots`` slots of ``slot_bytes`` in one buffer allocated up front."""
+    """``num_slots`` slots of ``slot_bytes`` in one buffer allocated up front; its pages
+    mapped at once (``map_at_start``) or ahead of the slots in use (:class:`Prefaulter`)."""
 
-    def __init__(self, slot_bytes: int, num_slots: int) -> None:
+    def __init__(self, slot_bytes: int, num_slots: int, map_at_start: bool = False) -> None:
         if slot_bytes <= 0:
             raise ValueError(f"slot_bytes must be positive, got {slot_bytes}")
         self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
         self.num_slots = num_slots
         self.buffer = np.empty(self.slot_bytes * num_slots, dtype=np.uint8)
         self._free = np.ones(num_slots, dtype=bool)
-        self.prefault = Prefaulter(self.buffer)
+        self.prefault = Prefaulter(self.buffer, None if map_at_start else PREFAULT_AHEAD)
 
     @property
     def num_free(self) -> int:
@@ -100,10 +101,10 @@ class MemoryTier(Tier):
 
     name = "memory"
 
-    def __init__(self, max_bytes: int, slot_bytes: int) -> None:
+    def __init__(self, max_bytes: int, slot_bytes: int, map_at_start: bool = False) -> None:
         super().__init__()
         num_slots = max_bytes // max(1, -(-slot_bytes // _ALIGN) * _ALIGN)
-        self.arena = SlabArena(slot_bytes, num_slots)
+        self.arena = SlabArena(slot_bytes, num_slots, map_at_start)
         self.pinned = False
         """Whether the arena is page-locked for an accelerator's copies (set by the engine)."""
         self.max_bytes = max_bytes
