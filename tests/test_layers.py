@@ -13,7 +13,7 @@ from pathlib import Path
 import kvtier
 
 ROOT = Path(kvtier.__file__).parent
-LAYERS = {"errors": 0, "config": 0, "net": 0, "keys": 1, "codecs": 2, "tiers": 3,
+LAYERS = {"errors": 0, "config": 0, "net": 0, "threads": 0, "keys": 1, "codecs": 2, "tiers": 3,
           "transfer": 3, "store": 4, "engine": 5, "connectors": 6, "control": 7, "cluster": 7,
           "testing": 8, "bench": 8, "cli": 9}
 NOT_FROM = {"testing": {"bench"}}  # same layer, but only one way

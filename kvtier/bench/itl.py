@@ -12,7 +12,9 @@ rounds: single runs of a few seconds on 2 shared cores move by 30%), and kvtier'
 ratios to native (goal: ITL p99 at or below native's within 5%, throughput at
 least native's). ``--matrix`` runs the model shapes of :data:`MATRIX` at 2 and 4 in
 flight; ``--trace`` adds kvtier's step timeline (``KVTIER_STEP_TRACE``): its slowest
-connector hooks.
+connector hooks. Every round also reads the CPU time each server's processes used, by
+thread (:func:`kvtier.threads.thread_cpu`): what kvtier's own threads took from the cores
+the engine computes on, beside the engine's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kvtier.bench.serve.servers import (LABELS, EngineSettings, Servers, make_co
                                         start_all)
 from kvtier.testing.models import build_model
 from kvtier.testing.vllm_cpu import fast_dtype
+from kvtier.threads import process_tree, thread_cpu
 
 CONFIGS = ("vllm", "kvtier-memory", "native")
 MATRIX = (("tiny", "auto"), ("small", "auto"), ("wide", "float32"))
@@ -51,6 +54,8 @@ def run(args: Any) -> dict[str, Any]:
     every point of :data:`MATRIX` x (2, 4) in flight."""
     quick, trace = bool(getattr(args, "quick", False)), bool(getattr(args, "trace", False))
     configs = tuple(getattr(args, "configs", None) or CONFIGS)
+    if getattr(args, "toy", False):
+        return point(args.shape, args.dtype, args.concurrency, True, configs, trace, toy=True)
     if not getattr(args, "matrix", False):
         return point(args.shape, args.dtype, args.concurrency, quick, configs, trace)
     points = [point(shape, dtype, n, quick, configs, trace)
@@ -63,14 +68,16 @@ def run(args: Any) -> dict[str, Any]:
 
 
 def point(shape: str, dtype: str, concurrency: int, quick: bool,
-          configs: tuple[str, ...] = CONFIGS, trace: bool = False) -> dict[str, Any]:
+          configs: tuple[str, ...] = CONFIGS, trace: bool = False,
+          toy: bool = False) -> dict[str, Any]:
     """Every configuration's server up at once; then rounds, each with new prefixes (the
     dataset seed is the round's), sent to one server at a time, the order rotating; the
-    medians over rounds of each metric, and kvtier's ratios of those medians."""
+    medians over rounds of each metric, and kvtier's ratios of those medians. ``toy``:
+    one round of 8 prompts (CI: it runs end to end, its numbers mean nothing)."""
     model = str(build_model(shape))
-    rounds = 2 if quick else 3
-    sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=8, output_len=32,
-                 num_prompts=48 if quick else 96, max_concurrency=concurrency)
+    rounds = 1 if toy else 2 if quick else 3
+    sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=2 if toy else 8, output_len=32,
+                 num_prompts=8 if toy else 48 if quick else 96, max_concurrency=concurrency)
     max_len = -(-(sizes["prefix_len"] + sizes["suffix_len"] + sizes["output_len"] + 16)
                 // BLOCK) * BLOCK
     blocks = concurrency * max_len // BLOCK + sizes["num_prefixes"] * 4
@@ -98,7 +105,10 @@ def point(shape: str, dtype: str, concurrency: int, quick: bool,
             srv.__exit__()
     rows: dict[str, Any] = {}
     for name, got in runs.items():
-        rows[name] = {k: statistics.median(x[k] for x in got) for k in KEYS}
+        rows[name] = {k: statistics.median(x[k] for x in got)
+                      for k in (*KEYS, "kvtier_threads_cpu_s")}
+        rows[name]["engine_cpu_s"] = statistics.median(x["cpu_s"].get("engine", 0.0)
+                                                       for x in got)
         rows[name]["rounds"] = got
     if trace and trace_path.exists():  # every kvtier server's hooks (lines name the pid)
         res_trace = slowest_hooks(trace_path)
@@ -138,12 +148,17 @@ def _bench(srv: Servers, model: str, sizes: dict[str, int], scratch: Path, seed:
            "--result-dir", str(scratch), "--result-filename", out.name]
     print(f"[bench itl] {shape} {eng.dtype}, {sizes['max_concurrency']} in flight, round "
           f"{seed}, {srv.cfg.name}: vllm bench serve ...", file=sys.stderr, flush=True)
+    pids = process_tree(srv.procs[-1].pid)  # vLLM's API server, engine core, worker
+    before = thread_cpu(pids)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    after = thread_cpu(pids)
     r = json.loads(out.read_text())
     if r.get("completed") != sizes["num_prompts"]:
         raise RuntimeError(f"{srv.cfg.name}: {r.get('completed')} of {sizes['num_prompts']} "
                            "requests completed")
-    return {k: r.get(k) for k in KEYS}
+    cpu = {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
+    return {**{k: r.get(k) for k in KEYS}, "cpu_s": cpu,
+            "kvtier_threads_cpu_s": round(sum(v for k, v in cpu.items() if k != "engine"), 3)}
 
 
 def slowest_hooks(path: Path, n: int = 8) -> dict[str, Any]:
@@ -180,6 +195,31 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def threads_note(points: list[dict[str, Any]]) -> list[str]:
+    """What kvtier's own threads (``kv-*``) used of the CPU per round, beside the rest of
+    its server's processes."""
+    parts = []
+    for p in points:
+        r = p["configs"].get("kvtier-memory")
+        if r and "engine_cpu_s" in r:
+            roles: dict[str, list[float]] = {}
+            for x in r["rounds"]:
+                for k, v in x["cpu_s"].items():
+                    if k != "engine":
+                        roles.setdefault(k, []).append(v)
+            busiest = ", ".join(f"{k} {statistics.median(v):.2f} s"
+                                for k, v in sorted(roles.items(), key=lambda kv: -max(kv[1])))
+            parts.append(f"{p['setup']['shape']} at {p['setup']['max_concurrency']}: "
+                         f"{r['kvtier_threads_cpu_s']:.2f} s of {r['engine_cpu_s']:.1f} s "
+                         f"({100 * r['kvtier_threads_cpu_s'] / max(r['engine_cpu_s'], 1e-9):.2f}"
+                         f"%){' (' + busiest + ')' if busiest else ''}")
+    if not parts:
+        return []
+    return ["CPU time of kvtier's own threads in a round (median), beside the rest of its "
+            "server's processes (the engine, kvtier's hooks in it included): "
+            + "; ".join(parts) + ".", ""]
+
+
 def section(res: dict[str, Any], cmd: str) -> list[str]:
     """The report page's section (its first line the heading)."""
     points = res.get("points") or [res]
@@ -193,6 +233,7 @@ def section(res: dict[str, Any], cmd: str) -> list[str]:
            "capped so vLLM's own prefix cache thrashes. Goal: "
            "kvtier's ITL p99 at or below native's (within 5%) and its throughput at least "
            "native's, at every point.", "", table(res), ""]
+    out += threads_note(points)
     if "itl_p99_vs_native_max" in res:
         out += [f"Worst point: ITL p99 {res['itl_p99_vs_native_max']:.2f}x native's; "
                 f"throughput at least {res['throughput_vs_native_min']:.2f}x native's.", ""]

@@ -23,6 +23,8 @@ def add_itl(sub: argparse._SubParsersAction) -> None:
                         "the canary off)")
     p.add_argument("--trace", action="store_true",
                    help="kvtier's step timeline (KVTIER_STEP_TRACE): its slowest hooks")
+    p.add_argument("--toy", action="store_true",
+                   help="one round of 8 prompts (CI: end to end, numbers meaningless)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_itl)
 
@@ -31,7 +33,11 @@ def _itl(args: argparse.Namespace) -> int:
     from kvtier.bench import itl
     from kvtier.cli.bench import json_or_table
 
-    return json_or_table(args, itl.run(args), lambda r: print(itl.table(r)))
+    def show(r: dict) -> None:
+        print(itl.table(r))
+        print("\n".join(itl.threads_note(r.get("points") or [r])))
+
+    return json_or_table(args, itl.run(args), show)
 
 
 def add_scale(sub: argparse._SubParsersAction) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Callable
 from kvtier.net.backoff import Backoff
 from kvtier.net.http import HttpClient, HttpError, StatusError, shown_url
 from kvtier.net.tls import TlsFiles
+from kvtier.threads import NamedThread
 
 log = logging.getLogger(__name__)
 FIRST_BACKOFF_S = 0.5
@@ -64,7 +65,7 @@ class Registrar:
         self._shown = shown_url(self.url)  # for logs: no credentials
         self._http = HttpClient(timeout_s, MAX_ANSWER, tls=tls)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvtier-registrar", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kvtier-registrar", daemon=True)
         self._thread.start()
 
     def reregister(self, body: dict[str, Any]) -> None:

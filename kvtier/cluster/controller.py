@@ -45,6 +45,7 @@ from kvtier.cluster.events import parse_batch
 from kvtier.cluster.resyncs import Resyncs
 from kvtier.cluster.state import MemoryState, RedisState, digest, owns
 from kvtier.keys import ChunkHasher, Namespace
+from kvtier.threads import NamedThread
 
 log = logging.getLogger(__name__)
 Observer = Callable[[str, str], None]  # (what, label): counts events and resyncs
@@ -82,8 +83,8 @@ class Controller:
         self._hashers: dict[tuple[str, int], ChunkHasher] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._sweep_loop, name="kvtier-sweep",
-                                          daemon=True)]
+        self._threads = [NamedThread(target=self._sweep_loop, name="kvtier-sweep",
+                                     daemon=True)]
         for t in self._threads:
             t.start()
 

@@ -30,6 +30,7 @@ import msgspec
 import zmq
 
 from kvtier.keys import KEY_BYTES
+from kvtier.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class EventFollower:
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.on_message = on_message
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvtier-events", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kvtier-events", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

@@ -28,6 +28,7 @@ from kvtier.cluster.agent import Registrar
 from kvtier.cluster.events import bound_sub
 from kvtier.cluster.models import MAX_EVENT_BYTES
 from kvtier.net.http import HttpError
+from kvtier.threads import NamedThread
 
 log = logging.getLogger(__name__)
 MAX_BATCHES = 64
@@ -64,7 +65,7 @@ class EventRelay:
                                         "the KV events relay")
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvtier-relay", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kvtier-relay", daemon=True)
         self._thread.start()
 
     def _collect(self) -> list[dict[str, object]]:

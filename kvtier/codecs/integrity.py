@@ -39,6 +39,7 @@ from kvtier.codecs.format import MAC_SIZE, Header, checksum_ok, verify_payload
 from kvtier.config.secrets import MIN_KEY_BYTES
 from kvtier.errors import CorruptChunk, ForgedChunk
 from kvtier.keys import ChunkKey
+from kvtier.threads import pool
 
 CONTEXT = b"kvtier 2026 chunk MAC v2: AES-256-GMAC"
 """Key-derivation context: the MAC key is never the secret itself."""
@@ -111,7 +112,7 @@ class ChunkMac:
         reader's work there overlaps its own. ``fn`` must not wait on the helper itself."""
         with self._lock:
             if self._helper is None:
-                self._helper = ThreadPoolExecutor(1, thread_name_prefix="kvtier-mac")
+                self._helper = pool(1, "kvtier-mac")
             helper = self._helper
         try:
             return helper.submit(fn, *args)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -30,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvtier.control import models as m
 from kvtier.control.api import CacheAPI
 from kvtier.control.metrics import ControlMetrics
+from kvtier.threads import pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,7 +44,7 @@ class OpRunner:
     and a caller waits at most ``timeout_s`` for a thread and again for the result."""
 
     def __init__(self, workers: int, timeout_s: float) -> None:
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="kvtier-control-op")
+        self.pool = pool(workers, "kvtier-control-op")
         self.timeout_s = timeout_s
         self._slots: asyncio.Semaphore | None = None
         self._workers = workers

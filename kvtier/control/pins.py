@@ -16,6 +16,7 @@ import time
 from typing import Sequence
 
 from kvtier.keys import ChunkKey
+from kvtier.threads import NamedThread
 from kvtier.tiers.memory import MemoryTier
 
 _IDLE_WAKE_S = 60.0  # bound on one wait of the expiry thread
@@ -31,8 +32,8 @@ class PinLeases:
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="kvtier-control-pins",
-                                        daemon=True)
+        self._thread = NamedThread(target=self._run, name="kvtier-control-pins",
+                                   daemon=True)
         self._thread.start()
 
     def pin(self, keys: Sequence[ChunkKey], ttl_s: float | None = None) -> int:

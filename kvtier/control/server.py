@@ -11,7 +11,6 @@ debug log, and no header ever does).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import uvicorn
@@ -23,6 +22,7 @@ from kvtier.control.app import OpRunner, build_app
 from kvtier.control.guard import Guard
 from kvtier.control.protocol import header_deadline
 from kvtier.control.metrics import ControlMetrics
+from kvtier.threads import NamedThread
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ class ControlServer:
                                 http=header_deadline(cfg.request_timeout_s),
                                 **uvicorn_options(tls))
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="kvtier-control",
-                                        daemon=True)
+        self._thread = NamedThread(target=self._server.run, name="kvtier-control",
+                                   daemon=True)
         self._thread.start()
         self._wait_started()
         sock = self._server.servers[0].sockets[0]

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 from kvtier.codecs import ChunkData, Codec, compress
 from kvtier.keys import ChunkKey
 from kvtier.store.epoch import EpochGate
+from kvtier.threads import NamedThread
 from kvtier.tiers.base import Tier
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,8 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0  # chunks queued or being written
         self._cond = threading.Condition()
-        self._threads = [threading.Thread(target=self._run, name=f"kvtier-{tier.name}-writer",
-                                          daemon=True) for _ in range(num_threads)]
+        self._threads = [NamedThread(target=self._run, name=f"kvtier-{tier.name}-writer",
+                                     daemon=True) for _ in range(num_threads)]
         self._closed = False
         for t in self._threads:
             t.start()

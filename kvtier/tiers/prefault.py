@@ -12,6 +12,8 @@ from typing import Callable
 
 import numpy as np
 
+from kvtier.threads import NamedThread
+
 log = logging.getLogger(__name__)
 
 MADV_HUGEPAGE = 14  # back the range with transparent huge pages where the kernel allows
@@ -92,7 +94,7 @@ class Prefaulter:
             if self._running or self._madvise is None:
                 return
             self._running = True
-        threading.Thread(target=self._run, name="kvtier-prefault", daemon=True).start()
+        NamedThread(target=self._run, name="kvtier-prefault", daemon=True).start()
 
     @property
     def working(self) -> bool:

@@ -46,6 +46,7 @@ from kvtier.config import TransferConfig, is_loopback
 from kvtier.errors import ConfigError
 from kvtier.keys import ChunkKey
 from kvtier.net.tls import TlsFiles, server_context
+from kvtier.threads import NamedThread
 from kvtier.tiers.base import Tier, TierStats, lookup_prefix
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,8 @@ class TransferServer:
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(target=self._accept, name="kvtier-transfer",
-                                        daemon=True)
+        self._thread = NamedThread(target=self._accept, name="kvtier-transfer",
+                                   daemon=True)
         self._thread.start()
 
     # -- connections ----------------------------------------------------------
@@ -114,8 +115,8 @@ class TransferServer:
                 continue
             with self._lock:
                 self._conns.add(conn)
-            threading.Thread(target=self._serve, args=(conn, client),
-                             name="kvtier-transfer-conn", daemon=True).start()
+            NamedThread(target=self._serve, args=(conn, client),
+                        name="kvtier-transfer-conn", daemon=True).start()
 
     def _left(self, client: str) -> None:
         with self._lock:

@@ -40,13 +40,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from kvtier.codecs import ChunkData
 from kvtier.engine.cache_engine import CacheEngine
 from kvtier.keys import ChunkKey
+from kvtier.threads import pool
 
 log = logging.getLogger("kvtier.vllm")
 
@@ -102,7 +102,7 @@ class AsyncLoads:
     def __init__(self, engine: CacheEngine, timeout_s: float) -> None:
         self.engine = engine
         self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-fetch")
+        self._pool = pool(1, "kvtier-fetch")
         self._loads: dict[str, tuple[object, _Fetch, float]] = {}
         self._prefetching: set[ChunkKey] = set()
         self._landed = threading.Event()  # a load finished reading since the last wait

@@ -45,6 +45,7 @@ from kvtier.engine.cache_engine import CacheEngine
 from kvtier.engine.layout import torch_dtype
 from kvtier.keys import ChunkKey
 from kvtier.store import KeyIndex
+from kvtier.threads import NamedThread
 from kvtier.tiers.base import Tier
 
 log = logging.getLogger("kvtier.vllm")
@@ -131,7 +132,7 @@ class Canary:
             queue.Queue(max_queued)  # bounded: a full queue skips the check, never waits
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()  # for the engine thread's stats
-        self._thread = threading.Thread(target=self._run, name="kvtier-canary", daemon=True)
+        self._thread = NamedThread(target=self._run, name="kvtier-canary", daemon=True)
         self._thread.start()
 
     def submit(self, save: SaveSpec, shard: int) -> None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import xxhash
+
+from kvtier.threads import pool
 
 log = logging.getLogger("kvtier.vllm")
 
@@ -86,7 +87,7 @@ class LoraIdentities:
         self._lock = threading.Lock()
         self._known: dict[tuple[str, Stamp], str | None] = {}
         self._pending: set[tuple[str, Stamp]] = set()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-lora")
+        self._pool = pool(1, "kvtier-lora")
         self._idle = threading.Condition(self._lock)
 
     def identity(self, path: str) -> str | None:

@@ -1,0 +1,95 @@
+"""Layer 0: kvtier's threads, named in the operating system too.
+
+Every thread kvtier starts carries its name into the kernel (``/proc/<pid>/task/<tid>/comm``,
+what ``top -H`` and ``ps -L`` show) as ``kv-<role>``, so the CPU time each one takes from
+the engine can be read from outside the process (:func:`thread_cpu`; ``kvtier bench itl``
+reports it per round). A Python thread name alone is invisible there: the kernel shows
+the engine's name for every thread of the process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+OS_PREFIX = "kv-"
+_COMM_MAX = 15  # the kernel keeps 15 bytes of a thread's name
+
+
+def os_name(name: str) -> str:
+    """The kernel name of kvtier thread ``name`` (``kvtier-fetch_0`` -> ``kv-fetch_0``)."""
+    return (OS_PREFIX + name.removeprefix("kvtier-"))[:_COMM_MAX]
+
+
+def name_this_thread() -> None:
+    """Give the calling thread its kernel name (Linux; elsewhere nothing happens)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(os_name(threading.current_thread().name))
+    except OSError:
+        pass
+
+
+class NamedThread(threading.Thread):
+    """A :class:`threading.Thread` that names itself in the kernel when it starts."""
+
+    def run(self) -> None:
+        name_this_thread()
+        super().run()
+
+
+def pool(workers: int, prefix: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads name themselves in the kernel (``prefix_N``)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=prefix, initializer=name_this_thread)
+
+
+def thread_cpu(pids: Iterable[int]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the threads of processes ``pids``,
+    summed by kernel thread name; threads not kvtier's are summed under ``engine``.
+    Processes or threads that end while being read are skipped."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            secs = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            key = _role(comm) if comm.startswith(OS_PREFIX) else "engine"
+            out[key] = out.get(key, 0.0) + secs
+    return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux ``/proc``; what has ended is left out)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+    return out
+
+
+def _role(comm: str) -> str:
+    """``kv-fetch_0`` -> ``kv-fetch``: the threads of one pool together."""
+    head, _, tail = comm.rpartition("_")
+    return head if head and tail.isdigit() else comm
