@@ -86,6 +86,41 @@ def test_the_arena_is_mapped_whole_before_anything_is_stored_by_default() -> Non
         assert lazy.arena.prefault.mapped() < lazy.arena.buffer.nbytes  # type: ignore
 
 
+def test_mapping_at_start_without_the_kernel_call_touches_each_page_and_keeps_going(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel older than MADV_POPULATE_WRITE (EINVAL, faked here: this kernel has the
+    call) gets each page written once at start, while nothing is stored; a refusal for
+    want of memory (ENOMEM) leaves the rest to map on use, never fails the tier."""
+    import ctypes
+    import errno
+
+    import numpy as np
+
+    from kvtier.tiers import prefault
+
+    def kernel(answer: int):  # type: ignore[no-untyped-def]
+        def madvise(addr: int, n: int, advice: int) -> int:
+            if advice == prefault.MADV_POPULATE_WRITE:
+                ctypes.set_errno(answer)
+                return -1
+            return 0
+        return lambda: madvise
+
+    buf = np.full(64 << 20, 7, dtype=np.uint8)
+    monkeypatch.setattr(prefault, "_madvise", kernel(errno.EINVAL))
+    p = prefault.Prefaulter(buf, None)
+    assert p.mapped() >= buf.nbytes - 4096
+    page = prefault.mmap.PAGESIZE
+    first = -(-buf.ctypes.data // page) * page - buf.ctypes.data
+    last = (buf.ctypes.data + buf.nbytes) // page * page - buf.ctypes.data  # whole pages
+    assert buf[first:last:page].max() == 0 and buf[first + 1] == 7  # one byte per page
+    monkeypatch.setattr(prefault, "_madvise", kernel(errno.ENOMEM))
+    buf[:] = 7
+    p = prefault.Prefaulter(buf, None)
+    assert int(buf.min()) == 7  # nothing written
+    p.need(1 << 20)  # and no thread started later: mapping at start is over
+
+
 def test_the_step_trace_records_each_hook_with_what_the_step_asked(tmp_path: Path) -> None:
     import json
     import time

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import logging
 import mmap
+import os
 import threading
 import time
 from typing import Callable
@@ -74,9 +76,16 @@ class Prefaulter:
         while at < end and madvise is not None:
             n = min(PREFAULT_PIECE, end - at)
             if madvise(at, n, MADV_POPULATE_WRITE) != 0:
+                err = ctypes.get_errno()
+                if err != errno.EINVAL:  # no memory now (or mlock limits): map on use
+                    log.warning("memory tier: %.1f of %.1f GiB mapped before serving (%s); "
+                                "the rest maps as the cache fills", (at - self._base) / 2**30,
+                                self._buffer.nbytes / 2**30, os.strerror(err))
+                    self._done = self._want = end
+                    return
                 break
             at += n
-        if at < end:  # no madvise here: write a byte per page (nothing is stored yet)
+        if at < end:  # a kernel without the call: write a byte per page (nothing stored yet)
             view = self._buffer[at - self._base:end - self._base]
             view[::self._page] = 0
         self._done = self._want = end
