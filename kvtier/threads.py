@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Iterable, Iterator
 
 OS_PREFIX = "kv-"
 _COMM_MAX = 15  # the kernel keeps 15 bytes of a thread's name
@@ -52,16 +52,7 @@ def thread_cpu(pids: Iterable[int]) -> dict[str, float]:
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
+        for stat in _task_files(pid, "stat"):
             comm = stat[stat.index("(") + 1:stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2:].split()
             secs = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
@@ -76,17 +67,24 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
+        for children in _task_files(p, "children"):
+            todo += [int(c) for c in children.split()]
+    return out
+
+
+def _task_files(pid: int, name: str) -> Iterator[str]:
+    """The text of ``/proc/<pid>/task/<tid>/<name>`` for each thread of ``pid``; a
+    process or thread that ends meanwhile is skipped."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
         try:
-            tids = os.listdir(f"/proc/{p}/task")
+            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                yield f.read()
         except OSError:
             continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-            except OSError:
-                continue
-    return out
 
 
 def _role(comm: str) -> str:
