@@ -54,11 +54,13 @@ def run(args: Any) -> dict[str, Any]:
     every point of :data:`MATRIX` x (2, 4) in flight."""
     quick, trace = bool(getattr(args, "quick", False)), bool(getattr(args, "trace", False))
     configs = tuple(getattr(args, "configs", None) or CONFIGS)
+    rounds = getattr(args, "rounds", None)
     if getattr(args, "toy", False):
         return point(args.shape, args.dtype, args.concurrency, True, configs, trace, toy=True)
     if not getattr(args, "matrix", False):
-        return point(args.shape, args.dtype, args.concurrency, quick, configs, trace)
-    points = [point(shape, dtype, n, quick, configs, trace)
+        return point(args.shape, args.dtype, args.concurrency, quick, configs, trace,
+                     rounds=rounds)
+    points = [point(shape, dtype, n, quick, configs, trace, rounds=rounds)
               for shape, dtype in MATRIX for n in (2, 4)]
     ratios = [p["kvtier_itl_p99_vs_native"] for p in points if "kvtier_itl_p99_vs_native" in p]
     tput = [p["kvtier_throughput_vs_native"] for p in points
@@ -69,13 +71,13 @@ def run(args: Any) -> dict[str, Any]:
 
 def point(shape: str, dtype: str, concurrency: int, quick: bool,
           configs: tuple[str, ...] = CONFIGS, trace: bool = False,
-          toy: bool = False) -> dict[str, Any]:
+          toy: bool = False, rounds: int | None = None) -> dict[str, Any]:
     """Every configuration's server up at once; then rounds, each with new prefixes (the
     dataset seed is the round's), sent to one server at a time, the order rotating; the
     medians over rounds of each metric, and kvtier's ratios of those medians. ``toy``:
     one round of 8 prompts (CI: it runs end to end, its numbers mean nothing)."""
     model = str(build_model(shape))
-    rounds = 1 if toy else 2 if quick else 3
+    rounds = 1 if toy else rounds or (2 if quick else 3)
     sizes = dict(prefix_len=1024, suffix_len=64, num_prefixes=2 if toy else 8, output_len=32,
                  num_prompts=8 if toy else 48 if quick else 96, max_concurrency=concurrency)
     max_len = -(-(sizes["prefix_len"] + sizes["suffix_len"] + sizes["output_len"] + 16)
@@ -125,6 +127,13 @@ def point(shape: str, dtype: str, concurrency: int, quick: bool,
         res["kvtier_itl_p99_vs_native"] = kv["p99_itl_ms"] / native["p99_itl_ms"]
         res["kvtier_throughput_vs_native"] = (kv["request_throughput"]
                                               / native["request_throughput"])
+        # The same ratios taken round by round (both on the round's prefixes), then the
+        # median: a round that is slow for every configuration alike cancels out.
+        pairs = list(zip(kv["rounds"], native["rounds"]))
+        res["paired_itl_p99_vs_native"] = statistics.median(
+            a["p99_itl_ms"] / b["p99_itl_ms"] for a, b in pairs)
+        res["paired_throughput_vs_native"] = statistics.median(
+            a["request_throughput"] / b["request_throughput"] for a, b in pairs)
     if kv and alone:
         res["kvtier_throughput_vs_vllm"] = kv["request_throughput"] / alone["request_throughput"]
     return res

@@ -23,6 +23,9 @@ def add_itl(sub: argparse._SubParsersAction) -> None:
                         "the canary off)")
     p.add_argument("--trace", action="store_true",
                    help="kvtier's step timeline (KVTIER_STEP_TRACE): its slowest hooks")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds per point (default 3, --quick 2); also reported: the "
+                        "median of per-round kvtier/native ratios")
     p.add_argument("--toy", action="store_true",
                    help="one round of 8 prompts (CI: end to end, numbers meaningless)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
