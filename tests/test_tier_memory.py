@@ -118,6 +118,7 @@ def test_mapping_at_start_without_the_kernel_call_touches_each_page_and_keeps_go
     buf[:] = 7
     p = prefault.Prefaulter(buf, None)
     assert int(buf.min()) == 7  # nothing written
+    assert p.mapped() < page and p.idle(1)  # says what it mapped: nothing past its start
     p.need(1 << 20)  # and no thread started later: mapping at start is over
 
 

@@ -72,19 +72,15 @@ class Prefaulter:
             self.need(0)
 
     def _map_all(self) -> None:
-        at, end, madvise = self._done, self._end, self._madvise
-        while at < end and madvise is not None:
-            n = min(PREFAULT_PIECE, end - at)
-            if madvise(at, n, MADV_POPULATE_WRITE) != 0:
-                err = ctypes.get_errno()
-                if err != errno.EINVAL:  # no memory now (or mlock limits): map on use
-                    log.warning("memory tier: %.1f of %.1f GiB mapped before serving (%s); "
-                                "the rest maps as the cache fills", (at - self._base) / 2**30,
-                                self._buffer.nbytes / 2**30, os.strerror(err))
-                    self._done = self._want = end
-                    return
-                break
-            at += n
+        end, madvise = self._end, self._madvise
+        at = self._done if madvise is None else _populate(madvise, self._done, end)
+        if at < end and madvise is not None and ctypes.get_errno() != errno.EINVAL:
+            # No memory now (or mlock limits): the rest maps on use, as it did before.
+            log.warning("memory tier: %.1f of %.1f GiB mapped before serving (%s); the rest "
+                        "maps as the cache fills", (at - self._base) / 2**30,
+                        self._buffer.nbytes / 2**30, os.strerror(ctypes.get_errno()))
+            self._done = self._want = at
+            return
         if at < end:  # a kernel without the call: write a byte per page (nothing stored yet)
             view = self._buffer[at - self._base:end - self._base]
             view[::self._page] = 0
@@ -129,17 +125,23 @@ class Prefaulter:
                     self._cv.notify_all()
                     return
                 at, want = self._done, self._want
-            while at < want:
-                n = min(PREFAULT_PIECE, want - at)
-                if madvise(at, n, MADV_POPULATE_WRITE) != 0:
-                    with self._cv:  # unsupported here (or no memory now): lazy from now on
-                        self._madvise, self._done = None, at
-                    break
-                at += n
-            else:
-                with self._cv:
-                    self._done = at
-                    self._cv.notify_all()
+            at = _populate(madvise, at, want)
+            with self._cv:
+                if at < want:  # unsupported here (or no memory now): lazy from now on
+                    self._madvise = None
+                self._done = at
+                self._cv.notify_all()
+
+
+def _populate(madvise: Callable[[int, int, int], int], at: int, end: int) -> int:
+    """Map pages ``[at, end)`` writable, :data:`PREFAULT_PIECE` bytes per call; where it
+    stopped (``end``, or the first piece the kernel refused: ``ctypes.get_errno()`` says
+    why)."""
+    while at < end:
+        if madvise(at, min(PREFAULT_PIECE, end - at), MADV_POPULATE_WRITE) != 0:
+            return at
+        at += PREFAULT_PIECE
+    return end
 
 
 @functools.cache
