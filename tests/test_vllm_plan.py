@@ -65,12 +65,16 @@ def stored(p: SchedulerPlanner, req_id: str, n: int) -> None:
     done(p, KvtierWorkerMeta(stored=[k for keys in p._reqs[req_id].keys for k in keys[:n]]))
 
 
-def test_a_step_without_loads_saves_at_once() -> None:
+def test_a_steps_saves_run_in_the_next_step_once_its_outcome_is_known() -> None:
     p = planner()
     p.num_new_matched_tokens(request("a", 1100), 0)
-    (save,) = p.build(step(new=[("a", list(range(9)), 0, 1100)])).saves
-    assert save.start_chunk == 0 and len(save.keys[0]) == 4  # 4 whole chunks
-    assert p.finish("a") is False  # nothing held: vLLM frees its blocks at once
+    # Not in the prefill step itself (the longest step: the others' inter-token gap).
+    assert not p.build(step(new=[("a", list(range(9)), 0, 1100)])).saves
+    done(p)
+    (save,) = p.build(step(cached=[("a", [], 1100, 1)])).saves
+    assert save.start_chunk == 0 and len(save.keys[0]) == 4 and not save.release
+    done(p)
+    assert p.finish("a") is False  # nothing left to save: vLLM frees its blocks at once
 
 
 def loaded_step(p: SchedulerPlanner, others: list[tuple[str, list[int], int, int]] = ()
@@ -89,7 +93,7 @@ def test_a_step_with_a_load_holds_its_saves_until_it_is_known_good() -> None:
     p = planner()
     p.num_new_matched_tokens(request("a", 1100), 0)
     meta = loaded_step(p, [("a", list(range(9)), 0, 1100)])
-    assert meta.loads and not meta.saves  # held: this step's outcome is not known yet
+    assert meta.loads and "a" not in [s.req_id for s in meta.saves]  # outcome not known yet
     done(p)
     meta = p.build(step(cached=[("a", [], 1100, 1)]))
     (save,) = meta.saves
@@ -116,10 +120,12 @@ def test_a_failed_load_drops_the_steps_saves_and_saves_again_after_recompute() -
     assert p.index.contains_many([bad_key]) == [False]
     # vLLM recomputes from token 256, one chunk in this step: only that chunk is saved
     # (the step's saves of chunks 4-10, computed on the missing chunk 1, are gone).
-    (save,) = p.build(step(cached=[("b", [], CS, CS)])).saves
-    assert save.start_chunk == 1 and len(save.keys[0]) == 2
+    assert not p.build(step(cached=[("b", [], CS, CS)])).saves
     done(p)
     (save,) = p.build(step(cached=[("b", [], 2 * CS, 3000 - 2 * CS)])).saves
+    assert save.start_chunk == 1 and len(save.keys[0]) == 2
+    done(p)
+    (save,) = p.build(step(cached=[("b", [], 3000, 1)])).saves
     assert save.start_chunk == 2 and len(save.keys[0]) == 12  # 11 + the partial tail
 
 
@@ -129,7 +135,9 @@ def test_a_request_sharing_a_failed_block_does_not_save_that_step() -> None:
     loaded_step(p, [("c", [5, 6, 7, 8, 9, 10, 11, 12, 13], 0, 1100)])
     done(p, invalid={6})  # the load went into a block c shares, and failed
     # vLLM recomputes c from token 128; this step gets to token 256: chunk 0 only.
-    (save,) = p.build(step(cached=[("c", [], CS // 2, CS // 2)])).saves
+    p.build(step(cached=[("c", [], CS // 2, CS // 2)]))
+    done(p)
+    (save,) = p.build(step()).saves
     assert save.start_chunk == 0 and len(save.keys[0]) == 1
 
 
@@ -161,6 +169,35 @@ def test_a_preempted_requests_held_save_is_dropped() -> None:
     done(p)
     assert [s.req_id for s in meta.saves] == [] and p._reqs["f"].saved_chunks == 0
     assert "f" not in [s.req_id for s in p.build(step()).saves]
+
+
+@pytest.mark.parametrize("with_load", [False, True])
+def test_a_request_preempted_after_its_step_went_well_saves_nothing_from_freed_blocks(
+        with_load: bool) -> None:
+    """vLLM's order: the step's report (the save released), then the next schedule,
+    which preempts the request and may give its blocks to another request before the
+    save would run (after that step's forward): the save must not go out."""
+    p = planner()
+    p.num_new_matched_tokens(request("f", 600), 0)
+    if with_load:
+        loaded_step(p, [("f", [1, 2, 3, 4, 5], 0, 600)])
+    else:
+        p.build(step(new=[("f", [1, 2, 3, 4, 5], 0, 600)]))
+    done(p)  # f's save is released for the next step
+    meta = p.build(step(preempted={"f"}))
+    # Not saved, and to be saved again once vLLM has recomputed it on its new blocks.
+    assert "f" not in [s.req_id for s in meta.saves] and p._reqs["f"].saved_chunks == 0
+
+
+def test_a_request_aborted_before_its_released_save_ran_keeps_its_blocks() -> None:
+    """An abort between steps (the client went away) finishes a request whose save is
+    released for the next step but not run: vLLM must keep its blocks until it is."""
+    p = planner()
+    p.num_new_matched_tokens(request("d", 600), 0)
+    p.build(step(new=[("d", [1, 2, 3, 4, 5], 0, 600)]))
+    done(p)
+    assert p.finish("d") is True
+    assert [(s.req_id, s.release) for s in p.build(step()).saves] == [("d", True)]
 
 
 def test_with_tensor_parallelism_a_chunk_hits_only_when_every_rank_has_it() -> None:
@@ -280,7 +317,7 @@ def lower_tier_planner(**cfg: Any) -> tuple[SchedulerPlanner, Any]:
     return p, lower
 
 
-def test_a_hit_outside_memory_loads_asynchronously_and_holds_no_saves() -> None:
+def test_a_hit_outside_memory_loads_asynchronously() -> None:
     p, lower = lower_tier_planner()
     hit = request("l", 600)
     lower.update(p._state(hit).keys[0][:2])
@@ -293,7 +330,8 @@ def test_a_hit_outside_memory_loads_asynchronously_and_holds_no_saves() -> None:
     (load,) = meta.loads
     assert load.is_async and load.block_ids == [5, 6, 7, 8] and load.end_token == 2 * CS
     assert meta.prefetch == []  # ...unless it is scheduled in the same step
-    assert [s.req_id for s in meta.saves] == ["o"]  # an async load computes nothing
+    done(p)
+    assert [s.req_id for s in p.build(step()).saves] == ["o"]
 
 
 def test_a_hit_all_in_memory_loads_in_the_step_and_async_can_be_turned_off() -> None:
@@ -319,7 +357,9 @@ def test_a_failed_async_load_is_saved_again_after_recompute() -> None:
     p.accept_load(r, 2 * CS, [5, 6, 7, 8, 9])
     p.build(step())
     done(p, KvtierWorkerMeta(failed=[("l", CS, keys[1])]), invalid={7, 8})
-    (save,) = p.build(step(new=[("l", [5, 6, 7, 8, 9], CS, 600 - CS)])).saves
+    p.build(step(new=[("l", [5, 6, 7, 8, 9], CS, 600 - CS)]))
+    done(p)
+    (save,) = p.build(step()).saves
     assert save.start_chunk == 1  # chunk 1 did not arrive: saved once recomputed
 
 

@@ -6,13 +6,14 @@ workers which chunks to load (hits vLLM accepted) and which to save.
 A chunk computed in a step whose promised KV did not arrive (on any rank, or
 in a block shared with another request) was computed on top of KV that was
 not there, and must never be stored. The scheduler learns of failed loads
-only after the step, so the saves of a step that loads anything are held
-until then: the affected ones are dropped (their chunks are saved again once
-vLLM has recomputed them), the others run in the next step's
-``wait_for_save``. A step without loads cannot fail that way; its saves run
-in the same step. A request that finishes with a save held keeps its blocks
-(vLLM's delay-free) until the workers report it saved; a preempted request's
-held saves are dropped (its blocks may be reused).
+only after the step, so every step's saves are held until then: the affected
+ones are dropped (their chunks are saved again once vLLM has recomputed them),
+the others run in the next step's ``wait_for_save``. That also keeps the copy
+out of the step that computed the chunks, the longest step (a prefill), which
+sets the other requests' inter-token latency; vLLM's native offloading stores a
+step late too. A request that finishes, or is aborted, before its save ran keeps
+its blocks (vLLM's delay-free) until the workers report it saved; a preempted
+request's save not yet run is dropped (its blocks may be reused by then).
 
 A reset (``reset_prefix_cache(reset_connector=True)``) is a barrier: a new epoch, carried
 to the workers, which clear their stores before any load of that step; until all report it,
@@ -176,11 +177,6 @@ class SchedulerPlanner:
         for load in meta.loads:  # scheduled already: its load reads what it needs
             self._prefetch.pop(load.req_id, None)
         meta.prefetch, self._prefetch = list(self._prefetch.values()), {}
-        if not any(not load.is_async for load in meta.loads):
-            # Nothing this step can fail (an asynchronous load computes nothing in
-            # its step, and its blocks are no one else's): its saves need not wait.
-            meta.saves.extend(self._held.values())
-            self._held = {}
         return meta
 
     def _plan_load(self, req_id: str, st: RequestState, meta: KvtierMetadata,
@@ -264,20 +260,24 @@ class SchedulerPlanner:
         return min(firsts) if firsts else None
 
     def finish(self, req_id: str) -> bool:
-        """A request finished: forget it. True if it must keep its blocks for a held save."""
+        """A request finished or was aborted: forget it. True if it must keep its blocks
+        for a save not yet run (held, or released for the next step)."""
         self._reqs.pop(req_id, None)
-        save = self._held.get(req_id)
+        save = self._held.get(req_id) or next(
+            (s for s in self._ready if s.req_id == req_id), None)
         if save is not None:
             save.release = True
             return True
         return False
 
     def _drop_held(self, req_id: str, reason: str) -> None:
-        save = self._held.pop(req_id, None)
-        st = self._reqs.get(req_id)
-        if save is not None and st is not None:
-            st.saved_chunks = min(st.saved_chunks, save.start_chunk)
-            log.debug("kvtier: %s %s: its held save is dropped", req_id, reason)
+        """Drop ``req_id``'s saves not yet run (held, or released for this step): its
+        blocks are vLLM's again and may hold another request's KV when they would run."""
+        gone = [s for s in (self._held.pop(req_id, None), *self._ready) if s and s.req_id == req_id]
+        self._ready, st = [s for s in self._ready if s.req_id != req_id], self._reqs.get(req_id)
+        if gone and st is not None:
+            st.saved_chunks = min(st.saved_chunks, *(s.start_chunk for s in gone))
+            log.debug("kvtier: %s %s: its save not yet done is dropped", req_id, reason)
 
     def reset(self) -> None:
         """Empty kvtier, as a barrier (module docstring): the shared tiers and the index
