@@ -72,6 +72,36 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def pin_process(pid: int, cpus: set[int]) -> int:
+    """Bind every thread of process ``pid`` to ``cpus`` (threads it starts later inherit
+    it from theirs). Returns how many threads were bound; one that ends meanwhile is
+    skipped."""
+    bound = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+            bound += 1
+        except OSError:
+            continue
+    return bound
+
+
+def process_named(pids: Iterable[int], prefix: str) -> int | None:
+    """The first of ``pids`` whose kernel name starts with ``prefix``, or None."""
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip().startswith(prefix):
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
 def _task_files(pid: int, name: str) -> Iterator[str]:
     """The text of ``/proc/<pid>/task/<tid>/<name>`` for each thread of ``pid``; a
     process or thread that ends meanwhile is skipped."""

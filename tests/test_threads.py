@@ -91,3 +91,35 @@ def test_bench_itl_runs_vllms_own_client_and_reads_each_servers_threads() -> Non
     assert "kv-canary" in kv["rounds"][0]["cpu_s"], kv["rounds"][0]["cpu_s"]
     assert kv["kvtier_threads_cpu_s"] >= 0
     assert not any(k.startswith("kv-") for k in alone["rounds"][0]["cpu_s"])
+    # Where the prompt tokens came from, by vLLM's own count (kvtier checks every hit here,
+    # so it serves none; vLLM alone has no KV layer at all).
+    for r in (kv, alone):
+        assert sum(r["prompt_tokens"].values()) >= 8 * 1024, r["prompt_tokens"]
+    assert alone["prompt_tokens"]["external_kv_transfer"] == 0
+
+
+def test_pin_process_binds_every_thread_and_process_named_finds_the_process() -> None:
+    """What the benchmarks do to vLLM's engine-core process (bound beside the worker's
+    main thread), on a child of this test with two threads."""
+    import subprocess
+    import sys
+
+    from kvtier.threads import pin_process, process_named
+
+    code = ("import threading, time\n"
+            "threading.Thread(target=time.sleep, args=(30,)).start()\n"
+            "print('up', flush=True)\ntime.sleep(30)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "up\n"
+        cpu = {min(os.sched_getaffinity(0))}
+        assert pin_process(child.pid, cpu) == 2
+        assert all(os.sched_getaffinity(int(t)) == cpu for t in os.listdir(
+            f"/proc/{child.pid}/task"))
+        comm = open(f"/proc/{child.pid}/comm").read().strip()
+        assert process_named([os.getpid(), child.pid], comm) in (os.getpid(), child.pid)
+        assert process_named([child.pid], "no-such-name") is None
+        assert pin_process(2**22 + 12345, cpu) == 0  # gone: nothing bound, no error
+    finally:
+        child.kill()
+        child.wait()
