@@ -4,9 +4,12 @@
 vLLM alone, kvtier on its defaults (memory tier) and vLLM's native offloading (with the
 CPU copy shim), every configuration's server up at once and loaded one at a time, in
 rounds with new prefixes each (the order rotating), the same engine settings for all:
-threads pinned alike, engine KV capped below the prefixes' total (room for what is in
-flight and half the prefixes, so vLLM's own prefix cache thrashes), the same CPU budget
-for the KV layers, the same dataset seed and request count in a round. Reports TTFT
+threads pinned alike (vLLM's engine-core process beside the worker's main thread:
+:attr:`~kvtier.bench.serve.servers.EngineSettings.pin_engine_core`), engine KV capped to
+half the prefixes, those in flight included (:func:`engine_blocks`: vLLM's own prefix
+cache thrashes; each round reports, from vLLM's ``/metrics``, how many prompt tokens were
+computed, vLLM's own hits and the KV layer's), the same CPU budget for the KV layers,
+the same dataset seed and request count in a round. Reports TTFT
 p50, ITL p50/p99/p99.9/max, TPOT p99 and request throughput (each the median over
 rounds: single runs of a few seconds on 2 shared cores move by 30%), and kvtier's
 ratios to native (goal: ITL p99 at or below native's within 5%, throughput at
@@ -25,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +86,7 @@ def point(shape: str, dtype: str, concurrency: int, quick: bool,
                  num_prompts=8 if toy else 48 if quick else 96, max_concurrency=concurrency)
     max_len = -(-(sizes["prefix_len"] + sizes["suffix_len"] + sizes["output_len"] + 16)
                 // BLOCK) * BLOCK
-    blocks = concurrency * max_len // BLOCK + sizes["num_prefixes"] * 4
+    blocks = engine_blocks(concurrency, max_len, sizes["prefix_len"], sizes["num_prefixes"])
     eng = EngineSettings(model=model, max_model_len=max_len, num_gpu_blocks=blocks,
                          kv_budget_bytes=2 << 30,
                          dtype=fast_dtype() if dtype == "auto" else dtype)
@@ -111,6 +115,8 @@ def point(shape: str, dtype: str, concurrency: int, quick: bool,
                       for k in (*KEYS, "kvtier_threads_cpu_s")}
         rows[name]["engine_cpu_s"] = statistics.median(x["cpu_s"].get("engine", 0.0)
                                                        for x in got)
+        rows[name]["prompt_tokens"] = {k: sum(x["prompt_tokens"][k] for x in got)
+                                       for k in SOURCES}
         rows[name]["rounds"] = got
     if trace and trace_path.exists():  # every kvtier server's hooks (lines name the pid)
         res_trace = slowest_hooks(trace_path)
@@ -139,6 +145,33 @@ def point(shape: str, dtype: str, concurrency: int, quick: bool,
     return res
 
 
+def engine_blocks(concurrency: int, max_len: int, prefix_len: int, num_prefixes: int) -> int:
+    """Engine KV blocks that hold the requests in flight and, with them, half the prefixes:
+    so vLLM's own prefix cache thrashes and the KV layer behind it serves the rest.
+    Requests in flight on one prefix share its blocks, so they count among the half
+    (a cap of in flight plus half the prefixes held all eight prefixes at 4 in flight:
+    87 of 96 prompts were vLLM's own hits, one a hit of the KV layer)."""
+    held = max(0, num_prefixes // 2 - concurrency)  # prefixes cached beyond those in flight
+    return concurrency * (max_len // BLOCK) + held * -(-prefix_len // BLOCK)
+
+
+SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+
+def token_sources(base_url: str) -> dict[str, float]:
+    """vLLM's count of prompt tokens so far by where they came from (its ``/metrics``):
+    computed, its own prefix cache, the KV connector."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = dict.fromkeys(SOURCES, 0.0)
+    for line in text.splitlines():
+        if line.startswith("vllm:prompt_tokens_by_source_total{"):
+            for src in SOURCES:
+                if f'source="{src}"' in line:
+                    out[src] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def _bench(srv: Servers, model: str, sizes: dict[str, int], scratch: Path, seed: int,
            shape: str, eng: EngineSettings) -> dict[str, Any]:
     """One ``vllm bench serve`` run against ``srv``: its metrics."""
@@ -158,15 +191,16 @@ def _bench(srv: Servers, model: str, sizes: dict[str, int], scratch: Path, seed:
     print(f"[bench itl] {shape} {eng.dtype}, {sizes['max_concurrency']} in flight, round "
           f"{seed}, {srv.cfg.name}: vllm bench serve ...", file=sys.stderr, flush=True)
     pids = process_tree(srv.procs[-1].pid)  # vLLM's API server, engine core, worker
-    before = thread_cpu(pids)
+    before, sources = thread_cpu(pids), token_sources(srv.base_url)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    after = thread_cpu(pids)
+    after, now = thread_cpu(pids), token_sources(srv.base_url)
     r = json.loads(out.read_text())
     if r.get("completed") != sizes["num_prompts"]:
         raise RuntimeError(f"{srv.cfg.name}: {r.get('completed')} of {sizes['num_prompts']} "
                            "requests completed")
     cpu = {k: round(after[k] - before.get(k, 0.0), 3) for k in after}
     return {**{k: r.get(k) for k in KEYS}, "cpu_s": cpu,
+            "prompt_tokens": {k: int(now[k] - sources[k]) for k in SOURCES},
             "kvtier_threads_cpu_s": round(sum(v for k, v in cpu.items() if k != "engine"), 3)}
 
 
@@ -229,6 +263,28 @@ def threads_note(points: list[dict[str, Any]]) -> list[str]:
             + "; ".join(parts) + ".", ""]
 
 
+def sources_note(points: list[dict[str, Any]]) -> list[str]:
+    """Where each configuration's prompt tokens came from, all rounds together: what
+    shows that vLLM's own cache thrashed and the KV layers served the rest."""
+    parts = []
+    for p in points:
+        cells = []
+        for name, r in p["configs"].items():
+            t = r.get("prompt_tokens")
+            if t:
+                total = max(1, sum(t.values()))
+                cells.append(f"{name} {100 * t['local_compute'] / total:.0f} / "
+                             f"{100 * t['local_cache_hit'] / total:.0f} / "
+                             f"{100 * t['external_kv_transfer'] / total:.0f}")
+        if cells:
+            parts.append(f"{p['setup']['shape']} at {p['setup']['max_concurrency']}: "
+                         + ", ".join(cells))
+    if not parts:
+        return []
+    return ["Prompt tokens, % computed / from vLLM's own prefix cache / from the KV layer "
+            "(vLLM's `/metrics`, all rounds): " + "; ".join(parts) + ".", ""]
+
+
 def section(res: dict[str, Any], cmd: str) -> list[str]:
     """The report page's section (its first line the heading)."""
     points = res.get("points") or [res]
@@ -239,10 +295,12 @@ def section(res: dict[str, Any], cmd: str) -> list[str]:
            f"{s['output_len']} output tokens, {s['num_prompts']} prompts; each configuration "
            "on a server of its own, all up at once and loaded one at a time, "
            f"{s.get('rounds', 1)} rounds of new prefixes (medians over rounds); engine KV "
-           "capped so vLLM's own prefix cache thrashes. Goal: "
+           "capped to half the prefixes, so vLLM's own prefix cache thrashes; vLLM's "
+           "engine-core process bound to the worker's first core in every configuration. "
+           "Goal: "
            "kvtier's ITL p99 at or below native's (within 5%) and its throughput at least "
            "native's, at every point.", "", table(res), ""]
-    out += threads_note(points)
+    out += sources_note(points) + threads_note(points)
     if "itl_p99_vs_native_max" in res:
         out += [f"Worst point: ITL p99 {res['itl_p99_vs_native_max']:.2f}x native's; "
                 f"throughput at least {res['throughput_vs_native_min']:.2f}x native's.", ""]
