@@ -56,6 +56,9 @@ def add_scale(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-resident-tokens", type=int, default=8 << 20,
                    help="skip points whose running requests hold more prompt tokens")
     p.add_argument("--miss-shape", default="small", help="miss part: the model shape")
+    p.add_argument("--miss-rounds", type=int, default=None,
+                   help="miss part: rounds (default 4, --quick 2); also reported: the median "
+                        "of per-round kvtier / vLLM-alone ratios")
     p.add_argument("--beyond-shape", default="small", help="beyond part: the model shape")
     p.add_argument("--instance-chunks", type=int, default=100_000,
                    help="controller part: chunks each simulated instance stores")

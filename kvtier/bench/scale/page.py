@@ -18,7 +18,10 @@ GOALS = {
                   f"{r['scheduler_headline']['prompt_tokens']}-token prompts"),
     "miss": ("no reuse: throughput >= 0.98x vLLM alone, ITL p99 <= 1.02x",
              lambda r: f"throughput {r['miss_path_throughput_ratio']:.3f}x, ITL p99 "
-                       f"{r['miss_path_itl_p99_ratio']:.3f}x"),
+                       f"{r['miss_path_itl_p99_ratio']:.3f}x" + (
+                           f" (round by round: {r['miss_path_paired_throughput_ratio']:.3f}x, "
+                           f"{r['miss_path_paired_itl_p99_ratio']:.3f}x)"
+                           if "miss_path_paired_throughput_ratio" in r else "")),
     "beyond": ("working set 3x the CPU budget: native's TTFT p50 / kvtier's >= 2",
                lambda r: f"{r['beyond_memory_ttft_ratio_vs_native']:.2f}x (memory+disk)"
                          + (f", {r['beyond_memory_ttft_ratio_vs_native_redis']:.2f}x "
