@@ -275,6 +275,7 @@ def test_bench_scale_miss_runs_vllms_own_client_against_both_servers() -> None:
     res = _scale("miss")
     assert set(res["medians"]) == {"vllm", "kvtier-memory"}
     assert res["miss_path_throughput_ratio"] > 0 and res["miss_path_itl_p99_ratio"] > 0
+    assert len(res["paired_ratios"]["throughput"]) == res["setup"]["rounds"] == 1
 
 
 def test_bench_scale_beyond_memory_reads_back_what_native_dropped() -> None:
