@@ -211,7 +211,7 @@ class SchedulerPlanner:
             self._held[req_id] = SaveSpec(req_id, st.prompt[:n_save * cs],
                                           [k[:n_save] for k in st.keys], list(st.block_ids),
                                           start, verify=min(st.verify, n_save))
-            self.events.know(st.keys[0][:n_save], st.prompt)
+            self.events.know(st.keys[0][:n_save], st.prompt, st.saved_chunks)
             st.saved_chunks = n_save
 
     def step_done(self, output: KVConnectorOutput) -> None:
@@ -252,7 +252,7 @@ class SchedulerPlanner:
     def _first_bad_token(self, save: SaveSpec, invalid: set[int], loaded: int | None
                          ) -> int | None:
         """First token of the request whose KV this step cannot be trusted, or None."""
-        bad = [i for i, b in enumerate(save.block_ids) if b in invalid]
+        bad = [i for i, b in enumerate(save.block_ids) if b in invalid] if invalid else []
         bs = self.cfg.chunk_size // self._blocks_per_chunk
         firsts = [bad[0] * bs] if bad else []
         if loaded is not None:

@@ -143,12 +143,14 @@ class EventLog:
         self._events: list[KVCacheEvent] = []
         self.max_keys, self.max_events = max_keys, max_events
 
-    def know(self, keys: list[ChunkKey], token_ids: list[int]) -> None:
-        """Remember the parent and tokens of shard 0's chunks ``keys`` of a prompt."""
-        for i, key in enumerate(keys):
-            tokens = token_ids[i * self.chunk_size:(i + 1) * self.chunk_size]
-            self._chunks[key] = (keys[i - 1] if i else None, tokens)
-            self._chunks.move_to_end(key)
+    def know(self, keys: list[ChunkKey], token_ids: list[int], start: int = 0) -> None:
+        """Remember the parent and tokens of shard 0's chunks ``keys[start:]`` of a prompt
+        (those before were known already: a long prompt's saves are planned step by step,
+        and each would otherwise walk it from the start again)."""
+        cs = self.chunk_size
+        for i in range(start, len(keys)):
+            self._chunks[keys[i]] = (keys[i - 1] if i else None, token_ids[i * cs:(i + 1) * cs])
+            self._chunks.move_to_end(keys[i])
         while len(self._chunks) > self.max_keys:
             self._chunks.popitem(last=False)
 
