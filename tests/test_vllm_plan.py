@@ -423,3 +423,21 @@ def test_a_worker_that_computed_another_namespace_takes_the_schedulers() -> None
     finally:
         worker_mod.NAMESPACE_HOOKS.pop()
         api.close()
+
+
+def test_a_prompt_saved_over_several_steps_gives_every_chunk_its_tokens_and_parent() -> None:
+    """KV events name each stored chunk's tokens and parent; a long prompt's saves are
+    planned step by step (chunked prefill), each step registering only its new chunks."""
+    p = planner()
+    p.num_new_matched_tokens(request("a", 1100), 0)
+    prompt, keys = p._reqs["a"].prompt, p._reqs["a"].keys[0]
+    p.build(step(new=[("a", list(range(9)), 0, 300)]))  # chunk 0 computed
+    done(p)
+    p.build(step(cached=[("a", [], 300, 500)]))  # chunks 1 and 2
+    done(p)
+    p.build(step(cached=[("a", [], 800, 300)]))  # chunk 3
+    done(p, KvtierWorkerMeta(tiers={"memory": (keys[:4], [])}))
+    stored = [e for e in p.events.take() if type(e).__name__ == "BlockStored"]
+    assert [e.block_hashes for e in stored] == [[bytes(k)] for k in keys[:4]]
+    assert [e.parent_block_hash for e in stored] == [None] + [bytes(k) for k in keys[:3]]
+    assert [e.token_ids for e in stored] == [prompt[i * CS:(i + 1) * CS] for i in range(4)]

@@ -222,12 +222,13 @@ class Servers:
     def _pin_engine_core(self) -> None:
         """See :attr:`EngineSettings.pin_engine_core`."""
         bind = self.eng.threads_bind
-        if not self.eng.pin_engine_core or "|" in bind:  # several workers: no one core
-            return
+        first = bind.split(",")[0].split("-")[0]
+        if not self.eng.pin_engine_core or "|" in bind or not first.isdigit():
+            return  # several workers (no one core), or vLLM's own choice ("auto")
         core = process_named(process_tree(self.procs[-1].pid), "VLLM::EngineCor")
         if core is None:
             raise RuntimeError(f"{self.cfg.name}: no vLLM engine-core process to bind")
-        cpu = {int(bind.split(",")[0].split("-")[0])}
+        cpu = {int(first)}
         if not pin_process(core, cpu) or os.sched_getaffinity(core) != cpu:
             raise RuntimeError(f"{self.cfg.name}: vLLM's engine core not bound to CPU {cpu}")
 
