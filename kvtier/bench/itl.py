@@ -32,6 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from kvtier.bench.serve.servers import (LABELS, EngineSettings, Servers, make_config,
                                         start_all)
 from kvtier.testing.models import build_model
@@ -164,11 +166,11 @@ def token_sources(base_url: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as r:
         text = r.read().decode()
     out = dict.fromkeys(SOURCES, 0.0)
-    for line in text.splitlines():
-        if line.startswith("vllm:prompt_tokens_by_source_total{"):
-            for src in SOURCES:
-                if f'source="{src}"' in line:
-                    out[src] += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            src = sample.labels.get("source")
+            if sample.name == "vllm:prompt_tokens_by_source_total" and src in out:
+                out[src] += sample.value
     return out
 
 
