@@ -74,11 +74,11 @@ class Prefaulter:
     def _map_all(self) -> None:
         end, madvise = self._end, self._madvise
         at = self._done if madvise is None else _populate(madvise, self._done, end)
-        if at < end and madvise is not None and ctypes.get_errno() != errno.EINVAL:
-            # No memory now (or mlock limits): the rest maps on use, as it did before.
+        err = ctypes.get_errno() if at < end and madvise is not None else errno.EINVAL
+        if err != errno.EINVAL:  # no memory now (or mlock limits): the rest maps on use
             log.warning("memory tier: %.1f of %.1f GiB mapped before serving (%s); the rest "
                         "maps as the cache fills", (at - self._base) / 2**30,
-                        self._buffer.nbytes / 2**30, os.strerror(ctypes.get_errno()))
+                        self._buffer.nbytes / 2**30, os.strerror(err))
             self._done = self._want = at
             return
         if at < end:  # a kernel without the call: write a byte per page (nothing stored yet)
